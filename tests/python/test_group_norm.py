@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import reference as ref
 import rsnorm as rn
 from reference import SPATIAL_SHAPES, assert_output_close, assert_stats_close, make_input

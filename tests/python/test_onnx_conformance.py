@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
-
 import reference as ref
 import rsnorm as rn
+from onnx import numpy_helper
 
 DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
 OPS = {

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
 import reference as ref
 import rsnorm as rn
+from hypothesis import given
+from hypothesis import strategies as st
 from reference import assert_output_close, assert_stats_close, make_input
 
 DTYPES = [np.float16, np.float32, np.float64]
