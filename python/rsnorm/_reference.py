@@ -1,0 +1,255 @@
+"""Plain float64 NumPy references for every rsnorm op (SPEC §1).
+
+Shared by ``rsnorm demo``, ``rsnorm check`` and the benchmark's result check. Each function
+takes arrays of any float dtype, reads them exactly as float64 and returns float64 results, so
+the comparison measures rsnorm's error and not the reference's. The formulas are written the
+obvious way on purpose: two-pass statistics in float64, no fusing, no cleverness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "batch_norm",
+    "filter_response_norm",
+    "gdn",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "local_response_norm",
+    "mean_variance_norm",
+    "moments",
+    "normalize",
+    "rms_norm",
+    "tlu",
+]
+
+
+def _f64(a):
+    return None if a is None else np.asarray(a, dtype=np.float64)
+
+
+def _channel_shape(ndim: int, axis: int) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector along ``axis`` of an ``ndim`` array."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return tuple(shape)
+
+
+def _affine(y, weight, bias, ndim, axis):
+    cs = _channel_shape(ndim, axis)
+    if weight is not None:
+        y = y * _f64(weight).reshape(cs)
+    if bias is not None:
+        y = y + _f64(bias).reshape(cs)
+    return y
+
+
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, axis=1, num_batches_tracked=0,
+               momentum_convention="torch"):
+    """Returns ``(y, new_running_mean, new_running_var)`` (the stats are None when not given).
+
+    Training normalizes with the biased batch variance; the running variance is updated with
+    the unbiased one (PyTorch), or the biased one with ``momentum_convention="onnx"``.
+    """
+    x = _f64(x)
+    axis = axis % x.ndim
+    red = tuple(i for i in range(x.ndim) if i != axis)
+    cs = _channel_shape(x.ndim, axis)
+    new_rm, new_rv = _f64(running_mean), _f64(running_var)
+    if training or running_mean is None:
+        mean = x.mean(axis=red)
+        var = ((x - mean.reshape(cs)) ** 2).mean(axis=red)
+    else:
+        mean, var = new_rm, new_rv
+    if training and running_mean is not None:
+        n = x.size // x.shape[axis]
+        if momentum_convention == "onnx":
+            new_rm = new_rm * momentum + mean * (1.0 - momentum)
+            new_rv = new_rv * momentum + var * (1.0 - momentum)
+        else:
+            m = 1.0 / (num_batches_tracked + 1) if momentum is None else momentum
+            new_rm = (1.0 - m) * new_rm + m * mean
+            new_rv = (1.0 - m) * new_rv + m * var * n / (n - 1)
+    y = (x - mean.reshape(cs)) / np.sqrt(var.reshape(cs) + eps)
+    return _affine(y, weight, bias, x.ndim, axis), new_rm, new_rv
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Over the trailing ``normalized_shape`` dims; element-wise affine of that shape."""
+    x = _f64(x)
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    red = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    mean = x.mean(axis=red, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=red, keepdims=True)
+    y = (x - mean) / np.sqrt(var + eps)
+    if weight is not None:
+        y = y * _f64(weight)
+    if bias is not None:
+        y = y + _f64(bias)
+    return y
+
+
+def rms_eps(dtype) -> float:
+    """SPEC's ``eps=None`` rule for RMS norm."""
+    dtype = np.dtype(dtype)
+    return float(np.finfo(np.float64 if dtype == np.float64 else np.float32).eps)
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None):
+    """``x / sqrt(mean(x**2) + eps) * weight`` over the trailing dims."""
+    if eps is None:
+        eps = rms_eps(np.asarray(x).dtype)
+    x = _f64(x)
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    red = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    # Scaling by the max keeps x**2 finite for float64 inputs near 1e200; for float32 inputs
+    # float64 has room anyway, so this only matters for float64.
+    scale = np.max(np.abs(x), axis=red, keepdims=True)
+    scale = np.where((scale > 0) & np.isfinite(scale), scale, 1.0)
+    xs = x / scale
+    ms = (xs ** 2).mean(axis=red, keepdims=True)
+    y = xs / np.sqrt(ms + eps / scale**2)
+    if weight is not None:
+        y = y * _f64(weight)
+    return y
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1):
+    """Channels split into ``num_groups`` groups; statistics per (sample, group)."""
+    x = _f64(x)
+    axis = axis % x.ndim
+    xt = np.moveaxis(x, axis, 1)
+    n = xt.shape[0]
+    g = xt.reshape(n, num_groups, -1)
+    mean = g.mean(axis=2, keepdims=True)
+    var = ((g - mean) ** 2).mean(axis=2, keepdims=True)
+    y = ((g - mean) / np.sqrt(var + eps)).reshape(xt.shape)
+    y = _affine(y, weight, bias, y.ndim, 1)
+    return np.moveaxis(y, 1, axis)
+
+
+def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, axis=1):
+    """Per (sample, channel) over the spatial axes. Returns ``(y, new_rm, new_rv)``.
+
+    As in PyTorch, the running stats receive the batch average of the per-instance means and
+    of the per-instance unbiased variances.
+    """
+    x = _f64(x)
+    axis = axis % x.ndim
+    xt = np.moveaxis(x, axis, 1)
+    n, c = xt.shape[:2]
+    rows = xt.reshape(n, c, -1)
+    new_rm, new_rv = _f64(running_mean), _f64(running_var)
+    if use_input_stats:
+        mean = rows.mean(axis=2)
+        var = ((rows - mean[:, :, None]) ** 2).mean(axis=2)
+        if running_mean is not None:
+            hw = rows.shape[2]
+            new_rm = (1.0 - momentum) * new_rm + momentum * mean.mean(axis=0)
+            new_rv = (1.0 - momentum) * new_rv + momentum * (var * hw / (hw - 1)).mean(axis=0)
+    else:
+        mean = np.broadcast_to(new_rm, (n, c))
+        var = np.broadcast_to(new_rv, (n, c))
+    y = ((rows - mean[:, :, None]) / np.sqrt(var[:, :, None] + eps)).reshape(xt.shape)
+    y = _affine(y, weight, bias, y.ndim, 1)
+    return np.moveaxis(y, 1, axis), new_rm, new_rv
+
+
+def moments(x, axis=1):
+    """``(count, mean, m2)`` per channel: the sum of squared deviations, not the variance."""
+    x = _f64(x)
+    axis = axis % x.ndim
+    red = tuple(i for i in range(x.ndim) if i != axis)
+    mean = x.mean(axis=red)
+    m2 = ((x - mean.reshape(_channel_shape(x.ndim, axis))) ** 2).sum(axis=red)
+    return x.size // max(x.shape[axis], 1), mean, m2
+
+
+def _window(size: int, window: str) -> tuple[int, int]:
+    """How many channels before and after ``c`` the LRN window covers."""
+    if window == "torch":
+        return size // 2, (size - 1) // 2
+    if window == "onnx":
+        return (size - 1) // 2, size // 2  # ceil((size-1)/2) == size // 2
+    raise ValueError(f"window must be 'torch' or 'onnx', got {window!r}")
+
+
+def local_response_norm(x, size, alpha=1e-4, beta=0.75, k=1.0, *, alpha_over_size=True,
+                        window="torch", axis=1):
+    """``b_c = a_c / (k + alpha' * sum_{j in W(c)} a_j**2) ** beta`` with zero padding."""
+    x = _f64(x)
+    xt = np.moveaxis(x, axis % x.ndim, 1)
+    c = xt.shape[1]
+    before, after = _window(size, window)
+    sq = xt**2
+    s = np.zeros_like(xt)
+    for ch in range(c):
+        lo, hi = max(ch - before, 0), min(ch + after, c - 1)
+        s[:, ch] = sq[:, lo : hi + 1].sum(axis=1)
+    a = alpha / size if alpha_over_size else alpha
+    y = xt / (k + a * s) ** beta
+    return np.moveaxis(y, 1, axis % x.ndim)
+
+
+def filter_response_norm(x, weight=None, bias=None, tau=None, eps=1e-6, *, learned_eps=None,
+                         axis=1):
+    """FRN: ``nu2 = mean(x**2)`` over the spatial axes; ``y = w * x / sqrt(nu2 + |eps| +
+    |learned_eps|) + b``, then ``max(y, tau)`` when ``tau`` is given."""
+    x = _f64(x)
+    axis = axis % x.ndim
+    spatial = tuple(i for i in range(1, x.ndim) if i != axis)
+    nu2 = (x**2).mean(axis=spatial, keepdims=True)
+    e = abs(eps) + (0.0 if learned_eps is None else np.abs(_f64(learned_eps)))
+    if np.ndim(e) == 1:
+        e = e.reshape(_channel_shape(x.ndim, axis))
+    y = _affine(x / np.sqrt(nu2 + e), weight, bias, x.ndim, axis)
+    if tau is not None:
+        y = tlu(y, tau, axis=axis)
+    return y
+
+
+def tlu(x, tau, *, axis=1):
+    """``max(x, tau)`` with ``tau`` per channel."""
+    x = _f64(x)
+    return np.maximum(x, _f64(tau).reshape(_channel_shape(x.ndim, axis % x.ndim)))
+
+
+def gdn(x, beta, gamma, *, inverse=False, variant="gdn", axis=1):
+    """``y_i = x_i / sqrt(beta_i + sum_j gamma[i, j] * x_j**2)`` across channels (Ballé 2016);
+    ``inverse`` multiplies instead; ``variant="gdn1"`` uses ``beta_i + sum_j gamma[i, j]*|x_j|``
+    without the square root."""
+    x = _f64(x)
+    xt = np.moveaxis(x, axis % x.ndim, -1)
+    g = _f64(gamma)
+    if variant == "gdn1":
+        d = np.abs(xt) @ g.T + _f64(beta)
+    elif variant == "gdn":
+        d = np.sqrt(xt**2 @ g.T + _f64(beta))
+    else:
+        raise ValueError(f"variant must be 'gdn' or 'gdn1', got {variant!r}")
+    y = xt * d if inverse else xt / d
+    return np.moveaxis(y, -1, axis % x.ndim)
+
+
+def mean_variance_norm(x, axes: Sequence[int] = (0, 2, 3), eps=1e-9):
+    """ONNX MeanVarianceNormalization: ``(x - mean) / sqrt(var + eps)`` over ``axes``."""
+    x = _f64(x)
+    axes = tuple(a % x.ndim for a in axes)
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps)
+
+
+def normalize(x, p=2.0, axis=1, eps=1e-12):
+    """``x / max(||x||_p, eps)`` along ``axis`` (PyTorch ``F.normalize``)."""
+    x = _f64(x)
+    norm = np.sum(np.abs(x) ** p, axis=axis, keepdims=True) ** (1.0 / p)
+    return x / np.maximum(norm, eps)
