@@ -34,7 +34,10 @@ import numpy as np
 __all__ = ["WORKLOADS", "Workload", "main", "run"]
 
 PEERS = ("numpy", "torch", "onnxruntime")
-IMPL_ORDER = ("rsnorm", "rsnorm_out", "numpy", "onnxruntime", "torch")
+# torch before onnxruntime: each peer's idle threads spin for a while after a call (libgomp,
+# onnxruntime's pool), and a spinning thread on one of two vCPUs stalls the next peer's workers.
+# So torch is followed by a pause, and each onnxruntime session is destroyed after its timing.
+IMPL_ORDER = ("rsnorm", "rsnorm_out", "numpy", "torch", "onnxruntime")
 EPS = 1e-5
 RMS_EPS = 1e-6
 MOMENTUM = 0.1
@@ -644,7 +647,9 @@ def run(workloads: Sequence[Workload], env: Env, *, min_time: float, min_samples
                     if progress:
                         progress(wl, name, 1)
                     continue
-                impl = impls[name]
+                # Dropping the last reference closes an onnxruntime session and its threads.
+                impl = impls.pop(name)
+                note = impl.note or None
                 if progress:
                     progress(wl, name, 0)
                 try:
@@ -659,15 +664,17 @@ def run(workloads: Sequence[Workload], env: Env, *, min_time: float, min_samples
                     if progress:
                         progress(wl, name, 1)
                     continue
+                finally:
+                    del impl
+                    if name == "torch":
+                        # libgomp workers spin after a parallel region; let them go idle so
+                        # they do not steal a vCPU from the next measurement.
+                        time.sleep(0.02)
                 gbps = res["bytes"] / t.median_s / 1e9
                 res["impls"][name] = {
                     "median_s": t.median_s, "min_s": t.min_s, "calls": t.calls, "gbps": gbps,
                     "pct_copy": 100.0 * res["copy"]["median_s"] / t.median_s,
-                    "max_abs_diff_vs_rsnorm": diff, "note": impl.note or None}
-                if name == "torch":
-                    # libgomp workers spin after a parallel region; let them go idle so they
-                    # do not steal a vCPU from the next measurement.
-                    time.sleep(0.02)
+                    "max_abs_diff_vs_rsnorm": diff, "note": note}
                 if progress:
                     progress(wl, name, 1)
             _ratios(res)

@@ -114,8 +114,9 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
     scale = np.max(np.abs(x), axis=red, keepdims=True)
     scale = np.where((scale > 0) & np.isfinite(scale), scale, 1.0)
     xs = x / scale
-    ms = (xs ** 2).mean(axis=red, keepdims=True)
-    y = xs / np.sqrt(ms + eps / scale**2)
+    ms = (xs**2).mean(axis=red, keepdims=True)
+    with np.errstate(over="ignore", divide="ignore"):  # eps/scale**2 -> 0 or inf is right
+        y = xs / np.sqrt(ms + eps / scale**2)
     if weight is not None:
         y = y * _f64(weight)
     return y

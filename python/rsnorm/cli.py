@@ -96,10 +96,11 @@ def _ulp_error(got: np.ndarray, expected: np.ndarray) -> float:
         return float("nan")
     floor = np.maximum(np.abs(expected), ULP_FLOOR).astype(got.dtype)
     ulp = np.spacing(floor).astype(np.float64)
-    err = np.abs(got.astype(np.float64) - expected)
-    both_nan = np.isnan(err) & np.isnan(expected)
-    err = np.where(both_nan, 0.0, err)
-    return float(np.max(err / ulp))
+    both_nan = np.isnan(got) & np.isnan(expected)
+    with np.errstate(invalid="ignore"):
+        ratio = np.abs(got.astype(np.float64) - expected) / ulp
+    ratio = np.where(both_nan, 0.0, np.where(np.isnan(ratio), np.inf, ratio))
+    return float(np.max(ratio))
 
 
 def compare_arrays(got, expected, overrides=None) -> tuple[bool, float, float, str]:
@@ -116,10 +117,10 @@ def compare_arrays(got, expected, overrides=None) -> tuple[bool, float, float, s
     g = got_arr.astype(np.float64)
     rtol, atol = (overrides or {}).get(got_arr.dtype.name) or TOLERANCES.get(
         got_arr.dtype.name, TOLERANCES["float64"])
-    nan_match = np.isnan(g) == np.isnan(exp)
+    both_nan = np.isnan(exp) & np.isnan(g)
     with np.errstate(invalid="ignore"):
-        err = np.where(np.isnan(exp) & np.isnan(g), 0.0, np.abs(g - exp))
-        ok = nan_match & (err <= atol + rtol * np.abs(exp))
+        err = np.where(both_nan, 0.0, np.abs(g - exp))
+        ok = both_nan | (err <= atol + rtol * np.abs(exp))
     max_abs = float(np.max(err)) if err.size else 0.0
     why = ""
     if not ok.all():
