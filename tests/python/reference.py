@@ -44,7 +44,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     ax = axis % x.ndim
     red = tuple(i for i in range(x.ndim) if i != ax)
     shape = _chan_shape(x.ndim, ax)
-    n = x.size // x.shape[ax]
+    n = int(np.prod([d for i, d in enumerate(x.shape) if i != ax]))
     use_batch = training or running_mean is None
     if use_batch:
         mean = x.mean(axis=red)
@@ -166,7 +166,7 @@ def moments(x, axis=1):
     x = f64(x)
     ax = axis % x.ndim
     red = tuple(i for i in range(x.ndim) if i != ax)
-    count = x.size // x.shape[ax] if x.shape[ax] else 0
+    count = int(np.prod([d for i, d in enumerate(x.shape) if i != ax]))
     mean = x.mean(axis=red)
     shape = _chan_shape(x.ndim, ax)
     m2 = ((x - mean.reshape(shape)) ** 2).sum(axis=red)
