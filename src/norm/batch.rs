@@ -1,0 +1,218 @@
+//! Batch normalization (Ioffe & Szegedy 2015): per channel, over the batch and spatial axes.
+//!
+//! ```text
+//! y = (x − mean_c) / sqrt(var_c + eps) · weight_c + bias_c
+//! training:  mean_c, var_c = batch statistics (biased variance)
+//!            running ← (1 − m)·running + m·batch   (PyTorch; var unbiased, ×n/(n−1))
+//!            running ← m·running + (1 − m)·batch   (ONNX; var biased)
+//! eval:      mean_c, var_c = running statistics (batch statistics if none are given)
+//! ```
+
+use super::common::{bytes_of, check_eps, check_momentum, check_out, rstd, GroupStats};
+use crate::channel::{check_channel_param, ChannelView};
+use crate::error::{fmt_shape, NormError, Result};
+use crate::pool;
+use crate::reduce::SharedMut;
+use crate::scalar::Scalar;
+use ndarray::{ArrayView, ArrayViewMut, IxDyn};
+
+/// Which running-statistics update rule `momentum` refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MomentumConvention {
+    /// `new = (1 − m)·old + m·batch`, unbiased batch variance (PyTorch, the default).
+    #[default]
+    Torch,
+    /// `new = m·old + (1 − m)·batch`, biased batch variance (ONNX, Keras).
+    Onnx,
+}
+
+/// Parameters of [`batch_norm`]; per-channel arrays are read as f64.
+#[derive(Clone, Debug, Default)]
+pub struct BatchNormParams<'a> {
+    pub running_mean: Option<&'a [f64]>,
+    pub running_var: Option<&'a [f64]>,
+    pub weight: Option<&'a [f64]>,
+    pub bias: Option<&'a [f64]>,
+    pub training: bool,
+    /// `None`: cumulative moving average driven by `num_batches_tracked`.
+    pub momentum: Option<f64>,
+    pub eps: f64,
+    pub axis: isize,
+    pub convention: MomentumConvention,
+    pub num_batches_tracked: Option<i64>,
+}
+
+/// What [`batch_norm`] computed besides `y`.
+#[derive(Clone, Debug, Default)]
+pub struct BatchNormOutput {
+    /// The mean and rstd used to normalize, per channel.
+    pub stats: GroupStats,
+    /// New running (mean, var) to store, when the call updates them.
+    pub running: Option<(Vec<f64>, Vec<f64>)>,
+    /// New `num_batches_tracked`, when the call increments it.
+    pub num_batches_tracked: Option<i64>,
+}
+
+/// Batch normalization of `x` into `y` (same shape, any layouts).
+///
+/// # Errors
+/// Bad eps/momentum, parameter shapes, axis; training with one value per channel.
+pub fn batch_norm<T: Scalar>(
+    x: ArrayView<'_, T, IxDyn>,
+    y: ArrayViewMut<'_, T, IxDyn>,
+    p: &BatchNormParams<'_>,
+) -> Result<BatchNormOutput> {
+    check_out(&x, &y)?;
+    check_eps(p.eps)?;
+    if let Some(m) = p.momentum {
+        check_momentum(m)?;
+    }
+    let shape = x.shape().to_vec();
+    let parallel = pool::worth_parallel(bytes_of(&x));
+    let cv = ChannelView::new(x, p.axis, "batch_norm", 2)?;
+    let c = cv.c;
+    for (name, v) in [
+        ("running_mean", p.running_mean),
+        ("running_var", p.running_var),
+        ("weight", p.weight),
+        ("bias", p.bias),
+    ] {
+        check_channel_param(name, v.map(|v| v.len()), c, &shape)?;
+    }
+    let running = match (p.running_mean, p.running_var) {
+        (Some(m), Some(v)) => Some((m, v)),
+        (None, None) => None,
+        _ => {
+            return Err(NormError::Param(
+                "running_mean and running_var must both be given or both be None".into(),
+            ))
+        }
+    };
+    let count = cv.n * cv.s;
+    let use_batch = p.training || running.is_none();
+    if p.training && count == 1 {
+        return Err(NormError::TooFewValues(format!(
+            "Expected more than 1 value per channel when training, got input size {}",
+            fmt_shape(&shape)
+        )));
+    }
+    if p.training && running.is_some() {
+        match (p.momentum, p.convention, p.num_batches_tracked) {
+            (None, MomentumConvention::Onnx, _) => {
+                return Err(NormError::Param(
+                    "momentum=None (cumulative average) is only defined for momentum_convention=\"torch\""
+                        .into(),
+                ))
+            }
+            (None, _, None) => {
+                return Err(NormError::Param(
+                    "momentum=None (cumulative average) needs num_batches_tracked".into(),
+                ))
+            }
+            _ => {}
+        }
+    }
+
+    let (mean, var, m2) = if use_batch {
+        let (mean, m2) = channel_moments(&cv, parallel);
+        let var = m2.iter().map(|&s| s / count as f64).collect::<Vec<_>>();
+        (mean, var, Some(m2))
+    } else {
+        let (rm, rv) = running.expect("checked above");
+        (rm.to_vec(), rv.to_vec(), None)
+    };
+    let rs: Vec<f64> = var.iter().map(|&v| rstd(v, p.eps)).collect();
+
+    let a: Vec<f64> = (0..c)
+        .map(|k| rs[k] * p.weight.map_or(1.0, |w| w[k]))
+        .collect();
+    let b: Vec<f64> = (0..c).map(|k| p.bias.map_or(0.0, |b| b[k])).collect();
+    let yp = SharedMut::new(cv.permute_out(y));
+    // Each task writes sample n of y only.
+    pool::for_each_task(cv.n, parallel, |n| cv.apply_sample(n, &yp, &mean, &a, &b));
+
+    let mut out = BatchNormOutput {
+        stats: GroupStats {
+            mean: mean.clone(),
+            rstd: rs,
+        },
+        ..Default::default()
+    };
+    if p.training && count > 0 {
+        if let Some((rm, rv)) = running {
+            let m2 = m2.expect("batch statistics were computed");
+            let nbt = p.num_batches_tracked.map(|v| v.saturating_add(1));
+            let n = count as f64;
+            let (new_m, new_v) = match p.convention {
+                MomentumConvention::Torch => {
+                    let f = p.momentum.unwrap_or_else(|| 1.0 / nbt.unwrap_or(1) as f64);
+                    let unbiased = |k: usize| m2[k] / (n - 1.0);
+                    (
+                        (0..c).map(|k| (1.0 - f) * rm[k] + f * mean[k]).collect(),
+                        (0..c)
+                            .map(|k| (1.0 - f) * rv[k] + f * unbiased(k))
+                            .collect(),
+                    )
+                }
+                MomentumConvention::Onnx => {
+                    let m = p.momentum.unwrap_or(0.9);
+                    (
+                        (0..c).map(|k| m * rm[k] + (1.0 - m) * mean[k]).collect(),
+                        (0..c).map(|k| m * rv[k] + (1.0 - m) * var[k]).collect(),
+                    )
+                }
+            };
+            out.running = Some((new_m, new_v));
+            out.num_batches_tracked = nbt;
+        }
+    }
+    Ok(out)
+}
+
+/// Per-channel (mean, M2) over the batch and spatial axes: two canonical passes, planes folded
+/// in batch order. Shared with `moments`.
+pub(crate) fn channel_moments<T: Scalar>(
+    cv: &ChannelView<'_, T>,
+    parallel: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    let count = (cv.n * cv.s) as f64;
+    let sums = channel_sums(cv, parallel, |v, _| v);
+    let mean: Vec<f64> = sums.iter().map(|&s| s / count).collect();
+    let m2 = channel_sums(cv, parallel, |v, k| {
+        let d = v - mean[k];
+        d * d
+    });
+    (mean, m2)
+}
+
+/// Channels per task in the channels-last path: 16 f32 = one cache line, so two tasks never
+/// share a line of a row.
+const ROW_CHANNEL_CHUNK: usize = 16;
+
+/// Σ over n of the canonical plane sums of f, per channel.
+fn channel_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy + Sync>(
+    cv: &ChannelView<'_, T>,
+    parallel: bool,
+    f: F,
+) -> Vec<f64> {
+    let c = cv.c;
+    let chunk = if cv.access == crate::channel::Access::Rows {
+        ROW_CHANNEL_CHUNK
+    } else {
+        1
+    };
+    let parts = pool::map_tasks(c.div_ceil(chunk), parallel, |t| {
+        let cs = t * chunk..((t + 1) * chunk).min(c);
+        let mut scratch = Vec::new();
+        let mut part = vec![0.0f64; cs.len()];
+        let mut acc = vec![0.0f64; cs.len()];
+        for n in 0..cv.n {
+            cv.sample_sums(n, cs.clone(), f, &mut scratch, &mut part);
+            for (a, p) in acc.iter_mut().zip(&part) {
+                *a += *p;
+            }
+        }
+        acc
+    });
+    parts.concat()
+}

@@ -1,0 +1,166 @@
+//! `batch_norm` and `moments` bindings.
+
+use super::array::{
+    check_writable, core, f64_stats, prepare_out, read_vec, result, run, stats_array, stats_tuple,
+    write_param, XArray,
+};
+use super::errors::{type_error, value_error};
+use crate::dispatch;
+use crate::norm::batch::{batch_norm as bn_core, BatchNormParams, MomentumConvention};
+use crate::norm::moments::moments as moments_core;
+use crate::scalar::Scalar;
+use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+
+fn convention(s: &str) -> PyResult<MomentumConvention> {
+    match s {
+        "torch" => Ok(MomentumConvention::Torch),
+        "onnx" => Ok(MomentumConvention::Onnx),
+        other => Err(value_error(format!(
+            "momentum_convention must be \"torch\" or \"onnx\", got {other:?}"
+        ))),
+    }
+}
+
+/// Reads `num_batches_tracked`: a 0-d (or one-element) int64 array updated in place.
+fn read_nbt(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<i64>> {
+    let Some(o) = obj.filter(|o| !o.is_none()) else {
+        return Ok(None);
+    };
+    let a = o.cast::<PyArrayDyn<i64>>().map_err(|_| {
+        type_error(
+            "num_batches_tracked must be a 0-d numpy int64 array (it is incremented in place)"
+                .into(),
+        )
+    })?;
+    if a.len() != 1 {
+        return Err(super::errors::shape_error(format!(
+            "num_batches_tracked must hold one value, got shape {:?}",
+            a.shape()
+        )));
+    }
+    let ro = a
+        .try_readonly()
+        .map_err(|e| value_error(format!("num_batches_tracked: {e}")))?;
+    Ok(ro.as_array().iter().next().copied())
+}
+
+fn write_nbt(obj: &Bound<'_, PyAny>, v: i64) -> PyResult<()> {
+    let a = obj.cast::<PyArrayDyn<i64>>()?;
+    let mut rw = a
+        .try_readwrite()
+        .map_err(|_| value_error("num_batches_tracked is read-only".into()))?;
+    if let Some(x) = rw.as_array_mut().iter_mut().next() {
+        *x = v;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bn_typed<'py, T: Scalar + Element>(
+    py: Python<'py>,
+    x: PyReadonlyArrayDyn<'py, T>,
+    p: &BatchNormParams<'_>,
+    out: Option<&Bound<'py, PyAny>>,
+) -> PyResult<(Bound<'py, PyAny>, crate::norm::BatchNormOutput)> {
+    let (y, mut yrw) = prepare_out::<T>(py, x.shape(), out)?;
+    let xv = x.as_array();
+    let bytes = xv.len() * std::mem::size_of::<T>();
+    let yv = yrw.as_array_mut();
+    let r = core(run(py, bytes, || bn_core(xv, yv, p)))?;
+    drop(yrw);
+    drop(x);
+    Ok((y.into_any(), r))
+}
+
+/// Batch normalization. See `rsnorm.batch_norm` in `_rsnorm.pyi` for the full docstring.
+#[pyfunction]
+#[pyo3(signature = (x, running_mean=None, running_var=None, weight=None, bias=None, training=false,
+    momentum=Some(0.1), eps=1e-5, *, axis=1, out=None, return_stats=false, num_batches_tracked=None,
+    momentum_convention="torch"))]
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    running_mean: Option<&Bound<'py, PyAny>>,
+    running_var: Option<&Bound<'py, PyAny>>,
+    weight: Option<&Bound<'py, PyAny>>,
+    bias: Option<&Bound<'py, PyAny>>,
+    training: bool,
+    momentum: Option<f64>,
+    eps: f64,
+    axis: isize,
+    out: Option<&Bound<'py, PyAny>>,
+    return_stats: bool,
+    num_batches_tracked: Option<&Bound<'py, PyAny>>,
+    momentum_convention: &str,
+) -> PyResult<Py<PyAny>> {
+    let xa = XArray::extract(x, "x")?;
+    let conv = convention(momentum_convention)?;
+    let rm = read_vec(running_mean, "running_mean")?;
+    let rv = read_vec(running_var, "running_var")?;
+    let w = read_vec(weight, "weight")?;
+    let b = read_vec(bias, "bias")?;
+    let nbt = read_nbt(num_batches_tracked)?;
+    if training {
+        check_writable(running_mean, "running_mean")?;
+        check_writable(running_var, "running_var")?;
+    }
+    let p = BatchNormParams {
+        running_mean: rm.as_deref(),
+        running_var: rv.as_deref(),
+        weight: w.as_deref(),
+        bias: b.as_deref(),
+        training,
+        momentum,
+        eps,
+        axis,
+        convention: conv,
+        num_batches_tracked: nbt,
+    };
+    let (y, r, c, f64_stats) = dispatch!(xa, xt => {
+        let f64s = f64_stats(&xt);
+        let (y, r) = bn_typed(py, xt, &p, out)?;
+        let c = r.stats.mean.len();
+        (y, r, c, f64s)
+    });
+    if let Some((new_m, new_v)) = &r.running {
+        // Borrows of x and y are released: running stats may alias weight/bias safely.
+        write_param(
+            running_mean.expect("running stats were given"),
+            "running_mean",
+            new_m,
+        )?;
+        write_param(
+            running_var.expect("running stats were given"),
+            "running_var",
+            new_v,
+        )?;
+        if let (Some(o), Some(v)) = (num_batches_tracked, r.num_batches_tracked) {
+            write_nbt(o, v)?;
+        }
+    }
+    let stats = if return_stats {
+        let m = stats_array(py, &r.stats.mean, &[c], f64_stats)?;
+        let s = stats_array(py, &r.stats.rstd, &[c], f64_stats)?;
+        Some(stats_tuple(py, Some(m), s)?)
+    } else {
+        None
+    };
+    result(py, y, stats)
+}
+
+/// Per-channel (count, mean, M2) of x over every axis but `axis`, in float64.
+#[pyfunction]
+#[pyo3(signature = (x, axis=1))]
+pub fn moments<'py>(py: Python<'py>, x: &Bound<'py, PyAny>, axis: isize) -> PyResult<Py<PyAny>> {
+    let xa = XArray::extract(x, "x")?;
+    let m = dispatch!(xa, xt => {
+        let xv = xt.as_array();
+        let bytes = xv.len() * std::mem::size_of_val(&xv.first().copied());
+        core(run(py, bytes, || moments_core(xv, axis)))?
+    });
+    let mean = numpy::PyArray1::from_vec(py, m.mean);
+    let m2 = numpy::PyArray1::from_vec(py, m.m2);
+    Ok((m.count, mean, m2).into_pyobject(py)?.into_any().unbind())
+}

@@ -1,0 +1,87 @@
+//! The `rsnorm._rsnorm` extension module. Each family's wrappers live in the file of the same
+//! name as its kernel module (`src/norm/`); they extract, dispatch on the dtype once, release
+//! the GIL and convert errors — no numerics here.
+
+pub mod array;
+mod batch;
+pub mod errors;
+mod group;
+mod layer;
+
+use pyo3::prelude::*;
+
+/// Sets the number of threads kernels use (0 = default: RAYON_NUM_THREADS or the CPU count).
+#[pyfunction]
+fn set_num_threads(n: i64) -> PyResult<()> {
+    let n = usize::try_from(n)
+        .map_err(|_| errors::value_error(format!("set_num_threads expects n >= 0, got {n}")))?;
+    crate::pool::set_num_threads(n);
+    Ok(())
+}
+
+/// The number of threads kernels use.
+#[pyfunction]
+fn get_num_threads() -> usize {
+    crate::pool::num_threads()
+}
+
+/// CPU features detected at run time (the wheel itself targets the x86-64 baseline).
+fn cpu_features() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            v.push("avx2");
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            v.push("fma");
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            v.push("avx512f");
+        }
+    }
+    v
+}
+
+/// Build and run-time information: version, profile, kernel ISA, CPU features, threads.
+#[pyfunction]
+fn build_info(py: Python<'_>) -> PyResult<Py<PyAny>> {
+    let d = pyo3::types::PyDict::new(py);
+    d.set_item("version", env!("CARGO_PKG_VERSION"))?;
+    d.set_item(
+        "profile",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+    )?;
+    // Kernels are portable Rust auto-vectorized for the baseline target; runtime SIMD dispatch
+    // is the CPU-performance issue's work. Report what the machine offers next to what is used.
+    d.set_item(
+        "simd",
+        "baseline (auto-vectorized, no runtime dispatch yet)",
+    )?;
+    d.set_item("cpu_features", cpu_features())?;
+    d.set_item("num_threads", crate::pool::num_threads())?;
+    d.set_item("target", std::env::consts::ARCH)?;
+    Ok(d.into_any().unbind())
+}
+
+#[pymodule(gil_used = false)]
+fn _rsnorm(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("RsnormError", m.py().get_type::<errors::RsnormError>())?;
+    m.add("ShapeError", m.py().get_type::<errors::ShapeError>())?;
+    m.add_function(wrap_pyfunction!(batch::batch_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(batch::moments, m)?)?;
+    m.add_function(wrap_pyfunction!(layer::layer_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(layer::rms_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(group::group_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(group::instance_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(build_info, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! The canonical reduction every statistic goes through, and the element-wise apply step.
+//!
+//! **Canonical sum.** A sequence v₀ … vₙ₋₁ (in the *logical* order of the array, whatever its
+//! strides) is summed in f64 into 8 lanes, lane l receiving vᵢ for i ≡ l (mod 8) in increasing
+//! i, and the lanes are combined by the fixed tree ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)).
+//! Every memory layout path (a contiguous slice, a strided view, rows of a channels-last
+//! sample) reproduces exactly this sequence of f64 operations, so a strided input gives bitwise
+//! the result of its contiguous copy, and the thread count never changes a bit: work is split
+//! by data (whole sums per task), and partial sums are folded in a fixed order by the caller.
+//! The 8 lanes also let the compiler vectorize the loop (no fast-math needed).
+
+use crate::scalar::Scalar;
+use ndarray::{ArrayView, ArrayViewMut, IxDyn, RawArrayViewMut, Zip};
+
+/// Number of accumulator lanes of the canonical sum.
+pub const LANES: usize = 8;
+
+#[inline(always)]
+pub fn tree(a: &[f64; LANES]) -> f64 {
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+}
+
+/// Canonical sum of `f(x)` over a contiguous slice.
+#[inline]
+pub fn sum_slice<T: Scalar, F: Fn(f64) -> f64>(s: &[T], f: F) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut chunks = s.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            acc[l] += f(c[l].to_f64());
+        }
+    }
+    for (l, v) in chunks.remainder().iter().enumerate() {
+        acc[l] += f(v.to_f64());
+    }
+    tree(&acc)
+}
+
+/// Canonical sum of `f(x)` over any view, in logical order.
+pub fn sum_view<T: Scalar, F: Fn(f64) -> f64>(v: &ArrayView<'_, T, IxDyn>, f: F) -> f64 {
+    if let Some(s) = v.as_slice() {
+        return sum_slice(s, f);
+    }
+    let mut acc = [0.0f64; LANES];
+    for (i, x) in v.iter().enumerate() {
+        acc[i % LANES] += f(x.to_f64());
+    }
+    tree(&acc)
+}
+
+/// Canonical sums for the channels `cs` of a channels-last block: rows of `row_len`
+/// contiguous values (`s[r*row_len + k]`): `out[k - cs.start] = Σ_r f(s[r*row_len + k], k)`,
+/// the lane of row r being r mod 8. Identical, bit for bit, to `sum_slice` over each column.
+pub fn sum_rows<T: Scalar, F: Fn(f64, usize) -> f64>(
+    s: &[T],
+    row_len: usize,
+    cs: std::ops::Range<usize>,
+    f: F,
+    acc: &mut Vec<f64>,
+    out: &mut [f64],
+) {
+    let c = cs.len();
+    acc.clear();
+    acc.resize(LANES * c, 0.0);
+    if c == 0 || row_len == 0 {
+        return;
+    }
+    for (r, row) in s.chunks_exact(row_len).enumerate() {
+        let lane = &mut acc[(r % LANES) * c..(r % LANES + 1) * c];
+        for (j, (a, x)) in lane.iter_mut().zip(&row[cs.clone()]).enumerate() {
+            *a += f(x.to_f64(), cs.start + j);
+        }
+    }
+    for (k, o) in out.iter_mut().enumerate().take(c) {
+        let mut lanes = [0.0f64; LANES];
+        for (l, v) in lanes.iter_mut().enumerate() {
+            *v = acc[l * c + k];
+        }
+        *o = tree(&lanes);
+    }
+}
+
+/// y = (x − m)·a + b in f64, rounded once to T. The one normalization formula of the crate.
+#[inline(always)]
+pub fn affine<T: Scalar>(x: T, m: f64, a: f64, b: f64) -> T {
+    T::from_f64((x.to_f64() - m) * a + b)
+}
+
+/// Applies `affine` with one (m, a, b) to a whole view.
+pub fn apply_view<T: Scalar>(
+    x: &ArrayView<'_, T, IxDyn>,
+    y: &mut ArrayViewMut<'_, T, IxDyn>,
+    m: f64,
+    a: f64,
+    b: f64,
+) {
+    if let (Some(xs), Some(ys)) = (x.as_slice(), y.as_slice_mut()) {
+        for (o, &v) in ys.iter_mut().zip(xs) {
+            *o = affine(v, m, a, b);
+        }
+        return;
+    }
+    Zip::from(y)
+        .and(x)
+        .for_each(|o, &v| *o = affine(v, m, a, b));
+}
+
+/// A mutable view that parallel tasks carve disjoint sub-views from.
+///
+/// rayon tasks need to write disjoint parts of one output whose layout is arbitrary (`out=`
+/// may be any writable array). ndarray can split a mutable view only along one axis at a time;
+/// this wrapper lets each task take the sub-view it owns (a plane, a row, a channel).
+pub struct SharedMut<'a, T> {
+    raw: RawArrayViewMut<T, IxDyn>,
+    _life: std::marker::PhantomData<&'a mut T>,
+}
+
+// SAFETY: the wrapper is only used to hand out sub-views that tasks write disjointly (each
+// caller documents why its index sets are disjoint); T itself is Send.
+unsafe impl<T: Send> Send for SharedMut<'_, T> {}
+unsafe impl<T: Send> Sync for SharedMut<'_, T> {}
+
+impl<'a, T> SharedMut<'a, T> {
+    pub fn new(mut v: ArrayViewMut<'a, T, IxDyn>) -> Self {
+        Self {
+            raw: v.raw_view_mut(),
+            _life: std::marker::PhantomData,
+        }
+    }
+
+    /// The sub-view at `index` along the leading axes (`index.len()` axes removed).
+    ///
+    /// # Safety
+    /// No two live sub-views handed out may overlap, and the array must not self-overlap
+    /// (checked by the bindings: no zero stride on an axis longer than 1).
+    pub unsafe fn sub(&self, index: &[usize]) -> ArrayViewMut<'a, T, IxDyn> {
+        let mut r = self.raw.clone();
+        for &i in index {
+            r = r.index_axis_move(ndarray::Axis(0), i);
+        }
+        // SAFETY: the pointer is valid for 'a (it came from a live ArrayViewMut<'a>) and the
+        // caller guarantees exclusivity of this sub-view.
+        unsafe { r.deref_into_view_mut() }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        self.raw.shape()
+    }
+}

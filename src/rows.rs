@@ -1,0 +1,141 @@
+//! Geometry of the row-wise ops (layer norm, RMS norm): the input seen as R rows of F values,
+//! F the product of the trailing `normalized_shape` dims, without copying. A row is a slice
+//! when the input is C-contiguous, else a strided view read in logical order; both go through
+//! the same canonical sum (see `reduce`), so layouts agree bitwise.
+
+use crate::error::{fmt_shape, NormError, Result};
+use crate::reduce::{self, SharedMut};
+use crate::scalar::Scalar;
+use ndarray::{ArrayView, ArrayViewMut, Axis, IxDyn};
+
+/// Rows of `x` over its trailing dims.
+pub struct RowView<'a, T> {
+    x: ArrayView<'a, T, IxDyn>,
+    lead: Vec<usize>,
+    contiguous: Option<&'a [T]>,
+    pub rows: usize,
+    pub features: usize,
+}
+
+/// Checks `normalized_shape` against x's trailing dims and a parameter's shape.
+pub fn check_normalized_shape(shape: &[usize], normalized: &[usize]) -> Result<()> {
+    let k = normalized.len();
+    if k == 0 || shape.len() < k || &shape[shape.len() - k..] != normalized {
+        return Err(NormError::Shape(format!(
+            "normalized_shape {} must be non-empty and equal the trailing dimensions of the input, \
+             got input shape {}",
+            fmt_shape(normalized),
+            fmt_shape(shape)
+        )));
+    }
+    Ok(())
+}
+
+/// A parameter (weight, bias) of the row ops must have shape `normalized_shape`.
+pub fn check_row_param(name: &str, shape: Option<&[usize]>, normalized: &[usize]) -> Result<()> {
+    if let Some(s) = shape {
+        if s != normalized {
+            return Err(NormError::Shape(format!(
+                "{name} must have shape normalized_shape={}, got {}",
+                fmt_shape(normalized),
+                fmt_shape(s)
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl<'a, T: Scalar> RowView<'a, T> {
+    pub fn new(x: ArrayView<'a, T, IxDyn>, k: usize) -> Self {
+        let nd = x.ndim();
+        let lead = x.shape()[..nd - k].to_vec();
+        let rows = lead.iter().product();
+        let features = x.shape()[nd - k..].iter().product();
+        let contiguous = x.to_slice();
+        Self {
+            x,
+            lead,
+            contiguous,
+            rows,
+            features,
+        }
+    }
+
+    fn unravel(lead: &[usize], mut r: usize) -> Vec<usize> {
+        let mut idx = vec![0; lead.len()];
+        for (i, &d) in lead.iter().enumerate().rev() {
+            idx[i] = r % d;
+            r /= d;
+        }
+        idx
+    }
+
+    /// Canonical sum of f over row r.
+    pub fn row_sum<F: Fn(f64) -> f64>(&self, r: usize, f: F) -> f64 {
+        match self.contiguous {
+            Some(s) => reduce::sum_slice(&s[r * self.features..(r + 1) * self.features], f),
+            None => {
+                let mut v = self.x.clone();
+                for i in Self::unravel(&self.lead, r) {
+                    v = v.index_axis_move(Axis(0), i);
+                }
+                reduce::sum_view(&v, f)
+            }
+        }
+    }
+
+    /// Writes y_j = (x_j − m)·a_j + b_j over row r, with a_j = scale·w_j and b_j = bias_j.
+    ///
+    /// # Safety
+    /// The caller owns row r of `y` exclusively.
+    pub unsafe fn apply_row(
+        &self,
+        r: usize,
+        y: &SharedMut<'_, T>,
+        m: f64,
+        scale: f64,
+        w: Option<&[f64]>,
+        b: Option<&[f64]>,
+    ) {
+        let idx = Self::unravel(&self.lead, r);
+        // SAFETY: forwarded from the caller.
+        let mut yr = unsafe { y.sub(&idx) };
+        let a = |j: usize| w.map_or(scale, |w| scale * w[j]);
+        let bj = |j: usize| b.map_or(0.0, |b| b[j]);
+        let f = self.features;
+        if let (Some(xs), Some(ys)) = (self.contiguous, yr.as_slice_mut()) {
+            let xs = &xs[r * f..(r + 1) * f];
+            match (w, b) {
+                (None, None) => {
+                    for (o, &v) in ys.iter_mut().zip(xs) {
+                        *o = reduce::affine(v, m, scale, 0.0);
+                    }
+                }
+                _ => {
+                    for (j, (o, &v)) in ys.iter_mut().zip(xs).enumerate() {
+                        *o = reduce::affine(v, m, a(j), bj(j));
+                    }
+                }
+            }
+            return;
+        }
+        let mut xv = self.x.clone();
+        for &i in &idx {
+            xv = xv.index_axis_move(Axis(0), i);
+        }
+        for (j, (o, &v)) in yr.iter_mut().zip(xv.iter()).enumerate() {
+            *o = reduce::affine(v, m, a(j), bj(j));
+        }
+    }
+}
+
+/// Rows per task: about 64 KiB of input, so small rows are batched and the pool is not woken
+/// per row.
+pub fn rows_per_task(features: usize, elem: usize) -> usize {
+    (64 * 1024 / (features.max(1) * elem)).max(1)
+}
+
+/// Output helper for the row ops.
+pub fn shared_out<'b, T>(y: ArrayViewMut<'b, T, IxDyn>) -> SharedMut<'b, T> {
+    SharedMut::new(y)
+}
