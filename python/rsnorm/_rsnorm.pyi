@@ -1,0 +1,123 @@
+"""Type stubs for the native module ``rsnorm._rsnorm`` (docstrings mirror the Rust ``///`` text).
+
+Conventions shared by every op:
+
+* ``x``: a NumPy array of float16, float32 or float64 (any strides; never copied or cast).
+  The output has x's dtype and shape. Other dtypes or a non-native byte order: ``TypeError``.
+* Parameters (weight, bias, running statistics): float16/32/64 arrays, read exactly as float64;
+  running statistics are updated in place in their own dtype.
+* ``axis``: the channel axis (default 1; ``-1`` for channels-last arrays such as NHWC). The
+  batch axis is 0; all other axes are spatial.
+* ``out``: write the result into this array (x's dtype and shape, writable, not overlapping x).
+* ``return_stats=True``: return ``(y, Stats(mean, rstd))`` with ``rstd = 1/sqrt(var + eps)``
+  per normalization group (float64 for float64 x, else float32).
+* Bad shapes or parameters raise ``RsnormError`` (a ``ValueError``); ``ShapeError`` is its
+  subclass for shape problems.
+"""
+
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+from numpy.typing import NDArray
+
+__version__: str
+
+class RsnormError(ValueError): ...
+class ShapeError(RsnormError): ...
+
+_Arr = NDArray[Any]
+
+def batch_norm(
+    x: _Arr,
+    running_mean: Optional[_Arr] = None,
+    running_var: Optional[_Arr] = None,
+    weight: Optional[_Arr] = None,
+    bias: Optional[_Arr] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    *,
+    axis: int = 1,
+    out: Optional[_Arr] = None,
+    return_stats: bool = False,
+    num_batches_tracked: Optional[_Arr] = None,
+    momentum_convention: str = "torch",
+) -> Any:
+    """Batch normalization per channel over the batch and spatial axes.
+
+    ``y = (x − mean_c)/sqrt(var_c + eps)·weight_c + bias_c``. Training (or eval without running
+    statistics): batch mean and biased variance; running stats, if given, are updated in place
+    with the unbiased variance, ``new = (1−m)·old + m·batch`` (``momentum_convention="onnx"``:
+    ``new = m·old + (1−m)·batch`` with the biased variance). ``momentum=None``: cumulative
+    average, ``m = 1/(num_batches_tracked + 1)``; ``num_batches_tracked`` (0-d int64) is
+    incremented in place. Eval with running stats normalizes with them.
+    """
+
+def layer_norm(
+    x: _Arr,
+    normalized_shape: Union[int, Sequence[int]],
+    weight: Optional[_Arr] = None,
+    bias: Optional[_Arr] = None,
+    eps: float = 1e-5,
+    *,
+    out: Optional[_Arr] = None,
+    return_stats: bool = False,
+) -> Any:
+    """Layer normalization over the trailing ``normalized_shape`` dims:
+    ``y = (x − mean)/sqrt(var + eps)·weight + bias``; stats have shape
+    ``x.shape[:-len(normalized_shape)]``."""
+
+def rms_norm(
+    x: _Arr,
+    normalized_shape: Union[int, Sequence[int]],
+    weight: Optional[_Arr] = None,
+    eps: Optional[float] = None,
+    *,
+    out: Optional[_Arr] = None,
+    return_stats: bool = False,
+) -> Any:
+    """RMS normalization: ``y = x/sqrt(mean(x²) + eps)·weight`` over the trailing dims;
+    ``eps=None`` is ``finfo(float32).eps`` (float16/32) or ``finfo(float64).eps``.
+    Stats: ``Stats(None, rstd)``."""
+
+def group_norm(
+    x: _Arr,
+    num_groups: int,
+    weight: Optional[_Arr] = None,
+    bias: Optional[_Arr] = None,
+    eps: float = 1e-5,
+    *,
+    axis: int = 1,
+    out: Optional[_Arr] = None,
+    return_stats: bool = False,
+) -> Any:
+    """Group normalization: statistics per (n, group of C/G channels), per-channel affine.
+    Stats have shape (N, G)."""
+
+def instance_norm(
+    x: _Arr,
+    running_mean: Optional[_Arr] = None,
+    running_var: Optional[_Arr] = None,
+    weight: Optional[_Arr] = None,
+    bias: Optional[_Arr] = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    axis: int = 1,
+    out: Optional[_Arr] = None,
+    return_stats: bool = False,
+) -> Any:
+    """Instance normalization: statistics per (n, c) over the spatial axes. Running stats, if
+    given with ``use_input_stats``, are updated with the batch average of the per-instance
+    statistics (unbiased variance); ``use_input_stats=False`` normalizes with them.
+    Stats have shape (N, C)."""
+
+def moments(x: _Arr, axis: int = 1) -> tuple[int, NDArray[np.float64], NDArray[np.float64]]:
+    """Per-channel (count, mean, M2) over every axis but ``axis``, float64."""
+
+def set_num_threads(n: int) -> None:
+    """Threads for the kernels (0: default, RAYON_NUM_THREADS or the CPU count)."""
+
+def get_num_threads() -> int: ...
+def build_info() -> dict[str, Any]: ...
