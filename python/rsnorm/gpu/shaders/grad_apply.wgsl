@@ -1,0 +1,84 @@
+// grad_apply.wgsl -- elementwise input gradient of the statistics norms.
+//
+// Bindings (group 0):
+//   0  uniform              P    : Params
+//   1  storage, read        x    : array<T>          window; x[0] is global element P.win_start
+//   2  storage, read        dy   : array<T>          same window
+//   3  storage, read_write  dx   : array<T>          same window
+//   4  storage, read        mean : array<f32>        per normalization group (MODE 0, 2)
+//   5  storage, read        rstd : array<f32>        per normalization group
+//   6  storage, read        sums : array<vec2<f32>>  per group: (sum g, sum g * xhat) (MODE 0, 1)
+//   7  storage, read        w    : array<f32>        C (HAS_W == 1)
+// Dispatch: 1-D grid-stride loop over elements [first, first + count), WG per workgroup.
+// With g = dy * w[c], xhat = (x - mean) * rstd and n = P.n (elements per group):
+//   MODE 0 (LN, GN, BN train): dx = rstd * (g - sum_g / n - xhat * sum_gx / n)
+//   MODE 1 (RMS, xhat = x * rstd): dx = rstd * (g - xhat * sum_gx / n)
+//   MODE 2 (BN eval, affine map): dx = g * rstd
+// W_ON_SUMS == 1: the sums were taken without w and the group is the channel (batch norm), so
+//   they are scaled by w[c] here; this lets one reduction serve dx, dweight and dbias.
+
+override WG: u32 = 256u;
+override MODE: u32 = 0u;
+override HAS_W: u32 = 0u;
+override W_ON_SUMS: u32 = 0u;
+
+struct Params {
+    first: u32,
+    count: u32,
+    win_start: u32,
+    I: u32,
+    C: u32,
+    a_stride: u32,
+    G: u32,
+    cpg: u32,
+    group_mode: u32,
+    n: f32,
+    pad0: u32,
+    pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(1) var<storage, read> x: array<T>;
+@group(0) @binding(2) var<storage, read> dy: array<T>;
+@group(0) @binding(3) var<storage, read_write> dx: array<T>;
+@group(0) @binding(4) var<storage, read> mean: array<f32>;
+@group(0) @binding(5) var<storage, read> rstd: array<f32>;
+@group(0) @binding(6) var<storage, read> sums: array<vec2<f32>>;
+@group(0) @binding(7) var<storage, read> w: array<f32>;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) t: u32) {
+    let stride = nwg.x * WG;
+    for (var l = wid.x * WG + t; l < P.count; l += stride) {
+        let i = P.first + l;
+        let li = i - P.win_start;
+        let c = (i / P.I) % P.C;
+        var grp = c / P.cpg;
+        if (P.group_mode == 1u) {
+            grp = (i / P.a_stride) * P.G + grp;
+        }
+        let r = rstd[grp];
+        var wc = 1.0;
+        if (HAS_W == 1u) {
+            wc = w[c];
+        }
+        let g = f32(dy[li]) * wc;
+        var res = g * r;
+        if (MODE != 2u) {
+            var s = sums[grp];
+            if (W_ON_SUMS == 1u) {
+                s = s * wc;
+            }
+            let xv = f32(x[li]);
+            if (MODE == 0u) {
+                let xh = (xv - mean[grp]) * r;
+                res = r * (g - s.x / P.n - xh * (s.y / P.n));
+            } else {
+                let xh = xv * r;
+                res = r * (g - xh * (s.y / P.n));
+            }
+        }
+        dx[li] = to_t(res);
+    }
+}

@@ -1,0 +1,74 @@
+// stats_finalize.wgsl -- pass 2: merge the chunk partials of each group (left to right, a fixed
+// order) and turn them into normalization parameters.
+//
+// Bindings (group 0):
+//   0  uniform              P        : Params
+//   1  storage, read        part     : array<Part>   n_groups * n_chunks
+//   2  storage, read_write  gstat    : array<GStat>  n_groups
+//   3  storage, read_write  mean_out : array<f32>    n_groups (user-facing mean, NaN for MODE 1)
+//   4  storage, read_write  rstd_out : array<f32>    n_groups
+// Dispatch: one invocation per group, WG per workgroup, 2-D grid (linear workgroup id).
+// MODE 0: variance norm, rstd = 1/sqrt(M2/n + eps). MODE 1: mean-square norm (RMS, FRN),
+//   rstd = 1/sqrt(mean(x^2) + eps) with mean(x^2) = M2/n + mean^2 (no cancellation: both >= 0).
+// Empty groups and groups with NaN/inf give NaN statistics.
+
+override WG: u32 = 64u;
+override MODE: u32 = 0u;
+
+struct Params {
+    n_groups: u32,
+    n_chunks: u32,
+    eps: f32,
+    pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(1) var<storage, read> part: array<Part>;
+@group(0) @binding(2) var<storage, read_write> gstat: array<GStat>;
+@group(0) @binding(3) var<storage, read_write> mean_out: array<f32>;
+@group(0) @binding(4) var<storage, read_write> rstd_out: array<f32>;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) t: u32) {
+    let q = lin_wg(wid, nwg) * WG + t;
+    if (q >= P.n_groups) {
+        return;
+    }
+    var acc = part[q * P.n_chunks];
+    for (var j = 1u; j < P.n_chunks; j += 1u) {
+        acc = merge(acc, part[q * P.n_chunks + j]);
+    }
+    var gs: GStat;
+    gs.n = acc.n;
+    gs.pad = 0.0;
+    if (acc.n == 0u || acc.e >= NONFINITE) {
+        gs.mean_s = nan_f32();
+        gs.rstd_s = nan_f32();
+        gs.m2_s = nan_f32();
+        gs.e = 0;
+        gs.mean = nan_f32();
+        gs.rstd = nan_f32();
+    } else {
+        let n = f32(acc.n);
+        // eps enters the scaled domain as eps * 2^-2e (it underflows harmlessly for huge data).
+        let eps_s = ldexp(P.eps, -2 * acc.e);
+        var v = acc.m2 / n;
+        if (MODE == 1u) {
+            v = v + acc.mean * acc.mean;
+        }
+        gs.mean_s = acc.mean;
+        gs.rstd_s = rsqrt_nr(v + eps_s);
+        gs.m2_s = acc.m2;
+        gs.e = acc.e;
+        gs.mean = ldexp(acc.mean, acc.e);
+        gs.rstd = ldexp(gs.rstd_s, -acc.e);
+    }
+    gstat[q] = gs;
+    if (MODE == 1u) {
+        mean_out[q] = nan_f32();
+    } else {
+        mean_out[q] = gs.mean;
+    }
+    rstd_out[q] = gs.rstd;
+}
