@@ -57,6 +57,20 @@ class Workload:
     def axis(self) -> int:
         return -1 if self.layout == "NHWC" else 1
 
+    @property
+    def backward(self) -> bool:
+        return "backward" in self.variant
+
+    @property
+    def function(self) -> str:
+        """The rsnorm function this workload times."""
+        return f"{self.op}_backward" if self.backward else self.op
+
+    @property
+    def traffic_arrays(self) -> int:
+        """Arrays of x's size moved per call: forward reads x, writes y; backward also reads dy."""
+        return 3 if self.backward else 2
+
     def name(self, shape: tuple[int, ...] | None = None) -> str:
         shape = self.shape if shape is None else shape
         parts = [self.op]
@@ -99,6 +113,11 @@ WORKLOADS: list[Workload] = [
     _wl("filter_response_norm", (32, 64, 56, 56), variant="+tlu", layout="NCHW", quick=True),
     _wl("gdn", (8, 192, 64, 64), layout="NCHW", quick=True),
     _wl("mean_variance_norm", (32, 64, 56, 56), layout="NCHW"),
+    # Backward (issue "Backward"): dx (+ parameter gradients) from dy, x and the saved stats.
+    _wl("batch_norm", (32, 64, 56, 56), variant="train backward", layout="NCHW", quick=True),
+    _wl("layer_norm", (8192, 1024), variant="backward", quick=True),
+    _wl("group_norm", (16, 256, 32, 32), variant="backward", layout="NCHW", groups=32),
+    _wl("rms_norm", (8192, 1024), variant="backward"),
     # Per-call overhead (SPEC §8: <= 2 us).
     _wl("layer_norm", (4, 16), variant="tiny", quick=True),
     _wl("batch_norm", (2, 4, 3, 3), variant="tiny train", layout="NCHW", quick=True),
@@ -490,6 +509,99 @@ def build_mvn(env: Env, wl: Workload, x: np.ndarray, rng) -> dict[str, Impl]:
     return impls
 
 
+def _grad_x(g):
+    """The input gradient of a backward result (a named tuple with field ``x``)."""
+    return np.asarray(g.x if hasattr(g, "x") else g[0])
+
+
+def build_backward(env: Env, wl: Workload, x: np.ndarray, rng) -> dict[str, Impl]:
+    """Backward of BN (training), LN, GN and RMS norm: rsnorm gets the statistics saved by its
+    forward (``return_stats=True``), as a training step would; PyTorch runs autograd on a graph
+    built once (``retain_graph``); NumPy uses the textbook formulas."""
+    rn, op = env.rn, wl.op
+    fn = getattr(rn, wl.function)
+    gy = _make_x(rng, x.shape, x.dtype)
+    groups = wl.params.get("groups", 32)
+    if op in ("layer_norm", "rms_norm"):
+        ns = x.shape[-1:]
+        c = ns
+        red_stats = (x.ndim - 1,)  # statistics over the last axis
+        red_param = tuple(range(x.ndim - 1))
+        vs = ns
+    else:
+        c = x.shape[1]
+        vs = _vec(x.ndim, 1)
+        red_param = tuple(i for i in range(x.ndim) if i != 1)
+        red_stats = red_param if op == "batch_norm" else tuple(range(2, x.ndim))
+    w, b = _params(rng, c, x.dtype)
+    impls: dict[str, Impl] = {}
+    if op == "batch_norm":
+        _, st = rn.batch_norm(x, None, None, w, b, True, MOMENTUM, EPS, return_stats=True)
+        impls["rsnorm"] = Impl(lambda: fn(gy, x, weight=w, bias=b, training=True, eps=EPS,
+                                          stats=st), _grad_x)
+    elif op == "layer_norm":
+        _, st = rn.layer_norm(x, ns, w, b, EPS, return_stats=True)
+        impls["rsnorm"] = Impl(lambda: fn(gy, x, ns, weight=w, bias=b, eps=EPS, stats=st),
+                               _grad_x)
+    elif op == "rms_norm":
+        _, st = rn.rms_norm(x, ns, w, RMS_EPS, return_stats=True)
+        impls["rsnorm"] = Impl(lambda: fn(gy, x, ns, weight=w, eps=RMS_EPS, stats=st), _grad_x)
+    else:
+        _, st = rn.group_norm(x, groups, w, b, EPS, return_stats=True)
+        impls["rsnorm"] = Impl(lambda: fn(gy, x, groups, weight=w, bias=b, eps=EPS, stats=st),
+                               _grad_x)
+    if env.use_numpy:
+        def np_bwd():
+            if op == "group_norm":
+                xs = x.reshape(x.shape[0], groups, -1)
+                gs = (gy * w.reshape(vs)).reshape(xs.shape)
+                red = (2,)
+            else:
+                xs, gs, red = x, gy * w.reshape(vs), red_stats
+            if op == "rms_norm":
+                r = 1.0 / np.sqrt(np.mean(xs * xs, axis=red, keepdims=True) + RMS_EPS)
+                xhat = xs * r
+                dx = r * (gs - xhat * np.mean(gs * xhat, axis=red, keepdims=True))
+            else:
+                m = xs.mean(axis=red, keepdims=True)
+                r = 1.0 / np.sqrt(xs.var(axis=red, keepdims=True) + EPS)
+                xhat = (xs - m) * r
+                dx = r * (gs - gs.mean(axis=red, keepdims=True)
+                          - xhat * np.mean(gs * xhat, axis=red, keepdims=True))
+            xhat = xhat.reshape(x.shape)
+            dw = (gy * xhat).sum(axis=red_param)
+            db = gy.sum(axis=red_param)
+            return dx.reshape(x.shape), dw, db
+        impls["numpy"] = Impl(np_bwd, lambda g: g[0])
+    if env.torch is not None:
+        tch = env.torch
+        F = tch.nn.functional
+        xt = tch.from_numpy(x.copy()).requires_grad_()
+        tw = tch.from_numpy(w.copy()).requires_grad_()
+        tb = tch.from_numpy(b.copy()).requires_grad_()
+        tgy = tch.from_numpy(gy)
+        if op == "batch_norm":
+            yt = F.batch_norm(xt, None, None, tw, tb, True, MOMENTUM, EPS)
+        elif op == "layer_norm":
+            yt = F.layer_norm(xt, ns, tw, tb, EPS)
+        elif op == "rms_norm":
+            yt = F.rms_norm(xt, ns, tw, RMS_EPS) if hasattr(F, "rms_norm") else None
+        else:
+            yt = F.group_norm(xt, groups, tw, tb, EPS)
+        if yt is not None:
+            inputs = (xt, tw) if op == "rms_norm" else (xt, tw, tb)
+            impls["torch"] = Impl(
+                lambda: tch.autograd.grad(yt, inputs, tgy, retain_graph=True),
+                lambda g: g[0].numpy(), note="autograd")
+    return impls
+
+
+def build_workload(env: Env, wl: Workload, x: np.ndarray, rng) -> dict[str, Impl]:
+    if wl.backward:
+        return build_backward(env, wl, x, rng)
+    return BUILDERS[wl.op](env, wl, x, rng)
+
+
 BUILDERS: dict[str, Callable[..., dict[str, Impl]]] = {
     "batch_norm": build_batch_norm,
     "layer_norm": _rowwise("layer_norm"),
@@ -612,31 +724,33 @@ def run(workloads: Sequence[Workload], env: Env, *, min_time: float, min_samples
             if max_elements:
                 keep = [wl.axis] if wl.op in ("group_norm", "gdn", "local_response_norm") else []
                 shape = shrink(shape, max_elements, keep)
-            res: dict[str, Any] = {"workload": wl.name(shape), "op": wl.op, "variant": wl.variant,
+            res: dict[str, Any] = {"workload": wl.name(shape), "op": wl.op,
+                                   "function": wl.function, "variant": wl.variant,
                                    "layout": wl.layout or None, "shape": list(shape),
                                    "dtype": wl.dtype, "impls": {}, "skipped": {},
                                    "ratios": {}, "ratios_out": {}}
             results.append(res)
-            if not hasattr(env.rn, wl.op):
-                res["skipped"]["rsnorm"] = f"rsnorm.{wl.op} not implemented yet"
+            if not hasattr(env.rn, wl.function):
+                res["skipped"]["rsnorm"] = f"rsnorm.{wl.function} not implemented yet"
                 if progress:
                     progress(wl, "skipped", len(IMPL_ORDER) + 1)
                 continue
             x = _make_x(rng, shape, wl.dtype)
-            res["bytes"] = 2 * x.nbytes
+            res["bytes"] = wl.traffic_arrays * x.nbytes
+            copy_bytes = 2 * x.nbytes
             if progress:
                 progress(wl, "copy", 0)
             cp = copier.measure(x, **kw)
             best = cp[cp["best"]]
             res["copy"] = {"method": cp["best"], "median_s": best.median_s,
-                           "min_s": best.min_s, "gbps": res["bytes"] / best.median_s / 1e9,
+                           "min_s": best.min_s, "gbps": copy_bytes / best.median_s / 1e9,
                            **{f"{k}_median_s": v.median_s for k, v in cp.items()
                               if isinstance(v, Timing)}}
             if progress:
                 progress(wl, "copy", 1)
             impls: dict[str, Impl] = {}
             try:
-                impls = BUILDERS[wl.op](env, wl, x, rng)
+                impls = build_workload(env, wl, x, rng)
             except Exception as exc:  # noqa: BLE001 - a peer cannot build: note, go on
                 res["skipped"]["setup"] = f"{type(exc).__name__}: {exc}"
             for peer, why in env.skipped_peers.items():
@@ -673,7 +787,8 @@ def run(workloads: Sequence[Workload], env: Env, *, min_time: float, min_samples
                 gbps = res["bytes"] / t.median_s / 1e9
                 res["impls"][name] = {
                     "median_s": t.median_s, "min_s": t.min_s, "calls": t.calls, "gbps": gbps,
-                    "pct_copy": 100.0 * res["copy"]["median_s"] / t.median_s,
+                    # As bandwidth: a backward moves 3 arrays where the copy moves 2.
+                    "pct_copy": 100.0 * gbps / res["copy"]["gbps"],
                     "max_abs_diff_vs_rsnorm": diff, "note": note}
                 if progress:
                     progress(wl, name, 1)
@@ -875,11 +990,11 @@ def select(ops: str | None, quick: bool) -> list[Workload]:
     wls = [w for w in WORKLOADS if w.quick or not quick]
     if ops:
         wanted = {o.strip() for o in ops.split(",") if o.strip()}
-        known = {w.op for w in WORKLOADS}
+        known = {w.op for w in WORKLOADS} | {w.function for w in WORKLOADS}
         if wanted - known:
             raise SystemExit(f"rsnorm bench: unknown op(s) {sorted(wanted - known)}; "
                              f"known: {sorted(known)}")
-        wls = [w for w in wls if w.op in wanted]
+        wls = [w for w in wls if w.op in wanted or w.function in wanted]
     return wls
 
 
@@ -894,11 +1009,47 @@ def machine_info(env: Env) -> dict[str, Any]:
                                       else str(v)) for k, v in dict(rn.build_info()).items()}
         except Exception as exc:  # noqa: BLE001 - reported, not hidden
             info["build_info"] = f"unavailable: {exc}"
+    if hasattr(os, "getloadavg"):
+        info["loadavg_start"] = list(os.getloadavg())
     info["env"] = {k: os.environ[k] for k in ("RAYON_NUM_THREADS", "OMP_NUM_THREADS",
                                               "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
                                               "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
                    if k in os.environ}
     return info
+
+
+class CpuProbe:
+    """Share of the machine's CPU time used by other processes since construction: the
+    machine-wide busy time from /proc/stat minus this process's own CPU time."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            import resource
+
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+            hz = os.sysconf("SC_CLK_TCK")
+            # user nice system idle iowait irq softirq steal: all but idle/iowait are busy,
+            # steal included (a hypervisor taking the vCPU is contention too).
+            busy = (sum(fields[:8]) - fields[3] - fields[4]) / hz
+            ru = resource.getrusage(resource.RUSAGE_SELF)
+            return time.perf_counter(), busy, ru.ru_utime + ru.ru_stime
+        except (OSError, ValueError, IndexError, ImportError):
+            return None
+
+    def other_fraction(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        wall = end[0] - self.start[0]
+        if wall <= 0:
+            return None
+        other = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        return max(0.0, other / (wall * (os.cpu_count() or 1)))
 
 
 def _cpu_model() -> str:
@@ -929,16 +1080,23 @@ def main(argv: Sequence[str] | None = None, prog: str = "rsnorm bench") -> int:
               file=sys.stderr)
         return 2
     env = Env(args.threads, peers)
+    info = machine_info(env)  # before the run: the load average then tells of other work
     min_time = args.min_time if args.min_time is not None else (0.05 if args.quick else 0.2)
     min_samples = args.min_samples or (3 if args.quick else 5)
     cb, bar = _progress_factory(workloads)
     t0 = time.perf_counter()
+    cpu_probe = CpuProbe()
     with bar:
         results = run(workloads, env, min_time=min_time, min_samples=min_samples,
                       max_elements=args.max_elements, progress=cb)
     elapsed = time.perf_counter() - t0
     summary = summarize(results)
-    info = machine_info(env)
+    other = cpu_probe.other_fraction()
+    info["other_processes_cpu_fraction"] = other
+    if other is not None and other > 0.1:
+        print(f"warning: other processes used {100 * other:.0f}% of the CPUs during the run; "
+              "timings (torch's and onnxruntime's thread pools most) are unreliable",
+              file=sys.stderr)
     header = (f"rsnorm bench · {info['processor']} · {env.threads} thread(s) · "
               + ", ".join(f"{k} {v}" for k, v in env.versions().items() if v)
               + (" · quick" if args.quick else ""))
