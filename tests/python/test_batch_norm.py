@@ -315,3 +315,25 @@ def test_defaults_match_pytorch_signature(rng):
     y2 = rn.batch_norm(x, rm, rv, w, b, True, 0.5, 0.01)
     want2, *_ = ref.batch_norm(x, None, None, w, b, training=True, eps=0.01)
     assert_output_close(y2, want2, np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", [1, -1])
+def test_large_parallel_path(rng, axis, dtype):
+    # Above the parallel threshold, odd channel count, N*H*W not a multiple of 8.
+    x = make_input(rng, (6, 37, 29, 31), dtype)
+    if axis == -1:
+        x = ref.channels_last(x)
+    w, b, rm, rv = _params(rng, 37)
+    rm0, rv0 = rm.copy(), rv.copy()
+    y, stats = rn.batch_norm(x, rm, rv, w, b, training=True, axis=axis, return_stats=True)
+    want, mean, rstd, new_rm, new_rv = ref.batch_norm(x, rm0, rv0, w, b, training=True,
+                                                      axis=axis)
+    assert_output_close(y, want, dtype, _scale(x, mean, rstd, w, b, axis))
+    assert_stats_close(stats.mean, mean, dtype, "mean")
+    assert_stats_close(stats.rstd, rstd, dtype, "rstd")
+    np.testing.assert_allclose(rm, new_rm, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(rv, new_rv, rtol=1e-6, atol=1e-7)
+    y = rn.batch_norm(x, rm0, rv0, w, b, axis=axis)
+    want, mean, rstd, _, _ = ref.batch_norm(x, rm0, rv0, w, b, axis=axis)
+    assert_output_close(y, want, dtype, _scale(x, mean, rstd, w, b, axis))

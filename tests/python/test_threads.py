@@ -64,6 +64,7 @@ def data():
     return {
         np.float32: (100 + rng.standard_normal(SHAPE)).astype(np.float32),
         np.float64: (100 + rng.standard_normal(SHAPE)).astype(np.float64),
+        np.float16: (100 + rng.standard_normal(SHAPE)).astype(np.float16),
     }
 
 
@@ -74,7 +75,7 @@ def test_set_get_num_threads(restore_threads):
     assert rn.get_num_threads() == 2
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_bitwise_identical_for_1_2_16_threads(data, dtype, restore_threads):
     x = data[dtype]
     results = {}
