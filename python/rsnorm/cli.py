@@ -434,7 +434,69 @@ def _normalize_case(p=2.0, axis=1):
     return build
 
 
+def _bwd_case(op, *, axis=1, affine=True, training=True, ndims=1, groups=3, use_stats=False):
+    """``<op>_backward(grad_y, x, <forward params by name>, stats=...)`` against the analytic
+    float64 gradients of :mod:`rsnorm._reference`."""
+
+    def build(rn, rng, dtype, shape):
+        x = _x(rng, shape, dtype)
+        gy = rng.standard_normal(shape).astype(dtype)
+        fn = getattr(rn, f"{op}_backward")
+        fwd = getattr(rn, op)
+        if op in ("layer_norm", "rms_norm"):
+            pshape = tuple(shape[-ndims:])
+            lead = (pshape,)
+        else:
+            pshape = _chan(shape, axis)
+            lead = (groups,) if op == "group_norm" else ()
+        w = _pos(rng, pshape, dtype) if affine else None
+        b = rng.standard_normal(pshape).astype(dtype) if affine and op != "rms_norm" else None
+        kw: dict[str, Any] = {"weight": w}
+        if op != "rms_norm":
+            kw["bias"] = b
+        kw["eps"] = 1e-6 if op == "rms_norm" else 1e-5
+        if op in ("batch_norm", "group_norm", "instance_norm") and axis != 1:
+            kw["axis"] = axis
+        rm = rv = None
+        if op == "batch_norm":
+            if not training:
+                rm = rng.standard_normal(pshape).astype(dtype)
+                rv = _pos(rng, pshape, dtype)
+            kw.update(running_mean=rm, running_var=rv, training=training)
+        stats_kw = {}
+        if use_stats:
+            fkw = dict(kw)
+            if op == "batch_norm":
+                # The forward would update the running stats in place: give it copies.
+                fkw["running_mean"] = None if rm is None else rm.copy()
+                fkw["running_var"] = None if rv is None else rv.copy()
+            _, stats_kw["stats"] = fwd(x, *lead, **fkw, return_stats=True)
+
+        def run():
+            return fn(gy, x, *lead, **kw, **stats_kw)
+
+        def compare(res):
+            a = {"axis": axis} if op in ("batch_norm", "group_norm", "instance_norm") else {}
+            if op == "batch_norm":
+                exp = ref.batch_norm_backward(gy, x, rm, rv, w, b, training, 1e-5, **a)
+            elif op == "layer_norm":
+                exp = ref.layer_norm_backward(gy, x, pshape, w, b, 1e-5)
+            elif op == "rms_norm":
+                exp = ref.rms_norm_backward(gy, x, pshape, w, 1e-6)
+            elif op == "group_norm":
+                exp = ref.group_norm_backward(gy, x, groups, w, b, 1e-5, **a)
+            else:
+                exp = ref.instance_norm_backward(gy, x, w, b, 1e-5, **a)
+            return [(f"grad {k}", getattr(res, k), v) for k, v in exp.items()]
+
+        return Prepared(run, compare)
+
+    return build
+
+
 _F4, _F8, _F2 = "float32", "float64", "float16"
+# Gradients round a few more times than forwards (dx = rstd*(g - mean g - xhat*mean(g*xhat))).
+_BWD_TOL = {"float32": (3e-5, 3e-5)}
 
 register(
     DemoCase("batch_norm train NCHW", "batch_norm", _F4, (8, 16, 12, 12), _bn_case(True)),
@@ -470,6 +532,26 @@ register(
              requires=("Moments",)),
     DemoCase("moments + merge NHWC (axis=-1)", "moments", _F8, (5, 4, 4, 12),
              _moments_case(axis=-1, split=(2, 0, 3))),
+    DemoCase("batch_norm_backward train", "batch_norm_backward", _F4, (8, 6, 5, 5),
+             _bwd_case("batch_norm"), tolerances=_BWD_TOL),
+    DemoCase("batch_norm_backward train NHWC, stats", "batch_norm_backward", _F8, (6, 4, 4, 5),
+             _bwd_case("batch_norm", axis=-1, use_stats=True)),
+    DemoCase("batch_norm_backward eval", "batch_norm_backward", _F4, (8, 6, 5, 5),
+             _bwd_case("batch_norm", training=False), tolerances=_BWD_TOL),
+    DemoCase("layer_norm_backward", "layer_norm_backward", _F4, (16, 64),
+             _bwd_case("layer_norm"), tolerances=_BWD_TOL),
+    DemoCase("layer_norm_backward over (4, 6), stats", "layer_norm_backward", _F8, (5, 4, 6),
+             _bwd_case("layer_norm", ndims=2, affine=False, use_stats=True)),
+    DemoCase("rms_norm_backward", "rms_norm_backward", _F4, (16, 64), _bwd_case("rms_norm"),
+             tolerances=_BWD_TOL),
+    DemoCase("rms_norm_backward, stats", "rms_norm_backward", _F8, (6, 40),
+             _bwd_case("rms_norm", use_stats=True)),
+    DemoCase("group_norm_backward G=3", "group_norm_backward", _F4, (4, 12, 5, 5),
+             _bwd_case("group_norm"), tolerances=_BWD_TOL),
+    DemoCase("group_norm_backward NHWC, stats", "group_norm_backward", _F8, (3, 4, 4, 12),
+             _bwd_case("group_norm", axis=-1, groups=4, use_stats=True)),
+    DemoCase("instance_norm_backward", "instance_norm_backward", _F4, (4, 6, 7, 7),
+             _bwd_case("instance_norm"), tolerances=_BWD_TOL),
     DemoCase("local_response_norm size=5", "local_response_norm", _F4, (4, 16, 7, 7),
              _lrn_case(5)),
     DemoCase("local_response_norm size=4 onnx window", "local_response_norm", _F4,

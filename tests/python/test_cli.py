@@ -266,3 +266,59 @@ def test_bench_shrink_keeps_channel_axis():
     assert small[1] == 256 and np.prod(small) <= 4096 and min(small) >= 1
     assert np.prod(_bench.shrink((8192, 1024), 1000)) <= 1000
     assert _bench.shrink((4, 16), 1 << 20) == (4, 16)
+
+
+def _fd_grad(f, a, h=1e-6):
+    """Central finite differences of the scalar ``f`` with respect to every element of ``a``."""
+    g = np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        old = a[i]
+        a[i] = old + h
+        up = f()
+        a[i] = old - h
+        down = f()
+        a[i] = old
+        g[i] = (up - down) / (2 * h)
+    return g
+
+
+@pytest.mark.parametrize("op", ["batch_norm", "batch_norm_eval", "layer_norm", "rms_norm",
+                                "group_norm", "group_norm_nhwc", "instance_norm"])
+def test_reference_backward_matches_finite_differences(op):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 4, 2, 3)) * 1.5 + 0.5
+    dy = rng.standard_normal(x.shape)
+    c = 4
+    w, b = rng.uniform(0.5, 1.5, c), rng.standard_normal(c)
+    rm, rv = rng.standard_normal(c), rng.uniform(0.5, 1.5, c)
+    ns = (2, 3)
+    wl, bl = rng.uniform(0.5, 1.5, ns), rng.standard_normal(ns)
+    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    dyl = np.ascontiguousarray(np.moveaxis(dy, 1, -1))
+    ref = _reference
+    forward, grads, params = {
+        "batch_norm": (lambda: ref.batch_norm(x, None, None, w, b, True)[0],
+                       lambda: ref.batch_norm_backward(dy, x, None, None, w, b, True), (w, b)),
+        "batch_norm_eval": (lambda: ref.batch_norm(x, rm, rv, w, b, False)[0],
+                            lambda: ref.batch_norm_backward(dy, x, rm, rv, w, b, False),
+                            (w, b)),
+        "layer_norm": (lambda: ref.layer_norm(x, ns, wl, bl),
+                       lambda: ref.layer_norm_backward(dy, x, ns, wl, bl), (wl, bl)),
+        "rms_norm": (lambda: ref.rms_norm(x, ns, wl, 1e-6),
+                     lambda: ref.rms_norm_backward(dy, x, ns, wl, 1e-6), (wl,)),
+        "group_norm": (lambda: ref.group_norm(x, 2, w, b),
+                       lambda: ref.group_norm_backward(dy, x, 2, w, b), (w, b)),
+        "group_norm_nhwc": (lambda: ref.group_norm(xl, 2, w, b, axis=-1),
+                            lambda: ref.group_norm_backward(dyl, xl, 2, w, b, axis=-1), (w, b)),
+        "instance_norm": (lambda: ref.instance_norm(x, weight=w, bias=b)[0],
+                          lambda: ref.instance_norm_backward(dy, x, w, b), (w, b)),
+    }[op]
+    upstream = dyl if op.endswith("nhwc") else dy
+    got = grads()
+    inputs = {"x": xl if op.endswith("nhwc") else x, "weight": params[0]}
+    if len(params) > 1:
+        inputs["bias"] = params[1]
+    assert set(got) == set(inputs)
+    for name, arr in inputs.items():
+        fd = _fd_grad(lambda: float(np.sum(forward() * upstream)), arr)
+        np.testing.assert_allclose(got[name], fd, rtol=1e-6, atol=1e-7, err_msg=name)
