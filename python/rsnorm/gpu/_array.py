@@ -35,7 +35,7 @@ class GPUArray:
     float32 (``dtype`` stays float16; ``numpy()`` rounds to float16).
     """
 
-    __slots__ = ("_buffer", "_shape", "_dtype", "_storage", "_gen", "__weakref__")
+    __slots__ = ("__weakref__", "_buffer", "_dtype", "_gen", "_shape", "_storage")
 
     def __init__(self, buffer, shape, dtype, storage, generation):
         self._buffer = buffer

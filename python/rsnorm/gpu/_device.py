@@ -24,13 +24,13 @@ from .shaders import shader_source
 # One entry per shader, in binding order (must match the shader header comments).
 BINDINGS = {
     "stats_partial": "urw",
-    "stats_finalize": "urwww",
+    "stats_finalize": "urwwwww",
     "stats_from_running": "urrwww",
     "bn_running": "urww",
     "norm_apply": "urwrrrr",
-    "sum_partial": "urrrrrw",
+    "sum_partial": "urrrrrwr",
     "sum_finalize": "urwww",
-    "grad_apply": "urrwrrrr",
+    "grad_apply": "urrwrrrrr",
     "lrn": "urw",
     "gdn": "urwrr",
 }

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,6 +27,8 @@ from ._device import APPLY_WG, CHUNK, REDUCE_WG, SMALL_WG, pack
 
 # Global element indices are u32 in the shaders; grid-stride loops need some headroom.
 MAX_ELEMENTS = 2**32 - 2**26
+# Bytes of one `Part` (common.wgsl).
+PART_BYTES = 20
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,12 @@ class Reduction:
         return (k // self.run_len) * self.run_stride + k % self.run_len
 
 
-def red_channels(O: int, C: int, I: int) -> Reduction:  # noqa: E741 - I is the spatial extent
+def red_channels(O: int, C: int, I: int) -> Reduction:
     """Per channel over all other axes (batch norm, moments, parameter gradients)."""
     return Reduction(C, C, 0, I, max(I, 1), C * I, O * I)
 
 
-def red_grouped(N: int, S1: int, C: int, I: int, G: int) -> Reduction:  # noqa: E741
+def red_grouped(N: int, S1: int, C: int, I: int, G: int) -> Reduction:
     """Per (sample, channel group) over the spatial axes (group, instance, FRN)."""
     cpg = C // G
     return Reduction(N * G, G, S1 * C * I, cpg * I, max(cpg * I, 1), C * I, S1 * cpg * I)
@@ -67,7 +70,7 @@ def red_rows(R: int, F: int) -> Reduction:
 
 @dataclass(frozen=True)
 class GroupMap:
-    I: int  # noqa: E741
+    I: int
     C: int
     a_stride: int
     G: int
@@ -79,11 +82,11 @@ class GroupMap:
                 (max(self.cpg, 1), "u"), (self.mode, "u")]
 
 
-def map_channels(C: int, I: int) -> GroupMap:  # noqa: E741
+def map_channels(C: int, I: int) -> GroupMap:
     return GroupMap(max(I, 1), max(C, 1), 1, C, 1, 0)
 
 
-def map_grouped(S1: int, C: int, I: int, G: int) -> GroupMap:  # noqa: E741
+def map_grouped(S1: int, C: int, I: int, G: int) -> GroupMap:
     return GroupMap(max(I, 1), max(C, 1), S1 * C * I, G, C // G, 1)
 
 
@@ -325,14 +328,22 @@ def _check_small(ctx, nbytes: int, what: str):
 # ----------------------------------------------------------------------------- passes
 
 
-def stats_pass(enc, data: Data, red: Reduction, mode: int, eps: float):
-    """Encode the two statistics passes; returns (gstat buffer, mean array, rstd array)."""
+class GroupStats(NamedTuple):
+    gstat: object  # GStat records (buffer)
+    mean: GPUArray  # user-facing float32 mean (NaN for mean-square modes)
+    rstd: GPUArray
+    hi: GPUArray  # mean = hi + lo, for backward's (x - hi) - lo; None from running stats
+    lo: GPUArray
+
+
+def stats_pass(enc, data: Data, red: Reduction, mode: int, eps: float) -> GroupStats:
+    """Encode the two statistics passes."""
     ctx = data.ctx
     nch = red.n_chunks
     ng = red.n_groups
-    _check_small(ctx, ng * nch * 16, "the reduction partials")
+    _check_small(ctx, ng * nch * PART_BYTES, "the reduction partials")
     _check_small(ctx, ng * 32, "the group statistics")
-    part = _device.new_buffer(ctx, ng * nch * 16)
+    part = _device.new_buffer(ctx, ng * nch * PART_BYTES)
     isz = data.itemsize
     for q0, q1, j0, j1, lo, hi in plan_blocks(ctx, red, isz):
         off, size = _window(ctx, lo, hi, isz)
@@ -346,11 +357,13 @@ def stats_pass(enc, data: Data, red: Reduction, mode: int, eps: float):
     gstat = _device.new_buffer(ctx, ng * 32)
     mean = f32_array(ctx, (ng,))
     rstd = f32_array(ctx, (ng,))
+    hi = f32_array(ctx, (ng,))
+    lo = f32_array(ctx, (ng,))
     params = pack([(ng, "u"), (nch, "u"), (eps, "f"), (0, "u")])
     enc.dispatch("stats_finalize", "f32", {"WG": SMALL_WG, "MODE": mode}, params,
-                 [part, gstat, mean._buffer, rstd._buffer],
+                 [part, gstat, mean._buffer, rstd._buffer, hi._buffer, lo._buffer],
                  _device.grid2d(ctx, math.ceil(ng / SMALL_WG)))
-    return gstat, mean, rstd
+    return GroupStats(gstat, mean, rstd, hi, lo)
 
 
 def running_stats_pass(enc, ctx, rm_buf, rv_buf, C: int, eps: float):
@@ -361,7 +374,7 @@ def running_stats_pass(enc, ctx, rm_buf, rv_buf, C: int, eps: float):
                  pack([(C, "u"), (eps, "f"), (0, "u"), (0, "u")]),
                  [rm_buf, rv_buf, gstat, mean._buffer, rstd._buffer],
                  (math.ceil(C / SMALL_WG), 1))
-    return gstat, mean, rstd
+    return GroupStats(gstat, mean, rstd, None, None)
 
 
 def apply_pass(enc, data: Data, y: GPUArray, gmap: GroupMap, gstat, mode: int,
@@ -380,7 +393,7 @@ def apply_pass(enc, data: Data, y: GPUArray, gmap: GroupMap, gstat, mode: int,
 
 
 def sum_pass(enc, data: Data, dy: Data, red: Reduction, gmap: GroupMap, mean, rstd, w,
-             center: bool, grads_shape=None):
+             center: bool, grads_shape=None, lo=None):
     """Backward sums per reduction group: ``(sum a, sum a * xhat)``, a = dy (* w). With
     ``grads_shape`` also returns device arrays (dweight, dbias) of x's dtype."""
     ctx = data.ctx
@@ -390,9 +403,10 @@ def sum_pass(enc, data: Data, dy: Data, red: Reduction, gmap: GroupMap, mean, rs
     part = _device.new_buffer(ctx, ng * nch * 8)
     isz = data.itemsize
     d = ctx.dummy
-    consts = {"WG": REDUCE_WG, "USE_W": int(w is not None), "CENTER": int(center)}
-    for q0, q1, j0, j1, lo, hi in plan_blocks(ctx, red, isz):
-        off, size = _window(ctx, lo, hi, isz)
+    consts = {"WG": REDUCE_WG, "USE_W": int(w is not None), "CENTER": int(center),
+              "HAS_LO": int(lo is not None)}
+    for q0, q1, j0, j1, wlo, whi in plan_blocks(ctx, red, isz):
+        off, size = _window(ctx, wlo, whi, isz)
         params = pack([
             (red.n_g, "u"), (red.outer_stride, "u"), (red.g_stride, "u"), (red.run_len, "u"),
             (red.run_stride, "u"), (red.length, "u"), (nch, "u"), (q0, "u"), (j0, "u"),
@@ -401,7 +415,8 @@ def sum_pass(enc, data: Data, dy: Data, red: Reduction, gmap: GroupMap, mean, rs
         ])
         enc.dispatch("sum_partial", data.storage, consts, params,
                      [(data.buffer, off, size), (dy.buffer, off, size),
-                      mean._buffer if mean is not None else d, rstd._buffer, w or d, part],
+                      mean._buffer if mean is not None else d, rstd._buffer, w or d, part,
+                      lo._buffer if lo is not None else d],
                      _device.grid2d(ctx, (q1 - q0) * (j1 - j0)))
     sums = _device.new_buffer(ctx, ng * 8)
     gw = gb = None
@@ -416,28 +431,29 @@ def sum_pass(enc, data: Data, dy: Data, red: Reduction, gmap: GroupMap, mean, rs
 
 
 def grad_apply_pass(enc, data: Data, dy: Data, dx: GPUArray, gmap: GroupMap, mean, rstd, sums,
-                    w, mode: int, n: int, w_on_sums: bool = False):
+                    w, mode: int, n: int, w_on_sums: bool = False, lo=None):
     ctx = data.ctx
     d = ctx.dummy
     consts = {"WG": APPLY_WG, "MODE": mode, "HAS_W": int(w is not None),
-              "W_ON_SUMS": int(w_on_sums)}
+              "W_ON_SUMS": int(w_on_sums), "HAS_LO": int(lo is not None)}
     for first, count, ws, off, size in _device.element_windows(ctx, data.size, data.itemsize):
         params = pack([(first, "u"), (count, "u"), (ws, "u"), *gmap.fields(), (float(n), "f"),
                        (0, "u"), (0, "u")])
         nwg = min(math.ceil(count / APPLY_WG), ctx.max_wg)
         enc.dispatch("grad_apply", data.storage, consts, params,
                      [(data.buffer, off, size), (dy.buffer, off, size), (dx._buffer, off, size),
-                      mean._buffer if mean is not None else d, rstd._buffer, sums or d, w or d],
+                      mean._buffer if mean is not None else d, rstd._buffer, sums or d, w or d,
+                      lo._buffer if lo is not None else d],
                      (nwg, 1))
 
 
 def gstat_host(raw: bytes, n_groups: int):
     """Decode GStat records into float64 (count, mean, m2) on the host (exact rescaling)."""
     rec = np.frombuffer(raw, dtype=np.dtype([
-        ("mean_s", "<f4"), ("rstd_s", "<f4"), ("m2_s", "<f4"), ("e", "<i4"), ("n", "<u4"),
-        ("mean", "<f4"), ("rstd", "<f4"), ("pad", "<f4")]), count=n_groups)
+        ("hi_s", "<f4"), ("rstd_s", "<f4"), ("m2_s", "<f4"), ("e", "<i4"), ("n", "<u4"),
+        ("mean", "<f4"), ("rstd", "<f4"), ("lo_s", "<f4")]), count=n_groups)
     e = rec["e"].astype(np.float64)
-    mean = rec["mean_s"].astype(np.float64) * np.exp2(e)
+    mean = (rec["hi_s"].astype(np.float64) + rec["lo_s"]) * np.exp2(e)
     m2 = rec["m2_s"].astype(np.float64) * np.exp2(2 * e)
     return rec["n"].astype(np.int64), mean, m2
 
@@ -447,9 +463,30 @@ def is_host_like(*args) -> bool:
 
 
 __all__ = [
-    "Data", "GroupMap", "Reduction", "apply_pass", "check_eps", "check_out", "check_param",
-    "check_size", "check_x", "collect", "f32_array", "grad_apply_pass", "gstat_host",
-    "map_channels", "map_grouped", "map_rows", "norm_axis", "param_buffer", "plan_blocks",
-    "red_channels", "red_grouped", "red_rows", "running_stats_pass", "stats_pass", "sum_pass",
+    "Data",
+    "GroupMap",
+    "Reduction",
+    "apply_pass",
+    "check_eps",
+    "check_out",
+    "check_param",
+    "check_size",
+    "check_x",
+    "collect",
+    "f32_array",
+    "grad_apply_pass",
+    "gstat_host",
+    "map_channels",
+    "map_grouped",
+    "map_rows",
+    "norm_axis",
+    "param_buffer",
+    "plan_blocks",
+    "red_channels",
+    "red_grouped",
+    "red_rows",
+    "running_stats_pass",
+    "stats_pass",
     "storage_for",
+    "sum_pass",
 ]

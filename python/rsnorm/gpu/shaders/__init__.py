@@ -38,13 +38,13 @@ fn to_t(v: f32) -> T {
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_wgsl(name: str) -> str:
     """Return the text of ``<name>.wgsl`` shipped in this package (read once, then cached)."""
     return resources.files(__name__).joinpath(f"{name}.wgsl").read_text(encoding="utf-8")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shader_source(name: str, storage: str) -> str:
     """Full source of shader ``name`` for storage dtype ``storage`` (``"f32"`` or ``"f16"``)."""
     if storage == "f32":

@@ -1,4 +1,4 @@
-// norm_apply.wgsl -- elementwise pass: y = ((x * 2^-e - mean_s) * rstd_s) * w[c] + b[c], with the
+// norm_apply.wgsl -- elementwise pass: y = (((x * 2^-e - hi_s) - lo_s) * rstd_s) * w[c] + b[c], with the
 // TLU max(y, tau[c]) fused for filter response norm.
 //
 // Bindings (group 0):
@@ -61,7 +61,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             let gs = gstat[grp];
             var d = ldexp(xv, -gs.e);
             if (MODE == 0u) {
-                d = d - gs.mean_s;
+                d = (d - gs.hi_s) - gs.lo_s;
             }
             yv = select(d * gs.rstd_s, 0.0, d == 0.0 && !is_nan(gs.rstd_s));
             if (HAS_W == 1u) {

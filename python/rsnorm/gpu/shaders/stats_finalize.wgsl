@@ -7,6 +7,8 @@
 //   2  storage, read_write  gstat    : array<GStat>  n_groups
 //   3  storage, read_write  mean_out : array<f32>    n_groups (user-facing mean, NaN for MODE 1)
 //   4  storage, read_write  rstd_out : array<f32>    n_groups
+//   5  storage, read_write  hi_out   : array<f32>    n_groups, unscaled pivot of the mean (backward)
+//   6  storage, read_write  lo_out   : array<f32>    n_groups, mean - pivot (backward uses (x-hi)-lo)
 // Dispatch: one invocation per group, WG per workgroup, 2-D grid (linear workgroup id).
 // MODE 0: variance norm, rstd = 1/sqrt(M2/n + eps). MODE 1: mean-square norm (RMS, FRN),
 //   rstd = 1/sqrt(mean(x^2) + eps) with mean(x^2) = M2/n + mean^2 (no cancellation: both >= 0).
@@ -27,6 +29,8 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> gstat: array<GStat>;
 @group(0) @binding(3) var<storage, read_write> mean_out: array<f32>;
 @group(0) @binding(4) var<storage, read_write> rstd_out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> hi_out: array<f32>;
+@group(0) @binding(6) var<storage, read_write> lo_out: array<f32>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -41,9 +45,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
     var gs: GStat;
     gs.n = acc.n;
-    gs.pad = 0.0;
     if (acc.n == 0u || acc.e >= NONFINITE) {
-        gs.mean_s = nan_f32();
+        gs.hi_s = nan_f32();
+        gs.lo_s = nan_f32();
         gs.rstd_s = nan_f32();
         gs.m2_s = nan_f32();
         gs.e = 0;
@@ -53,15 +57,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         let n = f32(acc.n);
         // eps enters the scaled domain as eps * 2^-2e (it underflows harmlessly for huge data).
         let eps_s = ldexp(P.eps, -2 * acc.e);
+        let mean = acc.hi + acc.lo;
         var v = acc.m2 / n;
         if (MODE == 1u) {
-            v = v + acc.mean * acc.mean;
+            v = v + mean * mean;
         }
-        gs.mean_s = acc.mean;
+        gs.hi_s = acc.hi;
+        gs.lo_s = acc.lo;
         gs.rstd_s = rsqrt_nr(v + eps_s);
         gs.m2_s = acc.m2;
         gs.e = acc.e;
-        gs.mean = ldexp(acc.mean, acc.e);
+        gs.mean = ldexp(mean, acc.e);
         gs.rstd = ldexp(gs.rstd_s, -acc.e);
     }
     gstat[q] = gs;
@@ -71,4 +77,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         mean_out[q] = gs.mean;
     }
     rstd_out[q] = gs.rstd;
+    hi_out[q] = ldexp(gs.hi_s, gs.e);
+    lo_out[q] = ldexp(gs.lo_s, gs.e);
 }
