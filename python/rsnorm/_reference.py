@@ -30,6 +30,7 @@ __all__ = [
     "rms_norm",
     "rms_norm_backward",
     "tlu",
+    "whiten",
 ]
 
 
@@ -353,3 +354,29 @@ def instance_norm_backward(grad_y, x, weight=None, bias=None, eps=1e-5, *, axis=
     """With the instance statistics (``use_input_stats=True``): group norm with G = C."""
     x = np.asarray(x)
     return group_norm_backward(grad_y, x, x.shape[axis % x.ndim], weight, bias, eps, axis=axis)
+
+
+def whiten(x, method="zca", eps=1e-5, unbiased=False):
+    """``(y, mean, eigenvalues)`` of whitening the rows of ``x`` (m samples × d features).
+
+    Covariance divided by m (or m − 1 when ``unbiased``); ZCA ``W = U (Λ+eps)^-½ Uᵀ``, PCA
+    ``W = (Λ+eps)^-½ Uᵀ`` (eigenvalues descending; column signs are arbitrary), Cholesky
+    ``W = L⁻¹`` with ``L Lᵀ = Σ + eps·I``; ``y = (x − mean) Wᵀ``.
+    """
+    x = _f64(x)
+    m = x.shape[0]
+    mean = x.mean(axis=0)
+    xc = x - mean
+    cov = xc.T @ xc / (m - 1 if unbiased else m)
+    lam, u = np.linalg.eigh(cov)
+    lam, u = lam[::-1], u[:, ::-1]
+    if method == "zca":
+        w = (u / np.sqrt(lam + eps)) @ u.T
+    elif method == "pca":
+        w = (u / np.sqrt(lam + eps)).T
+    elif method == "cholesky":
+        low = np.linalg.cholesky(cov + eps * np.eye(cov.shape[0]))
+        w = np.linalg.inv(low)
+    else:
+        raise ValueError(f"method must be 'zca', 'pca' or 'cholesky', got {method!r}")
+    return xc @ w.T, mean, lam

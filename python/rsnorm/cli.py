@@ -494,6 +494,35 @@ def _bwd_case(op, *, axis=1, affine=True, training=True, ndims=1, groups=3, use_
     return build
 
 
+def _whitening_case(method, unbiased=False):
+    def build(rn, rng, dtype, shape):
+        m, d = shape
+        # Correlated features with an offset; well conditioned so eps conventions do not matter.
+        mix = rng.standard_normal((d, d)) + 2 * np.eye(d)
+        x = (3.0 + rng.standard_normal((m, d)) @ mix).astype(dtype)
+        eps = 1e-12
+
+        def run():
+            wh = rn.Whitening(method=method, eps=eps, unbiased=unbiased).fit(x)
+            y = wh.transform(x)
+            return wh, y, wh.inverse_transform(y)
+
+        def compare(res):
+            wh, y, back = res
+            ey, mean, lam = ref.whiten(x, method, eps, unbiased)
+            y = np.asarray(y)
+            if method == "pca":
+                # Eigenvectors are unique only up to sign: align each column with the reference.
+                y = y * np.where(np.sum(y * ey, axis=0) < 0, -1, 1).astype(y.dtype)
+            return [("transform", y, ey), ("mean_", np.asarray(wh.mean_), mean),
+                    ("eigenvalues_", np.asarray(wh.eigenvalues_), lam),
+                    ("inverse_transform", back, x)]
+
+        return Prepared(run, compare)
+
+    return build
+
+
 _F4, _F8, _F2 = "float32", "float64", "float16"
 # Gradients round a few more times than forwards (dx = rstd*(g - mean g - xhat*mean(g*xhat))).
 _BWD_TOL = {"float32": (3e-5, 3e-5)}
@@ -566,6 +595,12 @@ register(
     DemoCase("gdn", "gdn", _F4, (2, 16, 8, 8), _gdn_case()),
     DemoCase("gdn inverse (IGDN)", "gdn", _F4, (2, 16, 8, 8), _gdn_case(inverse=True)),
     DemoCase("gdn variant=gdn1", "gdn", _F8, (2, 8, 5, 5), _gdn_case(variant="gdn1")),
+    DemoCase("Whitening zca", "Whitening", _F8, (200, 6), _whitening_case("zca"),
+             tolerances={_F8: (1e-9, 1e-9)}),
+    DemoCase("Whitening pca, unbiased", "Whitening", _F8, (200, 6),
+             _whitening_case("pca", unbiased=True), tolerances={_F8: (1e-9, 1e-9)}),
+    DemoCase("Whitening cholesky", "Whitening", _F8, (200, 6), _whitening_case("cholesky"),
+             tolerances={_F8: (1e-9, 1e-9)}),
     DemoCase("mean_variance_norm", "mean_variance_norm", _F4, (4, 8, 6, 6), _mvn_case()),
     DemoCase("normalize p=2", "normalize", _F4, (16, 32), _normalize_case()),
     DemoCase("normalize p=1 axis=-1", "normalize", _F8, (4, 5, 6), _normalize_case(1.0, -1)),
