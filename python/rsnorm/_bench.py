@@ -952,7 +952,9 @@ def build_parser(prog: str = "rsnorm bench") -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of GB/s (needs matplotlib)")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="also show skipped peers")
-    p.add_argument("--backend", choices=("cpu",), default="cpu", help=argparse.SUPPRESS)
+    p.add_argument("--backend", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: run rsnorm.gpu's benchmark instead (needs wgpu); other options "
+                   "are passed to it")
     # Knobs for tests and exploration, not part of the documented interface.
     p.add_argument("--min-time", type=float, help=argparse.SUPPRESS)
     p.add_argument("--min-samples", type=int, help=argparse.SUPPRESS)
@@ -1063,8 +1065,27 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _gpu_main(argv: list[str]) -> int:
+    rest = [a for i, a in enumerate(argv) if not (a == "--backend" or a.startswith("--backend=")
+                                                  or (i > 0 and argv[i - 1] == "--backend"))]
+    try:
+        from rsnorm.gpu import bench as gpu_bench
+    except (ImportError, RuntimeError) as exc:
+        print(f"rsnorm bench: the GPU benchmark is not available ({exc}); it needs "
+              "rsnorm.gpu.bench and wgpu (pip install 'rsnorm[gpu]')", file=sys.stderr)
+        return 2
+    if not hasattr(gpu_bench, "main"):
+        print("rsnorm bench: rsnorm.gpu.bench has no main()", file=sys.stderr)
+        return 2
+    return int(gpu_bench.main(rest) or 0)
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "rsnorm bench") -> int:
-    args = build_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known, _ = build_parser(prog).parse_known_args(argv)
+    if known.backend == "gpu":
+        return _gpu_main(argv)
+    args = build_parser(prog).parse_args(argv)
     workloads = select(args.ops, args.quick)
     if args.list:
         for w in workloads:

@@ -934,22 +934,10 @@ def cmd_check(args) -> int:
     return 1 if bad else 0
 
 
-def cmd_bench(args, rest: list[str]) -> int:
-    if args.backend == "gpu":
-        try:
-            from rsnorm.gpu import bench as gpu_bench
-        except ImportError as exc:
-            print(f"rsnorm bench: the GPU benchmark is not available ({exc}); "
-                  "it needs rsnorm.gpu.bench and wgpu (pip install 'rsnorm[gpu]')",
-                  file=sys.stderr)
-            return 2
-        if not hasattr(gpu_bench, "main"):
-            print("rsnorm bench: rsnorm.gpu.bench has no main()", file=sys.stderr)
-            return 2
-        return int(gpu_bench.main(rest) or 0)
+def cmd_bench(argv: list[str]) -> int:
     from . import _bench
 
-    return _bench.main(rest)
+    return _bench.main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -964,9 +952,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="conformance self-test (references + ONNX test data)")
     c.add_argument("--no-onnx", action="store_true", help="skip the ONNX conformance data")
     c.add_argument("-v", "--verbose", action="store_true")
-    b = sub.add_parser("bench", help="time rsnorm against NumPy, PyTorch and onnxruntime",
-                       add_help=False)
-    b.add_argument("--backend", choices=("cpu", "gpu"), default="cpu")
+    # The bench engine owns its options (rsnorm bench --help); listed here for the overview.
+    sub.add_parser("bench", help="time rsnorm against NumPy, PyTorch and onnxruntime",
+                   add_help=False)
     return p
 
 
@@ -974,29 +962,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and argv[0] == "bench":
-        # The bench engine owns its options; we only peel off --backend.
-        args, _ = parser.parse_known_args(argv)
-        return cmd_bench(args, [a for a in _strip_backend(argv[1:])])
+        return cmd_bench(argv[1:])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     return {"info": cmd_info, "demo": cmd_demo, "check": cmd_check}[args.command](args)
-
-
-def _strip_backend(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if a == "--backend":
-            skip = True
-            continue
-        if a.startswith("--backend="):
-            continue
-        out.append(a)
-    return out
 
 
 if __name__ == "__main__":
