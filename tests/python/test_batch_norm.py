@@ -337,3 +337,16 @@ def test_large_parallel_path(rng, axis, dtype):
     y = rn.batch_norm(x, rm0, rv0, w, b, axis=axis)
     want, mean, rstd, _, _ = ref.batch_norm(x, rm0, rv0, w, b, axis=axis)
     assert_output_close(y, want, dtype, _scale(x, mean, rstd, w, b, axis))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_two_dimensional_input(rng, dtype):
+    # BatchNorm1d's (N, C) layout, above the parallel threshold.
+    x = make_input(rng, (5003, 37), dtype)
+    w, b, rm, rv = _params(rng, 37)
+    rm0, rv0 = rm.copy(), rv.copy()
+    y = rn.batch_norm(x, rm, rv, w, b, training=True)
+    want, mean, rstd, new_rm, new_rv = ref.batch_norm(x, rm0, rv0, w, b, training=True)
+    assert_output_close(y, want, dtype, _scale(x, mean, rstd, w, b, 1))
+    np.testing.assert_allclose(rm, new_rm, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(rv, new_rv, rtol=1e-6, atol=1e-7)
