@@ -231,10 +231,12 @@ pub fn prepare_out<'py, T: Element>(
                     fmt_shape(a.shape())
                 )));
             }
-            if a.shape()
-                .iter()
-                .zip(a.strides())
-                .any(|(&d, &s)| d > 1 && s == 0)
+            let empty = a.shape().contains(&0);
+            if !empty
+                && a.shape()
+                    .iter()
+                    .zip(a.strides())
+                    .any(|(&d, &s)| d > 1 && s == 0)
             {
                 return Err(value_error(
                     "out has overlapping memory (a zero stride); pass a writable array of distinct elements"
@@ -310,4 +312,53 @@ pub fn result<'py>(
 /// Whether statistics of this input are reported in float64 (else float32).
 pub fn f64_stats<T: Scalar + Element>(_x: &PyReadonlyArrayDyn<'_, T>) -> bool {
     T::NAME == "float64"
+}
+
+/// The byte range [lo, hi) an array's elements span (empty arrays span nothing).
+fn extent(a: &Bound<'_, PyUntypedArray>) -> Option<(usize, usize)> {
+    if a.shape().contains(&0) {
+        return None;
+    }
+    // SAFETY: reading the data pointer of a live array; it is not dereferenced.
+    let base = unsafe { (*numpy::npyffi::_PyArray_GET_ITEM_DATA(a.as_array_ptr())).data } as usize;
+    let item = a.dtype().itemsize();
+    let (mut lo, mut hi) = (base as isize, base as isize);
+    for (&d, &s) in a.shape().iter().zip(a.strides()) {
+        let span = (d as isize - 1) * s;
+        if span < 0 {
+            lo += span;
+        } else {
+            hi += span;
+        }
+    }
+    Some((lo as usize, hi as usize + item))
+}
+
+/// `out` must not share memory with any parameter array (x is checked by the borrow tracker
+/// in `prepare_out`). A bounds test, like `numpy.may_share_memory`: conservative and O(1).
+pub fn check_out_disjoint(
+    out: Option<&Bound<'_, PyAny>>,
+    params: &[(&str, Option<&Bound<'_, PyAny>>)],
+) -> PyResult<()> {
+    let Some(o) = out.filter(|o| !o.is_none()) else {
+        return Ok(());
+    };
+    let Ok(ou) = o.cast::<PyUntypedArray>() else {
+        return Ok(());
+    };
+    let Some((olo, ohi)) = extent(ou) else {
+        return Ok(());
+    };
+    for (name, p) in params {
+        if let Some(pu) = p.and_then(|p| p.cast::<PyUntypedArray>().ok()) {
+            if let Some((lo, hi)) = extent(pu) {
+                if lo < ohi && olo < hi {
+                    return Err(value_error(format!(
+                        "out overlaps {name} (same memory); pass a separate output array"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }

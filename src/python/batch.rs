@@ -1,8 +1,8 @@
 //! `batch_norm` and `moments` bindings.
 
 use super::array::{
-    check_writable, core, f64_stats, prepare_out, read_vec, result, run, stats_array, stats_tuple,
-    write_param, XArray,
+    check_out_disjoint, check_writable, core, f64_stats, prepare_out, read_vec, result, run,
+    stats_array, stats_tuple, write_param, XArray,
 };
 use super::errors::{type_error, value_error};
 use crate::dispatch;
@@ -95,6 +95,15 @@ pub fn batch_norm<'py>(
     num_batches_tracked: Option<&Bound<'py, PyAny>>,
     momentum_convention: &str,
 ) -> PyResult<Py<PyAny>> {
+    check_out_disjoint(
+        out,
+        &[
+            ("weight", weight),
+            ("bias", bias),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+        ],
+    )?;
     let xa = XArray::extract(x, "x")?;
     let conv = convention(momentum_convention)?;
     let rm = read_vec(running_mean, "running_mean")?;

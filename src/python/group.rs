@@ -1,8 +1,8 @@
 //! `group_norm` and `instance_norm` bindings.
 
 use super::array::{
-    check_writable, core, f64_stats, prepare_out, read_vec, result, run, stats_array, stats_tuple,
-    write_param, XArray,
+    check_out_disjoint, check_writable, core, f64_stats, prepare_out, read_vec, result, run,
+    stats_array, stats_tuple, write_param, XArray,
 };
 use crate::dispatch;
 use crate::norm::group::group_norm as gn_core;
@@ -39,6 +39,7 @@ pub fn group_norm<'py>(
     out: Option<&Bound<'py, PyAny>>,
     return_stats: bool,
 ) -> PyResult<Py<PyAny>> {
+    check_out_disjoint(out, &[("weight", weight), ("bias", bias)])?;
     let xa = XArray::extract(x, "x")?;
     let w = read_vec(weight, "weight")?;
     let b = read_vec(bias, "bias")?;
@@ -76,6 +77,15 @@ pub fn instance_norm<'py>(
     out: Option<&Bound<'py, PyAny>>,
     return_stats: bool,
 ) -> PyResult<Py<PyAny>> {
+    check_out_disjoint(
+        out,
+        &[
+            ("weight", weight),
+            ("bias", bias),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+        ],
+    )?;
     let xa = XArray::extract(x, "x")?;
     let rm = read_vec(running_mean, "running_mean")?;
     let rv = read_vec(running_var, "running_var")?;
