@@ -625,6 +625,15 @@ class Timing:
     median_s: float
     min_s: float
     calls: int
+    faults_per_call: float | None = None  # minor page faults (fresh output memory), all threads
+
+
+def _minflt() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def measure(fn: Callable[[], Any], context=contextlib.nullcontext, *, min_time=0.2,
@@ -639,6 +648,7 @@ def measure(fn: Callable[[], Any], context=contextlib.nullcontext, *, min_time=0
         one = time.perf_counter() - t0
         number = max(1, min(10_000, int(2e-4 / max(one, 1e-9))))
         samples: list[float] = []
+        flt0 = _minflt()
         start = time.perf_counter()
         while len(samples) < min_samples or (time.perf_counter() - start < min_time
                                              and len(samples) < max_samples):
@@ -646,7 +656,10 @@ def measure(fn: Callable[[], Any], context=contextlib.nullcontext, *, min_time=0
             for _ in range(number):
                 fn()
             samples.append((time.perf_counter() - t0) / number)
-    return Timing(float(np.median(samples)), float(np.min(samples)), number * len(samples))
+        flt1 = _minflt()
+    calls = number * len(samples)
+    faults = None if flt0 is None or flt1 is None else (flt1 - flt0) / calls
+    return Timing(float(np.median(samples)), float(np.min(samples)), calls, faults)
 
 
 class CopyRef:
@@ -787,6 +800,7 @@ def run(workloads: Sequence[Workload], env: Env, *, min_time: float, min_samples
                 gbps = res["bytes"] / t.median_s / 1e9
                 res["impls"][name] = {
                     "median_s": t.median_s, "min_s": t.min_s, "calls": t.calls, "gbps": gbps,
+                    "faults_per_call": t.faults_per_call,
                     # As bandwidth: a backward moves 3 arrays where the copy moves 2.
                     "pct_copy": 100.0 * gbps / res["copy"]["gbps"],
                     "max_abs_diff_vs_rsnorm": diff, "note": note}
@@ -851,27 +865,30 @@ def _x_ratio(v) -> str:
 def print_results(results: Sequence[dict], summary: dict, header: str, verbose: bool) -> None:
     from .cli import print_table
 
-    cols = ["workload", "impl", "median", "min", "GB/s", "% copy", "rsnorm speed-up",
-            "max|diff|"]
+    cols = ["workload", "impl", "median", "min", "GB/s", "% copy", "faults/call",
+            "rsnorm speed-up", "max|diff|"]
     rows = []
     for r in results:
+        if "rsnorm" in r["skipped"] and not r["impls"]:
+            rows.append([r["workload"], "rsnorm", "-", "-", "-", "-", "-", "-",
+                         r["skipped"]["rsnorm"]])
+            continue
         if "copy" in r:
             c = r["copy"]
             rows.append([r["workload"], f"copy ({c['method']})", _t(c["median_s"]),
-                         _t(c["min_s"]), f"{c['gbps']:.1f}", "100", "", ""])
+                         _t(c["min_s"]), f"{c['gbps']:.1f}", "100", "", "", ""])
         for name in IMPL_ORDER:
             if name in r["impls"]:
                 i = r["impls"][name]
                 ratio = r["ratios"].get(name) if name in PEERS else None
                 label = name + (f" ({i['note']})" if i.get("note") else "")
+                flt = i.get("faults_per_call")
                 rows.append(["", label, _t(i["median_s"]), _t(i["min_s"]),
-                             f"{i['gbps']:.1f}", f"{i['pct_copy']:.0f}", _x_ratio(ratio),
+                             f"{i['gbps']:.1f}", f"{i['pct_copy']:.0f}",
+                             "-" if flt is None else f"{flt:.0f}", _x_ratio(ratio),
                              "" if name == "rsnorm" else f"{i['max_abs_diff_vs_rsnorm']:.1e}"])
             elif verbose and name in r["skipped"]:
-                rows.append(["", name, "-", "-", "-", "-", "-", r["skipped"][name][:60]])
-        if "rsnorm" in r["skipped"]:
-            rows.append([r["workload"], "rsnorm", "-", "-", "-", "-", "-",
-                         r["skipped"]["rsnorm"]])
+                rows.append(["", name, "-", "-", "-", "-", "-", "-", r["skipped"][name][:60]])
     print_table(header, cols, rows)
     # The compact view: one line per workload, ratio = peer time / rsnorm time.
     cols2 = ["workload", "rsnorm", "% copy", "out= % copy", "vs numpy", "vs torch",
