@@ -12,9 +12,8 @@ import sys
 import traceback
 
 import numpy as np
-from mpi4py import MPI
-
 import rsnorm as rn
+from mpi4py import MPI
 from rsnorm.distributed import (
     SyncBatchNorm,
     convert_sync_batchnorm,
@@ -333,7 +332,7 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - any failure must abort every rank
         sys.stderr.write(f"rank {WORLD.Get_rank()} failed:\n{traceback.format_exc()}")
         sys.stderr.flush()
         WORLD.Abort(1)
