@@ -170,7 +170,8 @@ def _create() -> Context:
         features=frozenset(device.features),
         limits=dict(device.limits),
     )
-    ctx.dummy = device.create_buffer(size=16, usage=wgpu.BufferUsage.STORAGE)
+    # 64 bytes: at least one element of every runtime-sized array bound to an unused slot.
+    ctx.dummy = device.create_buffer(size=64, usage=wgpu.BufferUsage.STORAGE)
     return ctx
 
 
