@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+F32_EPS = float(np.finfo(np.float32).eps)
+
 
 def f64(a):
     return None if a is None else np.asarray(a, dtype=np.float64)
@@ -57,7 +59,7 @@ def layer_norm(x, k, w=None, b=None, eps=1e-5):
         x.shape[: x.ndim - k])
 
 
-def rms_norm(x, k, w=None, eps=float(np.finfo(np.float32).eps)):
+def rms_norm(x, k, w=None, eps=F32_EPS):
     x = f64(x)
     red = tuple(range(x.ndim - k, x.ndim))
     ms = (x**2).mean(axis=red, keepdims=True)
@@ -154,7 +156,7 @@ def layer_norm_backward(dy, x, k, w=None, eps=1e-5):
     return dx, (f64(dy) * xhat).sum(axis=rows), f64(dy).sum(axis=rows)
 
 
-def rms_norm_backward(dy, x, k, w=None, eps=float(np.finfo(np.float32).eps)):
+def rms_norm_backward(dy, x, k, w=None, eps=F32_EPS):
     red = tuple(range(x.ndim - k, x.ndim))
     dx, xhat = _norm_backward(dy, x, red, None if w is None else f64(w), False, ms_eps=eps)
     rows = tuple(range(x.ndim - k))
