@@ -452,3 +452,45 @@ def test_input_aliasing_running_mean_is_correct_or_refused(training):
     ref.assert_bitwise_equal(got, want)
     ref.assert_bitwise_equal(buf[0], rm_copy)
     ref.assert_bitwise_equal(rv, rv_copy)
+
+
+# ---- rank limits and counters ---------------------------------------------------------------
+
+@pytest.mark.parametrize("ndim", [32, 33, 40, 64])
+@pytest.mark.parametrize("op", ["batch_norm", "layer_norm", "rms_norm", "group_norm",
+                                "instance_norm", "moments"])
+def test_many_dimensions_correct_or_value_error(op, ndim):
+    # NumPy 2 allows 64 dimensions; whatever rsnorm supports must work, the rest be refused
+    # with ValueError (never PanicException, which pytest.raises(ValueError) would not catch).
+    base = _x((2, 3, 5))
+    x = base.reshape((2, 3) + (1,) * (ndim - 3) + (5,))
+    calls = {
+        "batch_norm": lambda a: rn.batch_norm(a, training=True),
+        "layer_norm": lambda a: rn.layer_norm(a, (5,)),
+        "rms_norm": lambda a: rn.rms_norm(a, (5,)),
+        "group_norm": lambda a: rn.group_norm(a, 3),
+        "instance_norm": lambda a: rn.instance_norm(a),
+        "moments": lambda a: rn.moments(a),
+    }
+    try:
+        got = calls[op](x)
+    except ValueError:
+        return
+    want = calls[op](base)
+    if op == "moments":
+        np.testing.assert_allclose(got.mean, want.mean, rtol=1e-15)
+        assert got.count == want.count
+    else:
+        np.testing.assert_allclose(got.reshape(base.shape), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("count", [-1, -5])
+def test_negative_num_batches_tracked(count):
+    # momentum=None divides by the incremented count: -1 would give 1/0 and NaN statistics.
+    rm, rv = np.zeros(3, F32), np.ones(3, F32)
+    nbt = np.array(count, np.int64)
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        rn.batch_norm(_x(), rm, rv, training=True, momentum=None, num_batches_tracked=nbt)
+    np.testing.assert_array_equal(rm, 0)
+    np.testing.assert_array_equal(rv, 1)
+    assert int(nbt) == count

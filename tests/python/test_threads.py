@@ -217,3 +217,29 @@ def test_two_threads_writing_one_out(restore_threads):
     assert not errors, errors
     assert len(refused) < 40, "every call was refused"
     ref.assert_bitwise_equal(out, want)
+
+
+def test_absurd_thread_count_does_not_hang():
+    # set_num_threads(100_000) must be refused (ValueError) or capped: a following call must
+    # finish quickly instead of trying to start 100k OS threads.
+    script = textwrap.dedent(
+        """
+        import numpy as np, rsnorm as rn
+        try:
+            rn.set_num_threads(100_000)
+        except ValueError:
+            print("refused")
+            raise SystemExit(0)
+        x = np.ones((64, 64, 64, 64), np.float32)
+        assert not rn.layer_norm(x, (64,)).any()
+        print("capped")
+        """
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([_package_root(), env.get("PYTHONPATH", "")])
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], check=False, env=env,
+                              capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("set_num_threads(100_000) then a call: still running after 30 s")
+    assert proc.returncode == 0, proc.stderr
