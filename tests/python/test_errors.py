@@ -494,3 +494,19 @@ def test_negative_num_batches_tracked(count):
     np.testing.assert_array_equal(rm, 0)
     np.testing.assert_array_equal(rv, 1)
     assert int(nbt) == count
+
+
+@pytest.mark.parametrize("kind", ["interleaved", "halves"])
+def test_out_sharing_a_buffer_without_overlap_works(rng, kind):
+    # "Overlap" is about elements, not buffers: disjoint views of one buffer are fine.
+    if kind == "interleaved":
+        buf = rng.standard_normal(120).astype(F32)
+        x, out = buf[::2].reshape(4, 3, 5), buf[1::2].reshape(4, 3, 5)
+    else:
+        buf = rng.standard_normal((2, 4, 3, 5)).astype(F32)
+        x, out = buf[0], buf[1]
+    want = rn.layer_norm(x.copy(), (5,))
+    x0 = x.copy()
+    assert rn.layer_norm(x, (5,), out=out) is out
+    ref.assert_bitwise_equal(out, want)
+    ref.assert_bitwise_equal(x, x0)

@@ -257,3 +257,15 @@ def test_nan_weight_poisons_only_its_channel(rng, name):
     assert np.all(np.isnan(y[:, 2]))
     keep = [0, 1, 3, 4, 5]
     ref.assert_bitwise_equal(y[:, keep], clean[:, keep])
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-5])
+def test_float16_subnormal_inputs(rng, eps):
+    x = (6e-6 * (1 + rng.standard_normal((6, 50)))).astype(np.float16)
+    assert np.all(np.abs(x[x != 0]) < np.finfo(np.float16).tiny)
+    for y, want in [
+        (rn.layer_norm(x, (50,), eps=eps), ref.layer_norm(x, (50,), eps=eps)[0]),
+        (rn.rms_norm(x, (50,), eps=eps), ref.rms_norm(x, (50,), eps=eps)[0]),
+    ]:
+        assert np.all(np.isfinite(y))
+        ref.assert_output_close(y, want, np.float16)

@@ -243,3 +243,38 @@ def test_absurd_thread_count_does_not_hang():
     except subprocess.TimeoutExpired:
         pytest.fail("set_num_threads(100_000) then a call: still running after 30 s")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_gil_is_released_during_a_long_call(restore_threads):
+    # While another thread is inside one long call, this thread keeps running: the longest
+    # pause it sees is far shorter than the call. (With the GIL held it would be the whole call.)
+    import time
+
+    rn.set_num_threads(1)
+    x = np.random.default_rng(5).standard_normal((2048, 8192), dtype=np.float32)
+    rn.layer_norm(x[:64], (8192,))
+    t0 = time.perf_counter()
+    rn.layer_norm(x, (8192,))
+    call = time.perf_counter() - t0
+    assert call > 0.02, "input too small to measure on this machine"
+    for _attempt in range(3):
+        done = threading.Event()
+
+        def work(done=done):
+            rn.layer_norm(x, (8192,))
+            done.set()
+
+        t = threading.Thread(target=work)
+        last = time.perf_counter()
+        start = last
+        t.start()
+        worst = 0.0
+        while not done.is_set():
+            now = time.perf_counter()
+            worst = max(worst, now - last)
+            last = now
+        t.join()
+        elapsed = time.perf_counter() - start
+        if worst < 0.5 * elapsed:
+            return
+    pytest.fail(f"this thread stalled {worst:.3f} s during a {elapsed:.3f} s call (GIL held?)")
