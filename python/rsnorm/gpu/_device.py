@@ -59,6 +59,10 @@ _overrides: dict = {}
 
 COUNTERS = {"reads": 0, "uploads": 0, "submits": 0, "dispatches": 0}
 
+# Set by rsnorm.gpu.bench: a Timing that receives a begin/end timestamp pair for every compute
+# pass while it is active (the ops themselves never read it back).
+_timing = None
+
 
 def _wgpu():
     try:
@@ -351,7 +355,8 @@ class Encoder:
                 buf, off, size = b, 0, b.size
             entries.append({"binding": i, "resource": {"buffer": buf, "offset": off, "size": size}})
         bg = ctx.device.create_bind_group(layout=bgl, entries=entries)
-        cp = self.enc.begin_compute_pass()
+        tw = _timing.next_writes() if _timing is not None else None
+        cp = self.enc.begin_compute_pass(timestamp_writes=tw) if tw else self.enc.begin_compute_pass()
         cp.set_pipeline(pipe)
         cp.set_bind_group(0, bg)
         cp.dispatch_workgroups(int(grid[0]), int(grid[1]), 1)
