@@ -725,8 +725,10 @@ def _diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run(workloads: Sequence[Workload], env: Env, *, min_time: float, min_samples: int,
-        max_elements: int | None = None, progress=None, seed: int = 0) -> list[dict]:
-    """Runs each workload, returns one result dict per workload (the JSON ``results``)."""
+        max_elements: int | None = None, progress=None, seed: int = 0,
+        scaling: bool = False) -> list[dict]:
+    """Runs each workload, returns one result dict per workload (the JSON ``results``).
+    With ``scaling``, rsnorm is timed again on one thread (``thread_scaling`` = t1 / tN)."""
     copier = CopyRef(env.threads)
     results = []
     kw = {"min_time": min_time, "min_samples": min_samples}
@@ -786,6 +788,14 @@ def run(workloads: Sequence[Workload], env: Env, *, min_time: float, min_samples
                     if name == "rsnorm":
                         reference = np.array(y, copy=True)
                     t = measure(impl.fn, impl.context, **kw)
+                    if scaling and name == "rsnorm" and env.threads > 1:
+                        env.rn.set_num_threads(1)
+                        try:
+                            t1 = measure(impl.fn, impl.context, **kw)
+                        finally:
+                            env.rn.set_num_threads(env.threads)
+                        res["rsnorm_1thread_median_s"] = t1.median_s
+                        res["thread_scaling"] = t1.median_s / t.median_s
                 except Exception as exc:  # noqa: BLE001 - reported, not hidden
                     res["skipped"][name] = f"{type(exc).__name__}: {str(exc)[:200]}"
                     if progress:
@@ -839,6 +849,10 @@ def summarize(results: Sequence[dict]) -> dict[str, Any]:
                 summ[f"{key}.{peer}.median"] = med(vals)
                 summ[f"{key}.{peer}.min"] = float(min(vals))
                 summ[f"{key}.{peer}.count"] = len(vals)
+    scal = [r["thread_scaling"] for r in results if "thread_scaling" in r]
+    if scal:
+        summ["thread_scaling.median"] = med(scal)
+        summ["thread_scaling.min"] = float(min(scal))
     pct = [r["impls"]["rsnorm"]["pct_copy"] for r in results if "rsnorm" in r["impls"]]
     if pct:
         summ["rsnorm.pct_copy.median"] = med(pct)
@@ -893,6 +907,9 @@ def print_results(results: Sequence[dict], summary: dict, header: str, verbose: 
     # The compact view: one line per workload, ratio = peer time / rsnorm time.
     cols2 = ["workload", "rsnorm", "% copy", "out= % copy", "vs numpy", "vs torch",
              "vs onnxruntime", "vs peer", "vs peer (out=)"]
+    with_scaling = any("thread_scaling" in r for r in results)
+    if with_scaling:
+        cols2.append("N threads vs 1")
     rows2 = []
     for r in results:
         if "rsnorm" not in r["impls"]:
@@ -902,7 +919,8 @@ def print_results(results: Sequence[dict], summary: dict, header: str, verbose: 
         rows2.append([r["workload"], _t(i["median_s"]), f"{i['pct_copy']:.0f}",
                       "-" if o is None else f"{o['pct_copy']:.0f}",
                       *(_x_ratio(r["ratios"].get(p)) for p in (*PEERS, "peer")),
-                      _x_ratio(r["ratios_out"].get("peer"))])
+                      _x_ratio(r["ratios_out"].get("peer")),
+                      *([_x_ratio(r.get("thread_scaling"))] if with_scaling else [])])
     print_table("ratios (peer time / rsnorm time; > 1 means rsnorm is faster; peer = the faster "
                 "of torch and onnxruntime)", cols2, rows2)
     parts = []
@@ -910,6 +928,7 @@ def print_results(results: Sequence[dict], summary: dict, header: str, verbose: 
                        ("ratios.peer.min", "worst vs peer"),
                        ("ratios_out.peer.median", "median vs peer (out=)"),
                        ("ratios.numpy.median", "median vs numpy"),
+                       ("thread_scaling.median", "median thread scaling"),
                        ("rsnorm.pct_copy.median", "median % of copy")):
         if key in summary:
             v = summary[key]
@@ -968,6 +987,8 @@ def build_parser(prog: str = "rsnorm bench") -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write all results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of GB/s (needs matplotlib)")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
+    p.add_argument("--scaling", action="store_true",
+                   help="also time rsnorm on one thread (thread scaling column)")
     p.add_argument("-v", "--verbose", action="store_true", help="also show skipped peers")
     p.add_argument("--backend", choices=("cpu", "gpu"), default="cpu",
                    help="gpu: run rsnorm.gpu's benchmark instead (needs wgpu); other options "
@@ -1126,7 +1147,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "rsnorm bench") -> int:
     cpu_probe = CpuProbe()
     with bar:
         results = run(workloads, env, min_time=min_time, min_samples=min_samples,
-                      max_elements=args.max_elements, progress=cb)
+                      max_elements=args.max_elements, progress=cb, scaling=args.scaling)
     elapsed = time.perf_counter() - t0
     summary = summarize(results)
     other = cpu_probe.other_fraction()
@@ -1144,6 +1165,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "rsnorm bench") -> int:
         doc = {"schema": 1, "rsnorm_version": env.versions()["rsnorm"], "versions": env.versions(),
                "machine": info, "threads": env.threads, "quick": args.quick,
                "settings": {"min_time_s": min_time, "min_samples": min_samples,
+                            "scaling": args.scaling,
                             "max_elements": args.max_elements},
                "skipped_peers": env.skipped_peers, "elapsed_s": elapsed,
                "results": results, "summary": summary}

@@ -322,3 +322,22 @@ def test_reference_backward_matches_finite_differences(op):
     for name, arr in inputs.items():
         fd = _fd_grad(lambda: float(np.sum(forward() * upstream)), arr)
         np.testing.assert_allclose(got[name], fd, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_bench_run_in_process_with_thread_scaling():
+    before = rsnorm.get_num_threads()
+    try:
+        env = _bench.Env(2, ["numpy"])
+        wl = next(w for w in _bench.WORKLOADS if w.op == "rms_norm" and not w.backward)
+        (res,) = _bench.run([wl], env, min_time=0.001, min_samples=2, max_elements=2048,
+                            scaling=True)
+        assert rsnorm.get_num_threads() == 2  # restored after the one-thread timing
+    finally:
+        rsnorm.set_num_threads(before)
+    assert res["function"] == "rms_norm" and np.prod(res["shape"]) <= 2048
+    assert res["thread_scaling"] == pytest.approx(
+        res["rsnorm_1thread_median_s"] / res["impls"]["rsnorm"]["median_s"])
+    assert res["impls"]["numpy"]["max_abs_diff_vs_rsnorm"] < 1e-5
+    assert res["skipped"]["torch"] == "not selected"
+    summary = _bench.summarize([res])
+    assert summary["thread_scaling.median"] == res["thread_scaling"]
