@@ -127,16 +127,26 @@ def test_bench_list_and_unknown_op():
     assert p.returncode != 0 and "no_such_op" in p.stderr
 
 
-def test_bench_gpu_backend_without_gpu_bench_exits_2():
+def test_bench_gpu_backend_delegates_or_exits_2(monkeypatch, capsys):
     try:
-        has_gpu_bench = importlib.util.find_spec("rsnorm.gpu.bench") is not None
-    except ImportError:
-        has_gpu_bench = False
-    if has_gpu_bench:
-        pytest.skip("rsnorm.gpu.bench exists: covered by the GPU tests")
-    p = run_cli("bench", "--backend", "gpu")
-    assert p.returncode == 2
-    assert "GPU" in p.stderr
+        import rsnorm.gpu as gpu_pkg
+    except ImportError:  # no wgpu here: the GPU benchmark cannot exist
+        assert cli.main(["bench", "--backend", "gpu"]) == 2
+        assert "GPU" in capsys.readouterr().err
+        return
+    # Without rsnorm.gpu.bench: a clear message and exit code 2.
+    monkeypatch.delattr(gpu_pkg, "bench", raising=False)
+    monkeypatch.setitem(sys.modules, "rsnorm.gpu.bench", None)
+    assert cli.main(["bench", "--backend", "gpu"]) == 2
+    assert "GPU benchmark is not available" in capsys.readouterr().err
+    # With it: every other option is handed over.
+    calls = []
+    fake = types.ModuleType("rsnorm.gpu.bench")
+    fake.main = lambda argv: calls.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "rsnorm.gpu.bench", fake)
+    monkeypatch.setattr(gpu_pkg, "bench", fake, raising=False)
+    assert cli.main(["bench", "--quick", "--backend", "gpu", "--json", "x.json"]) == 0
+    assert calls == [["--quick", "--json", "x.json"]]
 
 
 # --------------------------------------------------------------------------------------------
