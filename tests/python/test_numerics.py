@@ -269,3 +269,20 @@ def test_float16_subnormal_inputs(rng, eps):
     ]:
         assert np.all(np.isfinite(y))
         ref.assert_output_close(y, want, np.float16)
+
+
+def test_nan_in_eval_mode_stays_in_its_element(rng):
+    # With running statistics every element is normalized on its own: the group is the element.
+    x = rng.standard_normal((5, 4, 6)).astype(F32)
+    rm = np.array([0.1, -0.2, 0.3, 0.0], F32)
+    rv = np.array([1.0, 2.0, 0.5, 1.5], F32)
+    clean = rn.batch_norm(x, rm, rv)
+    clean_in = rn.instance_norm(x, rm, rv, use_input_stats=False)
+    x[2, 1, 3] = np.nan
+    y = rn.batch_norm(x, rm, rv)
+    y_in = rn.instance_norm(x, rm, rv, use_input_stats=False)
+    mask = np.zeros(x.shape, bool)
+    mask[2, 1, 3] = True
+    for got, want in [(y, clean), (y_in, clean_in)]:
+        assert np.isnan(got[2, 1, 3])
+        ref.assert_bitwise_equal(got[~mask], want[~mask])
