@@ -181,7 +181,7 @@ def test_num_batches_tracked_incremented_with_float_momentum(rng):
 def test_momentum_none_without_counter_is_an_error(rng):
     x = make_input(rng, (6, 3), np.float32)
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
-    with pytest.raises(ValueError, match="num_batches_tracked"):
+    with pytest.raises(rn.RsnormError, match="num_batches_tracked"):
         rn.batch_norm(x, rm, rv, training=True, momentum=None)
     np.testing.assert_array_equal(rm, 0)
     np.testing.assert_array_equal(rv, 1)
@@ -248,14 +248,14 @@ def test_one_value_per_channel_in_training(shape, with_running):
     rm = np.array([0.5, 1.0, 1.5, 2.0], np.float32) if with_running else None
     rv = np.array([1.0, 2.0, 3.0, 4.0], np.float32) if with_running else None
     nbt = np.array(3, np.int64)
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+    with pytest.raises(rn.RsnormError, match="Expected more than 1 value per channel when training"):
         rn.batch_norm(x, rm, rv, training=True, num_batches_tracked=nbt if with_running else None)
     if with_running:
         np.testing.assert_array_equal(rm, [0.5, 1.0, 1.5, 2.0])
         np.testing.assert_array_equal(rv, [1.0, 2.0, 3.0, 4.0])
         assert int(nbt) == 3
     # Channels-last with one value per channel too.
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+    with pytest.raises(rn.RsnormError, match="Expected more than 1 value per channel when training"):
         rn.batch_norm(np.moveaxis(x, 1, -1).copy(), rm, rv, training=True, axis=-1)
     # Eval of the same input is fine.
     if with_running:

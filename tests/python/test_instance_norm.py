@@ -106,9 +106,9 @@ def test_one_spatial_element_with_input_stats(shape):
     # HOSTILE 3: whatever the batch size.
     x = np.ones(shape, np.float32)
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
-    with pytest.raises(ValueError, match="Expected more than 1 spatial element"):
+    with pytest.raises(rn.RsnormError, match="Expected more than 1 spatial element"):
         rn.instance_norm(x)
-    with pytest.raises(ValueError, match="Expected more than 1 spatial element"):
+    with pytest.raises(rn.RsnormError, match="Expected more than 1 spatial element"):
         rn.instance_norm(x, rm, rv)
     np.testing.assert_array_equal(rm, 0)
     np.testing.assert_array_equal(rv, 1)
