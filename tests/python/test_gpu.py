@@ -467,6 +467,28 @@ def test_device_arrays_chain_without_reads(rng):
     close(got, h, rtol=1e-3, atol=1e-4)
 
 
+def test_pipelines_cached_and_outputs_recycled(rng):
+    ctx = _device.context()
+    gpu.layer_norm(randn(rng, 3, 40), 40)
+    gpu.layer_norm(randn(rng, 3, 5000), 5000)
+    n = len(ctx.pipelines)
+    # New shapes compile nothing: shapes, offsets and eps travel in uniforms.
+    gpu.layer_norm(randn(rng, 7, 33), 33, eps=1e-3)
+    gpu.layer_norm(randn(rng, 2, 6000), 6000)
+    assert len(ctx.pipelines) == n
+    d = gpu.asarray(randn(rng, 4, 64))
+    y = gpu.rms_norm(d, 64)
+    buf = y._buffer
+    del y
+    z = gpu.rms_norm(d, 64)
+    assert z._buffer is buf  # the dead output's buffer was reused, not zero-filled again
+    v = z.reshape(64, 4)
+    del z
+    w = gpu.rms_norm(d, 64)
+    assert w._buffer is not v._buffer  # a live view keeps its buffer out of the pool
+    gpu.empty_cache()
+
+
 def test_out_argument(rng):
     x = randn(rng, 3, 8)
     out = np.empty_like(x)

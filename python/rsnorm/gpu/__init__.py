@@ -14,6 +14,9 @@ Device and arrays
     ``shader-f16`` / ``timestamp-query`` support and the binding, buffer and dispatch limits.
 ``adapters()``
     list of such dicts, one per adapter wgpu can see.
+``empty_cache()``
+    free the recycled output buffers (outputs are reused when their arrays die, because wgpu
+    zero-fills every new buffer; at most 2 GiB is kept).
 ``asarray(a, dtype=None) -> GPUArray``
     upload a float16/float32 NumPy array. A ``GPUArray`` has ``shape``, ``dtype``, ``size``,
     ``ndim``, ``nbytes``, ``reshape(...)`` (a view, no copy) and ``numpy()`` (read back).
@@ -133,6 +136,7 @@ __all__ = [
     "asarray",
     "batch_norm",
     "batch_norm_backward",
+    "empty_cache",
     "filter_response_norm",
     "gdn",
     "group_norm",
@@ -148,6 +152,14 @@ __all__ = [
     "rms_norm_backward",
     "tlu",
 ]
+
+
+def empty_cache() -> None:
+    """Free the output buffers rsnorm.gpu keeps for reuse (wgpu zero-fills every new buffer, so
+    outputs are recycled when their device arrays die; at most 2 GiB is kept)."""
+    from . import _device
+
+    _device.empty_cache()
 
 
 def is_available() -> bool:

@@ -28,6 +28,7 @@ BINDINGS = {
     "stats_from_running": "urrwww",
     "bn_running": "urww",
     "norm_apply": "urwrrrr",
+    "norm_fused": "urwrrrww",
     "sum_partial": "urrrrrwr",
     "sum_finalize": "urwww",
     "grad_apply": "urrwrrrrr",
@@ -167,6 +168,8 @@ def _create() -> Context:
         )
     _generation += 1
     _lost = False
+    _pool.clear()
+    globals()["_pool_bytes"] = 0
     ctx = Context(
         device=device,
         adapter=adapter,
@@ -231,6 +234,74 @@ def new_buffer(ctx: Context, nbytes: int):
             f"({ctx.max_buffer} bytes)"
         )
     return ctx.device.create_buffer(size=nbytes, usage=storage_usage())
+
+
+# Output buffers are recycled: wgpu zero-fills every fresh buffer before its first use, which
+# would add a full write pass to each op (3N instead of 2N bytes for layer norm). A buffer goes
+# back to the pool when the last device array using it dies, and is reused for the next output of
+# the same size (queue order makes the reuse safe). Bounded by _POOL_CAP bytes.
+_POOL_CAP = 2 * 2**30
+_pool: dict = {}
+_pool_bytes = 0
+
+
+def _bucket(nbytes: int) -> int:
+    return max(256, (nbytes + 255) // 256 * 256)
+
+
+class Block:
+    """Owner of one storage buffer shared by a device array and its views."""
+
+    __slots__ = ("__weakref__", "buffer", "gen", "size")
+
+    def __init__(self, buffer, gen: int, size: int):
+        self.buffer = buffer
+        self.gen = gen
+        self.size = size
+
+    def __del__(self):
+        # At interpreter shutdown the module globals may already be gone: then there is
+        # nothing to recycle into, and the driver frees everything anyway.
+        with contextlib.suppress(Exception):
+            _release(self)
+
+
+def _release(block: Block) -> None:
+    global _pool_bytes
+    buf = block.buffer
+    if buf is None:
+        return
+    block.buffer = None
+    with _lock:
+        if (_ctx is not None and not _lost and block.gen == _ctx.generation
+                and _pool_bytes + block.size <= _POOL_CAP):
+            _pool.setdefault(block.size, []).append(buf)
+            _pool_bytes += block.size
+            return
+    buf.destroy()
+
+
+def alloc(ctx: Context, nbytes: int) -> Block:
+    """A storage buffer of at least ``nbytes`` (recycled when one of that size is free)."""
+    global _pool_bytes
+    size = _bucket(nbytes)
+    with _lock:
+        free = _pool.get(size)
+        if free:
+            _pool_bytes -= size
+            return Block(free.pop(), ctx.generation, size)
+    return Block(new_buffer(ctx, size), ctx.generation, size)
+
+
+def empty_cache() -> None:
+    """Destroy the recycled buffers (their memory returns to the driver)."""
+    global _pool_bytes
+    with _lock:
+        bufs = [b for lst in _pool.values() for b in lst]
+        _pool.clear()
+        _pool_bytes = 0
+    for b in bufs:
+        b.destroy()
 
 
 def upload(ctx: Context, arr: np.ndarray):

@@ -366,6 +366,44 @@ def stats_pass(enc, data: Data, red: Reduction, mode: int, eps: float) -> GroupS
     return GroupStats(gstat, mean, rstd, hi, lo)
 
 
+def fused_pass(enc, data: Data, y: GPUArray, red: Reduction, gmap: GroupMap, mode: int,
+               eps: float, w=None, b=None, tau=None):
+    """Statistics and apply in one pass (groups of at most CHUNK elements); returns (mean, rstd)
+    arrays of the groups."""
+    ctx = data.ctx
+    assert red.length <= CHUNK
+    ng = red.n_groups
+    mean = f32_array(ctx, (ng,))
+    rstd = f32_array(ctx, (ng,))
+    d = ctx.dummy
+    isz = data.itemsize
+    consts = {"WG": REDUCE_WG, "MODE": mode, "HAS_W": int(w is not None),
+              "HAS_B": int(b is not None), "HAS_TAU": int(tau is not None)}
+    for q0, q1, _, _, lo, hi in plan_blocks(ctx, red, isz):
+        off, size = _window(ctx, lo, hi, isz)
+        params = pack([
+            (red.n_g, "u"), (red.outer_stride, "u"), (red.g_stride, "u"), (red.run_len, "u"),
+            (red.run_stride, "u"), (red.length, "u"), (q0, "u"), (q1 - q0, "u"),
+            (off // isz, "u"), (gmap.I, "u"), (gmap.C, "u"), (eps, "f"),
+        ])
+        enc.dispatch("norm_fused", data.storage, consts, params,
+                     [(data.buffer, off, size), (y._buffer, off, size), w or d, b or d, tau or d,
+                      mean._buffer, rstd._buffer], _device.grid2d(ctx, q1 - q0))
+    return mean, rstd
+
+
+def normalize(enc, data: Data, y: GPUArray, red: Reduction, gmap: GroupMap, mode: int,
+              eps: float, w=None, b=None, tau=None):
+    """Normalize with statistics of the data: the fused one-pass kernel when a group fits one
+    workgroup's registers, else the two statistics passes and the apply pass. Returns
+    (mean, rstd) device arrays."""
+    if red.length <= CHUNK:
+        return fused_pass(enc, data, y, red, gmap, mode, eps, w, b, tau)
+    st = stats_pass(enc, data, red, mode, eps)
+    apply_pass(enc, data, y, gmap, st.gstat, mode, w, b, tau)
+    return st.mean, st.rstd
+
+
 def running_stats_pass(enc, ctx, rm_buf, rv_buf, C: int, eps: float):
     gstat = _device.new_buffer(ctx, C * 32)
     mean = f32_array(ctx, (C,))

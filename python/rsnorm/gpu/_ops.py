@@ -24,6 +24,7 @@ from ._engine import (
     map_grouped,
     map_rows,
     norm_axis,
+    normalize,
     param_buffer,
     red_channels,
     red_grouped,
@@ -255,10 +256,9 @@ def _rowwise(x, normalized_shape, weight, bias, eps, out, return_stats, rms: boo
     def body():
         data = Data(ctx, x, host)
         enc = _device.Encoder(ctx)
-        gstat, mean, rstd, _, _ = stats_pass(enc, data, red_rows(R, F), int(rms), eps)
         y = data.like(out)
-        apply_pass(enc, data, y, map_rows(F), gstat, int(rms),
-                   param_buffer(ctx, weight), param_buffer(ctx, bias))
+        mean, rstd = normalize(enc, data, y, red_rows(R, F), map_rows(F), int(rms), eps,
+                               param_buffer(ctx, weight), param_buffer(ctx, bias))
         enc.submit()
         arrays = [y] + ([None if rms else mean, rstd] if return_stats else [])
         res, _ = collect(ctx, host, arrays)
@@ -327,10 +327,10 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     def body():
         data = Data(ctx, x, host)
         enc = _device.Encoder(ctx)
-        gstat, mean, rstd, _, _ = stats_pass(enc, data, red_grouped(N, S1, C, I, G), 0, eps)
         y = data.like(out)
-        apply_pass(enc, data, y, map_grouped(S1, C, I, G), gstat, 0,
-                   param_buffer(ctx, weight), param_buffer(ctx, bias))
+        mean, rstd = normalize(enc, data, y, red_grouped(N, S1, C, I, G),
+                               map_grouped(S1, C, I, G), 0, eps, param_buffer(ctx, weight),
+                               param_buffer(ctx, bias))
         enc.submit()
         res, _ = collect(ctx, host, [y] + ([mean, rstd] if return_stats else []))
         yv = _finish_out(out, res[0], host)
@@ -384,17 +384,21 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     def body():
         data = Data(ctx, x, host)
         enc = _device.Encoder(ctx)
-        if use_input_stats:
-            gstat, mean, rstd, _, _ = stats_pass(enc, data, red_grouped(N, S1, C, I, C), 0, eps)
-            gmap = map_grouped(S1, C, I, C)
-        else:
-            gstat, mean, rstd, _, _ = running_stats_pass(
-                enc, ctx, param_buffer(ctx, running_mean), param_buffer(ctx, running_var), C,
-                eps)
-            gmap = map_channels(C, I)
         y = data.like(out)
-        apply_pass(enc, data, y, gmap, gstat, 0, param_buffer(ctx, weight),
-                   param_buffer(ctx, bias))
+        wb, bb = param_buffer(ctx, weight), param_buffer(ctx, bias)
+        red = red_grouped(N, S1, C, I, C)
+        if use_input_stats and not update:
+            mean, rstd = normalize(enc, data, y, red, map_grouped(S1, C, I, C), 0, eps, wb, bb)
+        else:
+            if use_input_stats:
+                gstat, mean, rstd, _, _ = stats_pass(enc, data, red, 0, eps)
+                gmap = map_grouped(S1, C, I, C)
+            else:
+                gstat, mean, rstd, _, _ = running_stats_pass(
+                    enc, ctx, param_buffer(ctx, running_mean), param_buffer(ctx, running_var),
+                    C, eps)
+                gmap = map_channels(C, I)
+            apply_pass(enc, data, y, gmap, gstat, 0, wb, bb)
         enc.submit()
         extra = [(gstat, N * C * 32)] if update else []
         res, raws = collect(ctx, host, [y] + ([mean, rstd] if return_stats else []), extra)
@@ -463,10 +467,10 @@ def filter_response_norm(x, weight=None, bias=None, tau=None, eps=1e-6, *, learn
     def body():
         data = Data(ctx, x, host)
         enc = _device.Encoder(ctx)
-        gstat, _, rstd, _, _ = stats_pass(enc, data, red_grouped(N, S1, C, I, C), 1, e)
         y = data.like(out)
-        apply_pass(enc, data, y, map_grouped(S1, C, I, C), gstat, 1, param_buffer(ctx, weight),
-                   param_buffer(ctx, bias), param_buffer(ctx, tau))
+        _, rstd = normalize(enc, data, y, red_grouped(N, S1, C, I, C), map_grouped(S1, C, I, C),
+                            1, e, param_buffer(ctx, weight), param_buffer(ctx, bias),
+                            param_buffer(ctx, tau))
         enc.submit()
         res, _ = collect(ctx, host, [y] + ([rstd] if return_stats else []))
         yv = _finish_out(out, res[0], host)

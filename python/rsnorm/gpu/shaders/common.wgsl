@@ -11,6 +11,8 @@
 // saw a NaN or an infinity (WGSL may assume finite floats, so bits are tested, never isNan).
 
 const NONFINITE: i32 = 1000;
+// Values one invocation holds in registers in the reduction shaders.
+const PER: u32 = 16u;
 
 struct Part {
     n: u32,
@@ -93,4 +95,86 @@ fn rsqrt_nr(v: f32) -> f32 {
         return r * (1.5 - 0.5 * v * r * r);
     }
     return r;
+}
+
+// Statistics of the cnt <= PER values an invocation holds (in *v, overwritten by their scaled
+// differences from the pivot): a true two-pass in registers. amax and bad are max |x| and
+// "saw a NaN/inf" over the same values.
+fn thread_part(v: ptr<function, array<f32, PER>>, cnt: u32, amax: f32, bad: bool) -> Part {
+    var p: Part;
+    p.n = cnt;
+    p.e = 0;
+    p.hi = 0.0;
+    p.lo = 0.0;
+    p.m2 = 0.0;
+    if (bad) {
+        p.e = NONFINITE;
+    } else if (cnt > 0u) {
+        let ex = i32((bitcast<u32>(amax) >> 23u) & 0xffu) - 127;
+        p.e = max(0, ex - 46);
+        let sc = -p.e;
+        let kk = ldexp((*v)[0], sc);
+        // Differences from the pivot are exact for clustered data; keep them, not the values.
+        var s = 0.0;
+        for (var i = 0u; i < cnt; i += 1u) {
+            (*v)[i] = ldexp((*v)[i], sc) - kk;
+            s += (*v)[i];
+        }
+        let lo = s / f32(cnt);
+        var sd = 0.0;
+        var ss = 0.0;
+        for (var i = 0u; i < cnt; i += 1u) {
+            let d = (*v)[i] - lo;
+            sd += d;
+            ss += d * d;
+        }
+        p.hi = kk;
+        p.lo = lo;
+        p.m2 = max(ss - sd * sd / f32(cnt), 0.0);
+    }
+    return p;
+}
+
+// Normalization parameters of a merged group. mode 0: variance, rstd = 1/sqrt(M2/n + eps);
+// mode 1: mean square (RMS, FRN), rstd = 1/sqrt(M2/n + mean^2 + eps) (no cancellation).
+// Empty groups and groups with NaN/inf give NaN.
+fn finalize(acc: Part, eps: f32, mode: u32) -> GStat {
+    var gs: GStat;
+    gs.n = acc.n;
+    if (acc.n == 0u || acc.e >= NONFINITE) {
+        gs.hi_s = nan_f32();
+        gs.lo_s = nan_f32();
+        gs.rstd_s = nan_f32();
+        gs.m2_s = nan_f32();
+        gs.e = 0;
+        gs.mean = nan_f32();
+        gs.rstd = nan_f32();
+        return gs;
+    }
+    let n = f32(acc.n);
+    // eps enters the scaled domain as eps * 2^-2e (it underflows harmlessly for huge data).
+    let eps_s = ldexp(eps, -2 * acc.e);
+    let mean = acc.hi + acc.lo;
+    var v = acc.m2 / n;
+    if (mode == 1u) {
+        v = v + mean * mean;
+    }
+    gs.hi_s = acc.hi;
+    gs.lo_s = acc.lo;
+    gs.rstd_s = rsqrt_nr(v + eps_s);
+    gs.m2_s = acc.m2;
+    gs.e = acc.e;
+    gs.mean = ldexp(mean, acc.e);
+    gs.rstd = ldexp(gs.rstd_s, -acc.e);
+    return gs;
+}
+
+// The normalized value (before the affine) of x in a group: mode 0 centred, mode 1 scale only.
+// A zero deviation stays exactly 0 even when rstd is infinite (constant group with eps = 0).
+fn normalize_value(xv: f32, gs: GStat, mode: u32) -> f32 {
+    var d = ldexp(xv, -gs.e);
+    if (mode == 0u) {
+        d = (d - gs.hi_s) - gs.lo_s;
+    }
+    return select(d * gs.rstd_s, 0.0, d == 0.0 && !is_nan(gs.rstd_s));
 }

@@ -43,33 +43,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     for (var j = 1u; j < P.n_chunks; j += 1u) {
         acc = merge(acc, part[q * P.n_chunks + j]);
     }
-    var gs: GStat;
-    gs.n = acc.n;
-    if (acc.n == 0u || acc.e >= NONFINITE) {
-        gs.hi_s = nan_f32();
-        gs.lo_s = nan_f32();
-        gs.rstd_s = nan_f32();
-        gs.m2_s = nan_f32();
-        gs.e = 0;
-        gs.mean = nan_f32();
-        gs.rstd = nan_f32();
-    } else {
-        let n = f32(acc.n);
-        // eps enters the scaled domain as eps * 2^-2e (it underflows harmlessly for huge data).
-        let eps_s = ldexp(P.eps, -2 * acc.e);
-        let mean = acc.hi + acc.lo;
-        var v = acc.m2 / n;
-        if (MODE == 1u) {
-            v = v + mean * mean;
-        }
-        gs.hi_s = acc.hi;
-        gs.lo_s = acc.lo;
-        gs.rstd_s = rsqrt_nr(v + eps_s);
-        gs.m2_s = acc.m2;
-        gs.e = acc.e;
-        gs.mean = ldexp(mean, acc.e);
-        gs.rstd = ldexp(gs.rstd_s, -acc.e);
-    }
+    let gs = finalize(acc, P.eps, MODE);
     gstat[q] = gs;
     if (MODE == 1u) {
         mean_out[q] = nan_f32();

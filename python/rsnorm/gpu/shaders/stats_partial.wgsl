@@ -17,7 +17,6 @@
 // Assumes: WG is a power of two; all global indices < 2^32 (checked in Python).
 
 override WG: u32 = 256u;
-const PER: u32 = 16u;
 
 struct Params {
     n_g: u32,
@@ -68,37 +67,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         amax = max(amax, abs(val));
     }
 
-    var p: Part;
-    p.n = cnt;
-    p.e = 0;
-    p.hi = 0.0;
-    p.lo = 0.0;
-    p.m2 = 0.0;
-    if (bad) {
-        p.e = NONFINITE;
-    } else if (cnt > 0u) {
-        let ex = i32((bitcast<u32>(amax) >> 23u) & 0xffu) - 127;
-        p.e = max(0, ex - 46);
-        let sc = -p.e;
-        let kk = ldexp(v[0], sc);
-        // Differences from the pivot are exact for clustered data; keep them, not the values.
-        var s = 0.0;
-        for (var i = 0u; i < cnt; i += 1u) {
-            v[i] = ldexp(v[i], sc) - kk;
-            s += v[i];
-        }
-        let lo = s / f32(cnt);
-        var sd = 0.0;
-        var ss = 0.0;
-        for (var i = 0u; i < cnt; i += 1u) {
-            let d = v[i] - lo;
-            sd += d;
-            ss += d * d;
-        }
-        p.hi = kk;
-        p.lo = lo;
-        p.m2 = max(ss - sd * sd / f32(cnt), 0.0);
-    }
+    let p = thread_part(&v, cnt, amax, bad);
     sh[t] = p;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s = s / 2u) {

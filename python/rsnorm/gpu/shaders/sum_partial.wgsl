@@ -21,7 +21,6 @@ override WG: u32 = 256u;
 override USE_W: u32 = 0u;
 override CENTER: u32 = 1u;
 override HAS_LO: u32 = 0u;
-const PER: u32 = 16u;
 
 struct Params {
     n_g: u32,
