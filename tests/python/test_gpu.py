@@ -507,6 +507,19 @@ def test_out_argument(rng):
         gpu.layer_norm(x, 8, out=ro)
 
 
+def test_layouts_equal_contiguous_bitwise(rng):
+    base = randn(rng, 6, 8, 10)
+    views = [base[:, ::2], base[::-1], np.asfortranarray(base), base.transpose(0, 2, 1),
+             np.broadcast_to(base[:1], (6, 8, 10)), base.astype(">f4")]
+    for v in views:
+        c = np.ascontiguousarray(v, dtype=np.float32)
+        assert np.array_equal(gpu.group_norm(v, 2), gpu.group_norm(c, 2))
+        assert np.array_equal(gpu.layer_norm(v, v.shape[-1]), gpu.layer_norm(c, c.shape[-1]))
+    ro = base.copy()
+    ro.flags.writeable = False
+    assert np.array_equal(gpu.batch_norm(ro, training=True), gpu.batch_norm(base, training=True))
+
+
 def test_zero_size_inputs():
     y, st = gpu.batch_norm(np.zeros((0, 3, 4), np.float32), return_stats=True)
     assert y.shape == (0, 3, 4) and np.isnan(st.mean).all()
