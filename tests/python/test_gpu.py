@@ -124,6 +124,46 @@ def test_batch_norm_eval_and_no_running(rng, shape, axis):
     close(y2, ref.batch_norm(x, axis=axis)[0])
 
 
+def test_batch_norm_many_chunks(rng):
+    # 40 000 values per channel: 10 reduction chunks, merged by the workgroup-tree finalize.
+    x = randn(rng, 40, 3, 1000, loc=5.0)
+    y, st = gpu.batch_norm(x, training=True, return_stats=True)
+    want, mean, rstd, _ = ref.batch_norm(x, training=True)
+    close(y, want)
+    close(st.mean, mean)
+    close(st.rstd, rstd)
+    g = gpu.batch_norm_backward(x, x, training=True)
+    assert np.abs(g.x).max() < 1e-3  # dy = x: the gradient through the statistics is ~0
+
+
+def test_fused_kernel_equals_two_pass_bitwise(rng):
+    x = randn(rng, 3, 8, 900, loc=2.0)
+    w = np.linspace(-1, 1, 8).astype(np.float32)
+    ops = [
+        lambda: gpu.layer_norm(x, 900, return_stats=True),
+        lambda: gpu.layer_norm(x, (8, 900)),  # 7200 elements: two chunks in the fused kernel
+        lambda: gpu.rms_norm(x, 900, return_stats=True),
+        lambda: gpu.group_norm(x, 4, w, w, return_stats=True),
+        lambda: gpu.instance_norm(x, weight=w),
+        lambda: gpu.filter_response_norm(x, w, w, tau=w),
+    ]
+    fused = [op() for op in ops]
+    n0 = _device.COUNTERS["dispatches"]
+    with _device._limits(fused_chunks=0):
+        two = [op() for op in ops]
+    assert _device.COUNTERS["dispatches"] - n0 == 3 * len(ops)  # stats, finalize, apply
+    def flat(r):
+        if isinstance(r, tuple):
+            return [a for item in r for a in flat(item)]
+        return [] if r is None else [r]
+
+    for a, b in zip(fused, two):
+        fa, fb = flat(a), flat(b)
+        assert len(fa) == len(fb)
+        for u, v in zip(fa, fb):
+            assert np.array_equal(u, v, equal_nan=True)
+
+
 def test_batch_norm_momentum_none_and_onnx(rng):
     x = randn(rng, 6, 3, 4)
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
@@ -153,6 +193,7 @@ def test_batch_norm_device_running_stats(rng):
 
 
 LN_CASES = [((3, 7), 1), ((2, 3, 5), 2), ((4, 1), 1), ((2, 3, 1000), 1), ((9, 5000), 1),
+            ((2, 20000), 1),  # longer than the fused kernel takes: statistics + apply passes
             ((70000, 3), 1)]  # 70 000 rows: more than 65 535 workgroups, a 2-D grid
 
 

@@ -348,9 +348,10 @@ def download(ctx: Context, items) -> list[bytes]:
 # ----------------------------------------------------------------------------- pipelines
 
 
-def pipeline(ctx: Context, name: str, storage: str, constants: dict):
-    """Compute pipeline for (shader, storage dtype, override constants), compiled once."""
-    key = (name, storage, tuple(sorted(constants.items())))
+def pipeline(ctx: Context, name: str, storage: str, constants: dict, entry: str = "main"):
+    """Compute pipeline for (shader, entry point, storage dtype, override constants), compiled
+    once."""
+    key = (name, entry, storage, tuple(sorted(constants.items())))
     hit = ctx.pipelines.get(key)
     if hit is not None:
         return hit
@@ -377,7 +378,7 @@ def pipeline(ctx: Context, name: str, storage: str, constants: dict):
         layout=layout,
         compute={
             "module": module,
-            "entry_point": "main",
+            "entry_point": entry,
             "constants": {k: float(v) for k, v in constants.items()},
         },
         label=f"rsnorm.{name}.{storage}",
@@ -412,11 +413,11 @@ class Encoder:
         self.enc = ctx.device.create_command_encoder()
         self.n = 0
 
-    def dispatch(self, name, storage, constants, params: bytes, bindings, grid):
+    def dispatch(self, name, storage, constants, params: bytes, bindings, grid, entry="main"):
         """``bindings``: buffers or ``(buffer, offset, size)`` after the uniform at binding 0."""
         wgpu = _wgpu()
         ctx = self.ctx
-        pipe, bgl = pipeline(ctx, name, storage, constants)
+        pipe, bgl = pipeline(ctx, name, storage, constants, entry)
         ubuf = ctx.device.create_buffer_with_data(data=params, usage=wgpu.BufferUsage.UNIFORM)
         entries = [{"binding": 0, "resource": {"buffer": ubuf, "offset": 0, "size": len(params)}}]
         for i, b in enumerate(bindings, start=1):

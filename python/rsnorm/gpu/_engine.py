@@ -29,6 +29,11 @@ from ._device import APPLY_WG, CHUNK, REDUCE_WG, SMALL_WG, pack
 MAX_ELEMENTS = 2**32 - 2**26
 # Bytes of one `Part` (common.wgsl).
 PART_BYTES = 20
+# Groups of up to this many chunks are normalized by norm_fused.wgsl (16384 elements).
+FUSED_CHUNKS = 4
+# From this many chunks per group on, the finalize passes merge with a workgroup tree instead of
+# one invocation walking all chunks (which starves the GPU for few large groups, e.g. BN).
+TREE_CHUNKS = 8
 
 
 @dataclass(frozen=True)
@@ -360,18 +365,20 @@ def stats_pass(enc, data: Data, red: Reduction, mode: int, eps: float) -> GroupS
     hi = f32_array(ctx, (ng,))
     lo = f32_array(ctx, (ng,))
     params = pack([(ng, "u"), (nch, "u"), (eps, "f"), (0, "u")])
+    tree = nch >= TREE_CHUNKS
     enc.dispatch("stats_finalize", "f32", {"WG": SMALL_WG, "MODE": mode}, params,
                  [part, gstat, mean._buffer, rstd._buffer, hi._buffer, lo._buffer],
-                 _device.grid2d(ctx, math.ceil(ng / SMALL_WG)))
+                 _device.grid2d(ctx, ng if tree else math.ceil(ng / SMALL_WG)),
+                 entry="main_tree" if tree else "main")
     return GroupStats(gstat, mean, rstd, hi, lo)
 
 
 def fused_pass(enc, data: Data, y: GPUArray, red: Reduction, gmap: GroupMap, mode: int,
                eps: float, w=None, b=None, tau=None):
-    """Statistics and apply in one pass (groups of at most CHUNK elements); returns (mean, rstd)
-    arrays of the groups."""
+    """Statistics and apply in one kernel (groups of at most FUSED_CHUNKS chunks, bitwise equal
+    to the two-pass path); returns (mean, rstd) arrays of the groups."""
     ctx = data.ctx
-    assert red.length <= CHUNK
+    assert red.n_chunks <= FUSED_CHUNKS
     ng = red.n_groups
     mean = f32_array(ctx, (ng,))
     rstd = f32_array(ctx, (ng,))
@@ -384,7 +391,8 @@ def fused_pass(enc, data: Data, y: GPUArray, red: Reduction, gmap: GroupMap, mod
         params = pack([
             (red.n_g, "u"), (red.outer_stride, "u"), (red.g_stride, "u"), (red.run_len, "u"),
             (red.run_stride, "u"), (red.length, "u"), (q0, "u"), (q1 - q0, "u"),
-            (off // isz, "u"), (gmap.I, "u"), (gmap.C, "u"), (eps, "f"),
+            (off // isz, "u"), (gmap.I, "u"), (gmap.C, "u"), (eps, "f"), (red.n_chunks, "u"),
+            (0, "u"), (0, "u"), (0, "u"),
         ])
         enc.dispatch("norm_fused", data.storage, consts, params,
                      [(data.buffer, off, size), (y._buffer, off, size), w or d, b or d, tau or d,
@@ -394,10 +402,10 @@ def fused_pass(enc, data: Data, y: GPUArray, red: Reduction, gmap: GroupMap, mod
 
 def normalize(enc, data: Data, y: GPUArray, red: Reduction, gmap: GroupMap, mode: int,
               eps: float, w=None, b=None, tau=None):
-    """Normalize with statistics of the data: the fused one-pass kernel when a group fits one
-    workgroup's registers, else the two statistics passes and the apply pass. Returns
-    (mean, rstd) device arrays."""
-    if red.length <= CHUNK:
+    """Normalize with statistics of the data: the fused kernel for groups of at most
+    FUSED_CHUNKS chunks, else the two statistics passes and the apply pass (same bits either
+    way). Returns (mean, rstd) device arrays."""
+    if red.n_chunks <= _device._overrides.get("fused_chunks", FUSED_CHUNKS):
         return fused_pass(enc, data, y, red, gmap, mode, eps, w, b, tau)
     st = stats_pass(enc, data, red, mode, eps)
     apply_pass(enc, data, y, gmap, st.gstat, mode, w, b, tau)
@@ -461,10 +469,12 @@ def sum_pass(enc, data: Data, dy: Data, red: Reduction, gmap: GroupMap, mean, rs
     if grads_shape is not None:
         gw = data.vec(grads_shape)
         gb = data.vec(grads_shape)
+    tree = nch >= TREE_CHUNKS
     enc.dispatch("sum_finalize", data.storage, {"WG": SMALL_WG, "WRITE_GRADS": int(gw is not None)},
                  pack([(ng, "u"), (nch, "u"), (0, "u"), (0, "u")]),
                  [part, sums, gw._buffer if gw else d, gb._buffer if gb else d],
-                 _device.grid2d(ctx, math.ceil(ng / SMALL_WG)))
+                 _device.grid2d(ctx, ng if tree else math.ceil(ng / SMALL_WG)),
+                 entry="main_tree" if tree else "main")
     return sums, gw, gb
 
 

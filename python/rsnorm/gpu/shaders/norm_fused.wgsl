@@ -1,6 +1,7 @@
-// norm_fused.wgsl -- statistics and apply in one pass for groups of at most WG * PER elements
-// (layer/RMS norm rows up to 4096, group/instance/filter-response norm groups up to 4096): one
-// read of x and one write of y (2N traffic instead of 3N for the two-pass path).
+// norm_fused.wgsl -- statistics and apply in one kernel for groups of at most FUSED_CHUNKS chunks
+// (4 x 4096 elements: layer/RMS rows up to 16384, most group/instance/FRN groups): x is read from
+// memory once for the statistics and re-read for the apply while it is still in cache, y is
+// written once (2N memory traffic instead of 3N for the two-pass path).
 //
 // Bindings (group 0):
 //   0  uniform              P        : Params
@@ -13,11 +14,13 @@
 //   7  storage, read_write  rstd_out : array<f32>  n_groups
 // Dispatch: one workgroup of WG invocations per group q in [q0, q0 + nq), 2-D grid (linear id =
 //   wid.y * nwg.x + wid.x); ids >= nq return before any barrier.
-// Elements and their order are those of stats_partial.wgsl with a single chunk (group q = o * n_g +
-//   g at o * outer_stride + g * g_stride, k-th element at base + (k / run_len) * run_stride +
-//   k % run_len; invocation t holds k = t, t + WG, ...), and the statistics go through the same
-//   thread_part / merge tree / finalize as the two-pass path. Channel of global element i:
-//   (i / I) % C, for the per-channel affine. MODE 0 centred, MODE 1 mean square (RMS, FRN).
+// Bitwise the same result as stats_partial + stats_finalize + norm_apply: the group's elements
+//   (group q = o * n_g + g at o * outer_stride + g * g_stride, k-th element at
+//   base + (k / run_len) * run_stride + k % run_len) are taken chunk by chunk (WG * PER elements,
+//   invocation t holding k = t, t + WG, ...), each chunk goes through thread_part and the same
+//   pairwise tree, the chunk partials are merged left to right, then finalize and
+//   normalize_value. Channel of global element i: (i / I) % C, for the per-channel affine.
+//   MODE 0 centred, MODE 1 mean square (RMS, FRN).
 
 override WG: u32 = 256u;
 override MODE: u32 = 0u;
@@ -38,6 +41,10 @@ struct Params {
     I: u32,
     C: u32,
     eps: f32,
+    n_chunks: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -63,32 +70,38 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let g = q % P.n_g;
     let base = o * P.outer_stride + g * P.g_stride;
 
-    var v: array<f32, PER>;
-    var xs: array<f32, PER>;
-    var gi: array<u32, PER>;
-    var cnt = 0u;
-    var amax = 0.0;
-    var bad = false;
-    for (var k = t; k < P.len; k += WG) {
-        let r = k / P.run_len;
-        let i = base + r * P.run_stride + (k - r * P.run_len);
-        let val = f32(x[i - P.win_start]);
-        v[cnt] = val;
-        xs[cnt] = val;
-        gi[cnt] = i;
-        cnt += 1u;
-        bad = bad || is_nonfinite(val);
-        amax = max(amax, abs(val));
-    }
-    sh[t] = thread_part(&v, cnt, amax, bad);
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s / 2u) {
-        if (t < s) {
-            sh[t] = merge(sh[t], sh[t + s]);
+    var acc: Part;
+    for (var j = 0u; j < P.n_chunks; j += 1u) {
+        var v: array<f32, PER>;
+        var cnt = 0u;
+        var amax = 0.0;
+        var bad = false;
+        let k1 = min((j + 1u) * WG * PER, P.len);
+        for (var k = j * WG * PER + t; k < k1; k += WG) {
+            let r = k / P.run_len;
+            let val = f32(x[base + r * P.run_stride + (k - r * P.run_len) - P.win_start]);
+            v[cnt] = val;
+            cnt += 1u;
+            bad = bad || is_nonfinite(val);
+            amax = max(amax, abs(val));
         }
+        sh[t] = thread_part(&v, cnt, amax, bad);
+        workgroupBarrier();
+        for (var s = WG / 2u; s > 0u; s = s / 2u) {
+            if (t < s) {
+                sh[t] = merge(sh[t], sh[t + s]);
+            }
+            workgroupBarrier();
+        }
+        if (j == 0u) {
+            acc = sh[0];
+        } else {
+            acc = merge(acc, sh[0]);
+        }
+        // Everyone has read sh[0] before the next chunk overwrites it.
         workgroupBarrier();
     }
-    let gs = finalize(sh[0], P.eps, MODE);
+    let gs = finalize(acc, P.eps, MODE);
     if (t == 0u) {
         if (MODE == 1u) {
             mean_out[q] = nan_f32();
@@ -97,10 +110,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
         rstd_out[q] = gs.rstd;
     }
-    for (var m = 0u; m < cnt; m += 1u) {
-        let i = gi[m];
+    for (var k = t; k < P.len; k += WG) {
+        let r = k / P.run_len;
+        let i = base + r * P.run_stride + (k - r * P.run_len);
         let c = (i / P.I) % P.C;
-        var yv = normalize_value(xs[m], gs, MODE);
+        var yv = normalize_value(f32(x[i - P.win_start]), gs, MODE);
         if (HAS_W == 1u) {
             yv = yv * w[c];
         }
