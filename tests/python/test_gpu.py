@@ -146,6 +146,9 @@ def test_fused_kernel_equals_two_pass_bitwise(rng):
         lambda: gpu.group_norm(x, 4, w, w, return_stats=True),
         lambda: gpu.instance_norm(x, weight=w),
         lambda: gpu.filter_response_norm(x, w, w, tau=w),
+        lambda: gpu.layer_norm(x.reshape(-1, 12), 12, return_stats=True),  # one per invocation
+        lambda: gpu.group_norm(x[:, :, :1], 8, w, w),  # one-element groups
+        lambda: gpu.rms_norm(x.reshape(-1, 3), 3),
     ]
     fused = [op() for op in ops]
     n0 = _device.COUNTERS["dispatches"]
@@ -194,7 +197,8 @@ def test_batch_norm_device_running_stats(rng):
 
 LN_CASES = [((3, 7), 1), ((2, 3, 5), 2), ((4, 1), 1), ((2, 3, 1000), 1), ((9, 5000), 1),
             ((2, 20000), 1),  # longer than the fused kernel takes: statistics + apply passes
-            ((70000, 3), 1)]  # 70 000 rows: more than 65 535 workgroups, a 2-D grid
+            ((70000, 3), 1),  # short rows: one invocation per row
+            ((66000, 17), 1)]  # one workgroup per row: more than 65 535 workgroups, a 2-D grid
 
 
 @pytest.mark.parametrize("shape,k", LN_CASES)

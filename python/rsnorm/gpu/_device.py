@@ -29,6 +29,7 @@ BINDINGS = {
     "bn_running": "urww",
     "norm_apply": "urwrrrr",
     "norm_fused": "urwrrrww",
+    "norm_small": "urwrrrww",
     "sum_partial": "urrrrrwr",
     "sum_finalize": "urwww",
     "grad_apply": "urrwrrrrr",
@@ -36,10 +37,10 @@ BINDINGS = {
     "gdn": "urwrr",
 }
 
-# Number of elements one reduction chunk holds (WG * PER in stats_partial/sum_partial). The
-# reduction order depends only on it and on the group length, never on the grid or splits.
-REDUCE_WG = 256
-CHUNK = REDUCE_WG * 16
+# Values one invocation holds in the reduction shaders (PER in common.wgsl); a reduction chunk is
+# WG * PER elements. The reduction order depends only on the group length, never on the grid or
+# splits.
+PER = 16
 APPLY_WG = 256
 SMALL_WG = 64
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import _device
 from ._array import GPUArray, _upload_checked, check_dtype, empty, storage_for, value_error
-from ._device import APPLY_WG, CHUNK, REDUCE_WG, SMALL_WG, pack
+from ._device import APPLY_WG, PER, SMALL_WG, pack
 
 # Global element indices are u32 in the shaders; grid-stride loops need some headroom.
 MAX_ELEMENTS = 2**32 - 2**26
@@ -47,8 +47,19 @@ class Reduction:
     length: int
 
     @property
+    def wg(self) -> int:
+        """Invocations per reduction workgroup: 64 for groups up to 1024 elements (so short rows
+        keep every invocation busy), else 256. A function of the group length only, like the
+        whole reduction order."""
+        return 64 if self.length <= 64 * PER else 256
+
+    @property
+    def chunk(self) -> int:
+        return self.wg * PER
+
+    @property
     def n_chunks(self) -> int:
-        return max(1, math.ceil(self.length / CHUNK))
+        return max(1, math.ceil(self.length / self.chunk))
 
     def base(self, q: int) -> int:
         return (q // self.n_g) * self.outer_stride + (q % self.n_g) * self.g_stride
@@ -274,8 +285,8 @@ def plan_blocks(ctx, red: Reduction, itemsize: int):
     maxwg = ctx.max_wg**2
 
     def span(q0, q1, j0, j1):
-        lo = red.base(q0) + red.addr(j0 * CHUNK)
-        hi = red.base(q1 - 1) + red.addr(min(j1 * CHUNK, red.length) - 1) + 1
+        lo = red.base(q0) + red.addr(j0 * red.chunk)
+        hi = red.base(q1 - 1) + red.addr(min(j1 * red.chunk, red.length) - 1) + 1
         return lo, hi
 
     def fits(q0, q1, j0, j1):
@@ -303,7 +314,7 @@ def plan_blocks(ctx, red: Reduction, itemsize: int):
             if not fits(q, q + 1, j, j + 1):
                 lo, hi = span(q, q + 1, j, j + 1)
                 raise value_error(
-                    f"rsnorm.gpu: one reduction chunk of {CHUNK} elements spans "
+                    f"rsnorm.gpu: one reduction chunk of {red.chunk} elements spans "
                     f"{(hi - lo) * itemsize} bytes of this layout, more than one storage binding "
                     f"({maxb} bytes); use a layout with the channel axis first"
                 )
@@ -357,7 +368,7 @@ def stats_pass(enc, data: Data, red: Reduction, mode: int, eps: float) -> GroupS
             (red.run_stride, "u"), (red.length, "u"), (nch, "u"), (q0, "u"), (j0, "u"),
             (q1 - q0, "u"), (j1 - j0, "u"), (off // isz, "u"),
         ])
-        enc.dispatch("stats_partial", data.storage, {"WG": REDUCE_WG}, params,
+        enc.dispatch("stats_partial", data.storage, {"WG": red.wg}, params,
                      [(data.buffer, off, size), part], _device.grid2d(ctx, (q1 - q0) * (j1 - j0)))
     gstat = _device.new_buffer(ctx, ng * 32)
     mean = f32_array(ctx, (ng,))
@@ -375,8 +386,9 @@ def stats_pass(enc, data: Data, red: Reduction, mode: int, eps: float) -> GroupS
 
 def fused_pass(enc, data: Data, y: GPUArray, red: Reduction, gmap: GroupMap, mode: int,
                eps: float, w=None, b=None, tau=None):
-    """Statistics and apply in one kernel (groups of at most FUSED_CHUNKS chunks, bitwise equal
-    to the two-pass path); returns (mean, rstd) arrays of the groups."""
+    """Statistics and apply in one kernel (groups of at most FUSED_CHUNKS chunks; one invocation
+    per group for groups of at most PER elements), bitwise equal to the two-pass path; returns
+    (mean, rstd) arrays of the groups."""
     ctx = data.ctx
     assert red.n_chunks <= FUSED_CHUNKS
     ng = red.n_groups
@@ -384,8 +396,11 @@ def fused_pass(enc, data: Data, y: GPUArray, red: Reduction, gmap: GroupMap, mod
     rstd = f32_array(ctx, (ng,))
     d = ctx.dummy
     isz = data.itemsize
-    consts = {"WG": REDUCE_WG, "MODE": mode, "HAS_W": int(w is not None),
+    small = red.length <= PER
+    consts = {"WG": SMALL_WG if small else red.wg, "MODE": mode, "HAS_W": int(w is not None),
               "HAS_B": int(b is not None), "HAS_TAU": int(tau is not None)}
+    if small:
+        consts["TREE_WG"] = red.wg
     for q0, q1, _, _, lo, hi in plan_blocks(ctx, red, isz):
         off, size = _window(ctx, lo, hi, isz)
         params = pack([
@@ -394,9 +409,10 @@ def fused_pass(enc, data: Data, y: GPUArray, red: Reduction, gmap: GroupMap, mod
             (off // isz, "u"), (gmap.I, "u"), (gmap.C, "u"), (eps, "f"), (red.n_chunks, "u"),
             (0, "u"), (0, "u"), (0, "u"),
         ])
-        enc.dispatch("norm_fused", data.storage, consts, params,
+        nwg = math.ceil((q1 - q0) / SMALL_WG) if small else q1 - q0
+        enc.dispatch("norm_small" if small else "norm_fused", data.storage, consts, params,
                      [(data.buffer, off, size), (y._buffer, off, size), w or d, b or d, tau or d,
-                      mean._buffer, rstd._buffer], _device.grid2d(ctx, q1 - q0))
+                      mean._buffer, rstd._buffer], _device.grid2d(ctx, nwg))
     return mean, rstd
 
 
@@ -449,7 +465,7 @@ def sum_pass(enc, data: Data, dy: Data, red: Reduction, gmap: GroupMap, mean, rs
     part = _device.new_buffer(ctx, ng * nch * 8)
     isz = data.itemsize
     d = ctx.dummy
-    consts = {"WG": REDUCE_WG, "USE_W": int(w is not None), "CENTER": int(center),
+    consts = {"WG": red.wg, "USE_W": int(w is not None), "CENTER": int(center),
               "HAS_LO": int(lo is not None)}
     for q0, q1, j0, j1, wlo, whi in plan_blocks(ctx, red, isz):
         off, size = _window(ctx, wlo, whi, isz)
