@@ -77,13 +77,15 @@ all raised in Python before any GPU work.
 Numerics and tolerances
 -----------------------
 Statistics are float32 (count, mean, M2) partials: each invocation holds at most 16 values in
-registers and does a true two-pass, then a workgroup merges them by Chan's formula in a fixed
-pairwise tree, and the chunk partials (4096 elements each) of a group are merged left to right.
-Never E[x^2]-E[x]^2. The mean is carried as pivot + offset (a data value plus a small
-correction) and x - mean is formed as (x - pivot) - offset, so the float32 rounding of a mean
-like 1e4 (0.5 ulp = 5e-4) never reaches the output. Groups of at most 4096 elements (layer/RMS
-rows, most group/instance/FRN groups) are normalized by one fused kernel (one read of x, one
-write of y); longer groups take a statistics pass and an apply pass.
+registers and does a true two-pass, then a workgroup (64 invocations for groups up to 1024
+elements, else 256) merges them by Chan's formula in a fixed pairwise tree, and the chunk
+partials (64 or 256 x 16 elements) of a group are merged left to right (by a fixed tree from 8
+chunks on). Never E[x^2]-E[x]^2. The mean is carried as pivot + offset (a data value plus a
+small correction) and x - mean is formed as (x - pivot) - offset, so the float32 rounding of a
+mean like 1e4 (0.5 ulp = 5e-4) never reaches the output. Groups of up to 4 chunks (layer/RMS
+rows up to 16384, most group/instance/FRN groups) are normalized by one fused kernel (x read
+from memory once, y written once), groups of up to 16 elements by one invocation each; longer
+groups take a statistics pass and an apply pass. All three give the same bits.
 The reduction order depends only on the group length, so results are bitwise identical run to
 run and whether or not an input is split across bindings. Values are scaled by a power of two
 when |x| >= 2^47, so statistics of data up to 3.4e38 stay finite. A NaN or infinity makes its

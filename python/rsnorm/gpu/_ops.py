@@ -107,6 +107,16 @@ def _empty_result(x, host, stats_shape, return_stats, rstd_only=False, out=None)
     return (y, st) if return_stats else y
 
 
+def _empty_like(x, host, out):
+    if out is not None:
+        return out
+    if host:
+        return np.empty(x.shape, x.dtype)
+    from ._array import empty
+
+    return empty(_device.context(), x.shape, x.dtype, x._storage)
+
+
 def _check_running_update(rm, rv):
     for name, a in (("running_mean", rm), ("running_var", rv)):
         if isinstance(a, np.ndarray) and not a.flags.writeable:
@@ -495,7 +505,7 @@ def tlu(x, tau, *, axis=1, out=None):
     check_param(tau, (C,), "tau")
     check_out(out, x, host)
     if x.size == 0:
-        return out if out is not None else (np.empty(x.shape, x.dtype) if host else x)
+        return _empty_like(x, host, out)
     ctx = _device.context()
 
     def body():
@@ -587,7 +597,7 @@ def local_response_norm(x, size, alpha=1e-4, beta=0.75, k=1.0, *, alpha_over_siz
     check_out(out, x, host)
     _O, C, I = _channel_slabs(x, ax)
     if x.size == 0:
-        return out if out is not None else (np.empty(x.shape, x.dtype) if host else x)
+        return _empty_like(x, host, out)
     ctx = _device.context()
 
     def body():
@@ -632,7 +642,7 @@ def gdn(x, beta, gamma, *, inverse=False, variant="gdn", axis=1, out=None):
     check_size(x)
     check_out(out, x, host)
     if x.size == 0:
-        return out if out is not None else (np.empty(x.shape, x.dtype) if host else x)
+        return _empty_like(x, host, out)
     ctx = _device.context()
 
     def body():
