@@ -207,7 +207,7 @@ def _bn_eval(x, mean, var, w, b, eps, ax, out=None):
     """``rsnorm.batch_norm`` in eval mode with the given statistics."""
     if x.ndim == 2 and ax == 1:
         # A (rows, C) table seen as one (1, rows, C) channels-last sample: the same values
-        # bitwise, but the core's 2-D path (one-element planes) is ~100x slower today.
+        # bitwise, but the core's 2-D path (one-element planes) is slower today (2x, 2026-11).
         o = None if out is None else out[None]
         return _rn.batch_norm(x[None], mean, var, w, b, False, eps=eps, axis=-1, out=o)[0]
     return _rn.batch_norm(x, mean, var, w, b, False, eps=eps, axis=ax, out=out)

@@ -250,7 +250,7 @@ def sync_batch_norm(x, running_mean=None, running_var=None, weight=None, bias=No
     var = g.m2 / g.count
     if x.ndim == 2 and axis % 2 == 1:
         # (N, C) seen as one (1, N, C) channels-last sample: the same values bitwise, but the
-        # core's 2-D path (one-element planes) is ~100x slower today.
+        # core's 2-D path (one-element planes) is slower today (2x, 2026-11).
         y = _rn.batch_norm(x[None], g.mean, var, weight, bias, False, eps=eps, axis=-1,
                            out=None if out is None else out[None])[0]
     else:
@@ -308,7 +308,10 @@ def sync_batch_norm_backward(grad_y, x, weight=None, bias=None, *, stats=None, c
     bshape = _bshape(x.ndim, ax)
     red = tuple(i for i in range(x.ndim) if i != ax)
     dy = grad_y.astype(_F64, copy=False)
-    xhat = (x.astype(_F64) - mean.reshape(bshape)) * rstd.reshape(bshape)
+    # In place on one float64 copy of x: the backward is memory-bound, temporaries cost time.
+    xhat = x.astype(_F64)
+    xhat -= mean.reshape(bshape)
+    xhat *= rstd.reshape(bshape)
     w = np.ones(c) if weight is None else np.asarray(weight, _F64)
     want_params = weight is not None or bias is not None
 
@@ -332,9 +335,12 @@ def sync_batch_norm_backward(grad_y, x, weight=None, bias=None, *, stats=None, c
         mine = local()
         n, sum_dy, sum_dy_xhat = mine
     if training:
-        dx = (w * rstd).reshape(bshape) * (
-            dy - (sum_dy / n).reshape(bshape) - xhat * (sum_dy_xhat / n).reshape(bshape)
-        )
+        # dx = w·rstd·(dy − Σdy/N − x̂·Σ(dy·x̂)/N), reusing x̂'s buffer.
+        dx = xhat
+        dx *= (-sum_dy_xhat / n).reshape(bshape)
+        dx += dy
+        dx -= (sum_dy / n).reshape(bshape)
+        dx *= (w * rstd).reshape(bshape)
     else:
         dx = (w * rstd).reshape(bshape) * dy
     if param_grads == "local":
