@@ -68,8 +68,17 @@ fn float_array<'a, 'py>(
             dt.repr().map(|s| s.to_string()).unwrap_or(dname)
         )));
     }
-    Ok((arr, size as u8))
+    if arr.ndim() > MAX_NDIM {
+        return Err(value_error(format!(
+            "{name} has {} dimensions; rsnorm supports at most {MAX_NDIM}",
+            arr.ndim()
+        )));
+    }
+    Ok((arr, u8::try_from(size).unwrap_or(8)))
 }
+
+/// rust-numpy's dynamic views support up to 32 dimensions (NumPy 2 allows 64).
+const MAX_NDIM: usize = 32;
 
 impl<'py> XArray<'py> {
     pub fn extract(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Self> {
@@ -250,6 +259,11 @@ pub fn prepare_out<'py, T: Element>(
     Ok((arr, rw))
 }
 
+/// Bytes of a view, for the GIL-release threshold.
+pub fn nbytes<T>(v: &ndarray::ArrayView<'_, T, ndarray::IxDyn>) -> usize {
+    v.len().saturating_mul(std::mem::size_of::<T>())
+}
+
 /// Runs `f` with the GIL released when the work is large enough to be worth it.
 pub fn run<R: Send, F: FnOnce() -> R + Send>(py: Python<'_>, bytes: usize, f: F) -> R {
     if bytes >= DETACH_MIN_BYTES {
@@ -276,6 +290,8 @@ pub fn stats_array<'py>(
             .reshape(shape)?
             .into_any())
     } else {
+        // Statistics of f16/f32 inputs are reported in f32, rounded once from f64.
+        #[allow(clippy::cast_possible_truncation)]
         let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
         Ok(numpy::PyArray1::<f32>::from_vec(py, f)
             .reshape(shape)?
@@ -294,7 +310,7 @@ pub fn stats_tuple<'py>(
         Ok(py.import("rsnorm._types")?.getattr("Stats")?.unbind())
     })?;
     cls.bind(py)
-        .call1((mean.map_or_else(|| py.None().into_bound(py), |m| m), rstd))
+        .call1((mean.unwrap_or_else(|| py.None().into_bound(py)), rstd))
 }
 
 /// (y) or (y, stats) as the Python result.

@@ -48,11 +48,11 @@ pub fn group_norm<'py>(
         let shape = xt.shape().to_vec();
         let (y, mut yrw) = prepare_out(py, &shape, out)?;
         let xv = xt.as_array();
-        let bytes = xv.len() * std::mem::size_of_val(&xv.first().copied());
+        let bytes = super::array::nbytes(&xv);
         let yv = yrw.as_array_mut();
         let st = core(run(py, bytes, || gn_core(xv, yv, num_groups, w.as_deref(), b.as_deref(), eps, axis)))?;
         let s = if return_stats {
-            Some(stats(py, &st, &[shape[0], num_groups.max(0) as usize], f64s)?)
+            Some(stats(py, &st, &[shape[0], usize::try_from(num_groups).unwrap_or(0)], f64s)?)
         } else { None };
         result(py, y.into_any(), s)
     })
@@ -110,7 +110,7 @@ pub fn instance_norm<'py>(
         let shape = xt.shape().to_vec();
         let (y, mut yrw) = prepare_out(py, &shape, out)?;
         let xv = xt.as_array();
-        let bytes = xv.len() * std::mem::size_of_val(&xv.first().copied());
+        let bytes = super::array::nbytes(&xv);
         let yv = yrw.as_array_mut();
         let r = core(run(py, bytes, || in_core(xv, yv, &p)))?;
         let ax = crate::channel::normalize_axis(axis, shape.len(), "axis").unwrap_or(1);
