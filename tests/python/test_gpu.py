@@ -470,6 +470,30 @@ def test_split_and_2d_grid_equal_unsplit_bitwise(rng):
     close(split[0], ref.batch_norm(x, None, None, w, None, True)[0])
 
 
+def test_channels_last_column_path(rng):
+    # Channels-last batch norm reduces columns of a (rows, C) matrix: the coalesced column
+    # kernels, split across bindings (64 KiB windows of a 160 KiB array) bitwise like unsplit.
+    x = randn(rng, 6, 1700, 4, loc=1e4)
+    w = np.linspace(0.5, 1.5, 4).astype(np.float32)
+    y, st = gpu.batch_norm(x, weight=w, training=True, axis=-1, return_stats=True)
+    want, mean, rstd, _ = ref.batch_norm(x, None, None, w, None, True, axis=-1)
+    close(y, want)
+    close(st.rstd, rstd)
+    m = gpu.moments(x, axis=-1)
+    np.testing.assert_allclose(m.mean, mean, rtol=1e-7)
+    dy = randn(rng, *x.shape)
+    g = gpu.batch_norm_backward(dy, x, weight=w, bias=w, training=True, axis=-1)
+    with _device._limits(max_binding=65536, max_workgroups=7):
+        ys = gpu.batch_norm(x, weight=w, training=True, axis=-1)
+        gs = gpu.batch_norm_backward(dy, x, weight=w, bias=w, training=True, axis=-1)
+    assert np.array_equal(y, ys)
+    assert np.array_equal(g.x, gs.x) and np.array_equal(g.weight, gs.weight)
+    with _device._limits(columns=False):  # the generic strided reduction agrees
+        close(gpu.batch_norm(x, weight=w, training=True, axis=-1), want)
+        gg = gpu.batch_norm_backward(dy, x, weight=w, bias=w, training=True, axis=-1)
+    np.testing.assert_allclose(gg.weight, g.weight, rtol=1e-4, atol=1e-2)
+
+
 def test_split_windows_with_odd_offsets(rng):
     # float16 data (2-byte elements) and windows that start inside rows.
     x = randn(rng, 9, 3, 1001).astype(np.float16)

@@ -85,7 +85,9 @@ small correction) and x - mean is formed as (x - pivot) - offset, so the float32
 mean like 1e4 (0.5 ulp = 5e-4) never reaches the output. Groups of up to 4 chunks (layer/RMS
 rows up to 16384, most group/instance/FRN groups) are normalized by one fused kernel (x read
 from memory once, y written once), groups of up to 16 elements by one invocation each; longer
-groups take a statistics pass and an apply pass. All three give the same bits.
+groups take a statistics pass and an apply pass. All three give the same bits. Channels-last
+reductions (batch norm over NHWC, layer-norm parameter gradients) use column kernels in which
+consecutive invocations read consecutive channels (coalesced), 256 rows per partial.
 The reduction order depends only on the group length, so results are bitwise identical run to
 run and whether or not an input is split across bindings. Values are scaled by a power of two
 when |x| >= 2^47, so statistics of data up to 3.4e38 stay finite. A NaN or infinity makes its
@@ -115,7 +117,7 @@ are processed in windows bound at aligned offsets, split on reduction-chunk and 
 (bitwise equal to an unsplit run); outputs are recycled buffers (see ``empty_cache``); more than 65 535 workgroups use a 2-D grid or a grid-stride
 loop. Limits: fewer than 2^32 - 2^26 elements (32-bit indices), one array within the device's
 ``max-buffer-size``; LRN and GDN need one sample slice x[o] (all channels of one outer index) to fit
-in one binding, and a channels-last reduction needs 4096 * C elements to fit in one binding.
+in one binding, and a channels-last reduction needs 256 rows of C channels to fit in one binding.
 """
 
 from __future__ import annotations

@@ -33,6 +33,8 @@ BINDINGS = {
     "sum_partial": "urrrrrwr",
     "sum_finalize": "urwww",
     "grad_apply": "urrwrrrrr",
+    "col_stats": "urw",
+    "col_sums": "urrrrrwr",
     "lrn": "urw",
     "gdn": "urwrr",
 }

@@ -331,6 +331,46 @@ def plan_blocks(ctx, red: Reduction, itemsize: int):
     return blocks
 
 
+COL_RB = 256  # rows per block in col_stats.wgsl / col_sums.wgsl
+COL_WG = 64
+
+
+def column_shape(red: Reduction):
+    """``(N, R, C)`` when the reduction is "every column of a row-major (N, R, C) tensor over its
+    R rows" (channels-last batch/instance norm, layer-norm parameter gradients), else None."""
+    if red.run_len == 1 and red.g_stride == 1 and red.run_stride == red.n_g and red.length > 0:
+        n = red.n_groups // red.n_g
+        if n == 1 or red.outer_stride == red.length * red.n_g:
+            return n, red.length, red.n_g
+    return None
+
+
+def col_blocks(ctx, N: int, R: int, C: int, itemsize: int):
+    """Dispatch blocks ``(n0, nn, rb0, nrb, lo, hi)`` of the column kernels: whole row blocks
+    whose input span fits one binding, workgroups within one 2-D grid."""
+    n_rb = math.ceil(R / COL_RB)
+    n_cb = math.ceil(C / COL_WG)
+    maxwg = ctx.max_wg**2
+    total = N * R * C
+    if _window(ctx, 0, total, itemsize)[1] <= ctx.max_binding and N * n_rb * n_cb <= maxwg:
+        return [(0, N, 0, n_rb, 0, total)]
+    rows = (ctx.max_binding - ctx.align - 4) // (C * itemsize)
+    per = min(rows // COL_RB, max(maxwg // n_cb, 1))
+    if per < 1:
+        raise value_error(
+            f"rsnorm.gpu: {COL_RB} rows of {C} channels ({COL_RB * C * itemsize} bytes) do not "
+            f"fit in one storage binding ({ctx.max_binding} bytes)"
+        )
+    blocks = []
+    for n in range(N):
+        for rb in range(0, n_rb, per):
+            rb1 = min(rb + per, n_rb)
+            lo = (n * R + rb * COL_RB) * C
+            hi = (n * R + min(rb1 * COL_RB, R)) * C
+            blocks.append((n, 1, rb, rb1 - rb, lo, hi))
+    return blocks
+
+
 def _check_small(ctx, nbytes: int, what: str):
     # Per-group buffers are bound whole; their size is tied to the number of groups.
     limit = ctx.limits["max-storage-buffer-binding-size"]
@@ -352,16 +392,42 @@ class GroupStats(NamedTuple):
     lo: GPUArray
 
 
+def _col_dispatch(enc, data: Data, name: str, consts: dict, col, extra_fields, rest, dy=None):
+    """Encode col_stats / col_sums over all blocks; ``rest`` are the bindings after x (and dy)."""
+    ctx = data.ctx
+    N, R, C = col
+    isz = data.itemsize
+    n_rb = math.ceil(R / COL_RB)
+    n_cb = math.ceil(C / COL_WG)
+    for n0, nn, rb0, nrb, lo, hi in col_blocks(ctx, N, R, C, isz):
+        off, size = _window(ctx, lo, hi, isz)
+        fields = [(R, "u"), (C, "u"), (n_rb, "u"), (n_cb, "u"), (n0, "u"), (nn, "u"),
+                  (rb0, "u"), (nrb, "u"), (off // isz, "u")]
+        if extra_fields:
+            # col_sums: the group map (gI, gC, a_stride, G, cpg, group_mode) and one pad word.
+            fields += [*extra_fields, (0, "u")]
+        else:
+            fields += [(0, "u")] * 3
+        binds = [(data.buffer, off, size)]
+        if dy is not None:
+            binds.append((dy.buffer, off, size))
+        enc.dispatch(name, data.storage, consts, pack(fields), binds + rest,
+                     _device.grid2d(ctx, nn * nrb * n_cb))
+
+
 def stats_pass(enc, data: Data, red: Reduction, mode: int, eps: float) -> GroupStats:
     """Encode the two statistics passes."""
     ctx = data.ctx
-    nch = red.n_chunks
+    col = column_shape(red) if _device._overrides.get("columns", True) else None
+    nch = math.ceil(col[1] / COL_RB) if col else red.n_chunks
     ng = red.n_groups
     _check_small(ctx, ng * nch * PART_BYTES, "the reduction partials")
     _check_small(ctx, ng * 32, "the group statistics")
     part = _device.new_buffer(ctx, ng * nch * PART_BYTES)
     isz = data.itemsize
-    for q0, q1, j0, j1, lo, hi in plan_blocks(ctx, red, isz):
+    if col:
+        _col_dispatch(enc, data, "col_stats", {"WG": COL_WG}, col, [], [part])
+    for q0, q1, j0, j1, lo, hi in ([] if col else plan_blocks(ctx, red, isz)):
         off, size = _window(ctx, lo, hi, isz)
         params = pack([
             (red.n_g, "u"), (red.outer_stride, "u"), (red.g_stride, "u"), (red.run_len, "u"),
@@ -459,7 +525,8 @@ def sum_pass(enc, data: Data, dy: Data, red: Reduction, gmap: GroupMap, mean, rs
     """Backward sums per reduction group: ``(sum a, sum a * xhat)``, a = dy (* w). With
     ``grads_shape`` also returns device arrays (dweight, dbias) of x's dtype."""
     ctx = data.ctx
-    nch = red.n_chunks
+    col = column_shape(red) if _device._overrides.get("columns", True) else None
+    nch = math.ceil(col[1] / COL_RB) if col else red.n_chunks
     ng = red.n_groups
     _check_small(ctx, ng * nch * 8, "the reduction partials")
     part = _device.new_buffer(ctx, ng * nch * 8)
@@ -467,7 +534,12 @@ def sum_pass(enc, data: Data, dy: Data, red: Reduction, gmap: GroupMap, mean, rs
     d = ctx.dummy
     consts = {"WG": red.wg, "USE_W": int(w is not None), "CENTER": int(center),
               "HAS_LO": int(lo is not None)}
-    for q0, q1, j0, j1, wlo, whi in plan_blocks(ctx, red, isz):
+    if col:
+        consts["WG"] = COL_WG
+        _col_dispatch(enc, data, "col_sums", consts, col, gmap.fields(),
+                      [mean._buffer if mean is not None else d, rstd._buffer, w or d, part,
+                       lo._buffer if lo is not None else d], dy=dy)
+    for q0, q1, j0, j1, wlo, whi in ([] if col else plan_blocks(ctx, red, isz)):
         off, size = _window(ctx, wlo, whi, isz)
         params = pack([
             (red.n_g, "u"), (red.outer_stride, "u"), (red.g_stride, "u"), (red.run_len, "u"),
