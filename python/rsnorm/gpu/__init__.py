@@ -21,7 +21,9 @@ Device and arrays
     upload a float16/float32 NumPy array. A ``GPUArray`` has ``shape``, ``dtype``, ``size``,
     ``ndim``, ``nbytes``, ``reshape(...)`` (a view, no copy) and ``numpy()`` (read back).
 
-No adapter (or no wgpu) -> ``RuntimeError`` with an explanation. A lost device is replaced on
+The adapter is wgpu's high-performance choice; set ``RSNORM_GPU_ADAPTER`` to a substring of an
+adapter's name (e.g. ``nvidia``) to pick one. No adapter (or no wgpu) -> ``RuntimeError`` with
+an explanation. A lost device is replaced on
 the next call; arrays of the lost device then raise ``RuntimeError`` ("upload again").
 
 Ops

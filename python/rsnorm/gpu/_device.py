@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -118,6 +119,21 @@ class Context:
 
 
 def _request_adapter(wgpu):
+    want = os.environ.get("RSNORM_GPU_ADAPTER", "").strip().lower()
+    if want:
+        # Pick an adapter by name, e.g. "nvidia" to get the NVIDIA Vulkan device rather than a
+        # fallback (benchmarks must name the card they ran on).
+        try:
+            found = wgpu.gpu.enumerate_adapters_sync()
+        except Exception as exc:  # reported as "no adapter"
+            raise RuntimeError(f"{_NO_ADAPTER} ({type(exc).__name__}: {exc})") from exc
+        for a in found:
+            text = " ".join(str(v) for v in dict(a.info).values()).lower()
+            if want in text:
+                return a
+        names = [dict(a.info).get("device", "?") for a in found]
+        raise RuntimeError(f"rsnorm.gpu: no adapter matches RSNORM_GPU_ADAPTER={want!r}; "
+                           f"found {names}")
     try:
         adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
     except Exception as exc:  # wgpu raises various errors when no driver loads
