@@ -8,8 +8,9 @@ For each op and size it reports, side by side in one process on one device:
   (``on_submitted_work_done``): it includes Python encoding, so it is an upper bound;
 * ``numpy ms``: the NumPy round trip (upload, compute, one readback), reported separately;
 * ``GB/s``: minimal bytes (read x (and dy), write y (or dx), parameters) / kernel time (wall
-  time when there are no timestamps), and the same as a percentage of a same-run
-  ``copy_buffer_to_buffer`` of the input's bytes and of the card's nominal HBM bandwidth. Batch
+  time when there are no timestamps), and the same as a percentage of a same-run copy kernel
+  (``y = x`` through rsnorm's own elementwise pass, timed the same way) and of the card's
+  nominal HBM bandwidth. Batch
   norm training really moves 3N (x twice, y once); the minimal figure counts 2N;
 * with PyTorch and CUDA: the same op in torch on the same GPU in the same run (CUDA events,
   ``no_grad``, median of the same repeats), its GB/s, and rsnorm's time / torch's time.
@@ -199,24 +200,33 @@ class _Waiter:
         self.ctx.device.queue.read_buffer(self.buf)
 
 
-def _copy_time(ctx, nbytes, repeats, wait):
-    import wgpu
+def _copy_time(ctx, xd, repeats, wait, timing):
+    """Median seconds of a compute-shader copy y = x of the same array (the apply kernel in
+    identity mode), timed exactly like the ops: the same-run bandwidth reference."""
+    from ._engine import Data, apply_pass, map_channels
 
-    dev = ctx.device
-    u = wgpu.BufferUsage
-    a = dev.create_buffer(size=nbytes, usage=u.STORAGE | u.COPY_SRC | u.COPY_DST)
-    b = dev.create_buffer(size=nbytes, usage=u.STORAGE | u.COPY_SRC | u.COPY_DST)
+    data = Data(ctx, xd, False)
+    y = data.like()
     times = []
     for _ in range(repeats + 1):
-        enc = dev.create_command_encoder()
-        enc.copy_buffer_to_buffer(a, 0, b, 0, nbytes)
+        if timing is not None:
+            timing.n = 0
+            _device_mod()._timing = timing
         t0 = time.perf_counter()
-        dev.queue.submit([enc.finish()])
+        enc = _device_mod().Encoder(ctx)
+        apply_pass(enc, data, y, map_channels(1, 1), None, 2)
+        enc.submit()
         wait()
-        times.append(time.perf_counter() - t0)
-    a.destroy()
-    b.destroy()
+        t = time.perf_counter() - t0
+        _device_mod()._timing = None
+        times.append(timing.read_ns() * 1e-9 if timing is not None else t)
     return statistics.median(times[1:])
+
+
+def _device_mod():
+    from . import _device
+
+    return _device
 
 
 def _torch_bench(op, x, dy, p, kw, repeats):
@@ -377,7 +387,7 @@ def run(ops, sizes_mib, dtype="float32", layout="nchw", repeats=10, warmup=2, to
             wall = statistics.median(walls)
             kern = statistics.median(kernels) if kernels else None
             tbest = kern if kern else wall
-            copy = _copy_time(ctx, max(4, (nbytes + 3) // 4 * 4), repeats, wait)
+            copy = _copy_time(ctx, xd, repeats, wait, timing)
             gbps = moved / tbest / 1e9
             row = {
                 "op": op, "shape": list(shape), "dtype": dtype, "layout": layout,
@@ -385,6 +395,7 @@ def run(ops, sizes_mib, dtype="float32", layout="nchw", repeats=10, warmup=2, to
                 "wall_spread_ms": (max(walls) - min(walls)) * 1e3,
                 "numpy_roundtrip_ms": statistics.median(rt) * 1e3,
                 "bytes_min": moved, "gbps": gbps,
+                "copy_gbps": 2 * nbytes / copy / 1e9,
                 "pct_of_copy": 100.0 * gbps / (2 * nbytes / copy / 1e9),
                 "pct_of_nominal": 100.0 * gbps / nominal if nominal else None,
                 "max_err_over_tol": err, "device": inf["adapter"], "fallback": fallback,
