@@ -88,8 +88,9 @@ mean like 1e4 (0.5 ulp = 5e-4) never reaches the output. Groups of up to 4 chunk
 rows up to 16384, most group/instance/FRN groups) are normalized by one fused kernel (x read
 from memory once, y written once), groups of up to 16 elements by one invocation each; longer
 groups take a statistics pass and an apply pass. All three give the same bits. Channels-last
-reductions (batch norm over NHWC, layer-norm parameter gradients) use column kernels in which
-consecutive invocations read consecutive channels (coalesced), 256 rows per partial.
+per-channel reductions (batch and instance norm over NHWC, layer-norm parameter gradients) use
+column kernels instead, in which consecutive invocations read consecutive channels (coalesced),
+256 rows per partial.
 The reduction order depends only on the group length, so results are bitwise identical run to
 run and whether or not an input is split across bindings. Values are scaled by a power of two
 when |x| >= 2^47, so statistics of data up to 3.4e38 stay finite. A NaN or infinity makes its

@@ -487,7 +487,11 @@ def normalize(enc, data: Data, y: GPUArray, red: Reduction, gmap: GroupMap, mode
     """Normalize with statistics of the data: the fused kernel for groups of at most
     FUSED_CHUNKS chunks, else the two statistics passes and the apply pass (same bits either
     way). Returns (mean, rstd) device arrays."""
-    if red.n_chunks <= _device._overrides.get("fused_chunks", FUSED_CHUNKS):
+    col = column_shape(red) if _device._overrides.get("columns", True) else None
+    # Channels-last per-channel groups (instance norm over NHWC) would have each invocation of the
+    # fused kernel read one element per row, C apart; the column kernels read whole rows instead.
+    strided = col is not None and col[2] > 1 and red.length > PER
+    if not strided and red.n_chunks <= _device._overrides.get("fused_chunks", FUSED_CHUNKS):
         return fused_pass(enc, data, y, red, gmap, mode, eps, w, b, tau)
     st = stats_pass(enc, data, red, mode, eps)
     apply_pass(enc, data, y, gmap, st.gstat, mode, w, b, tau)
