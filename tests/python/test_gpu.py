@@ -61,6 +61,28 @@ def test_info_and_adapters():
     assert len(gpu.adapters()) >= 1
 
 
+def test_every_shader_compiles_and_headers_match_layouts():
+    import re
+
+    from rsnorm.gpu import shaders
+
+    ctx = _device.context()
+    kinds = {"uniform": "u", "storage, read": "r", "storage, read_write": "w"}
+    for name, layout in _device.BINDINGS.items():
+        text = shaders.load_wgsl(name)
+        # Header lines look like "//   3  storage, read_write  y : array<T> ...".
+        header = re.findall(r"^//\s+(\d+)\s+(uniform|storage, read_write|storage, read)\s",
+                            text, flags=re.MULTILINE)
+        assert "".join(kinds[k] for _, k in header) == layout, name
+        assert [int(i) for i, _ in header] == list(range(len(layout))), name
+        decl = re.findall(r"@binding\((\d+)\) var<(uniform|storage, read_write|storage, read)>",
+                          text)
+        assert "".join(kinds[k] for _, k in decl) == layout, name
+        for storage in ("f32", "f16") if ctx.has_f16 else ("f32",):
+            ctx.device.create_shader_module(code=shaders.shader_source(name, storage))
+    assert shaders.load_wgsl.cache_info().hits > 0
+
+
 def test_asarray_roundtrip_and_reshape(rng):
     x = randn(rng, 3, 5, 7)
     d = gpu.asarray(x)
