@@ -23,8 +23,19 @@ Device and arrays
 
 The adapter is wgpu's high-performance choice; set ``RSNORM_GPU_ADAPTER`` to a substring of an
 adapter's name (e.g. ``nvidia``) to pick one. No adapter (or no wgpu) -> ``RuntimeError`` with
-an explanation. A lost device is replaced on
-the next call; arrays of the lost device then raise ``RuntimeError`` ("upload again").
+an explanation. A lost device is replaced on the next call; arrays of the lost device then raise
+``RuntimeError`` ("upload again").
+
+Example::
+
+    import numpy as np
+    from rsnorm import gpu
+
+    x = np.random.default_rng(0).standard_normal((32, 64, 56, 56), dtype=np.float32)
+    y = gpu.batch_norm(x, training=True)             # NumPy in, NumPy out
+    xd = gpu.asarray(x)                              # or keep the data on the device:
+    h = gpu.group_norm(gpu.layer_norm(xd, (56, 56)), 8)
+    h.numpy()                                        # the only readback
 
 Ops
 ---
