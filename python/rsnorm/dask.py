@@ -37,6 +37,7 @@ import numpy as np
 
 import rsnorm as _rn
 from rsnorm._types import Moments, Stats
+from rsnorm.distributed import _check_running, _update_running  # MPI is imported lazily there
 
 __all__ = [
     "batch_norm",
@@ -267,24 +268,24 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
             if not isinstance(v, np.ndarray):
                 raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place)")
             _vector(v, name, c)
+    if training:
+        _check_running(running_mean, running_var, num_batches_tracked, momentum)
     update = training and running_mean is not None
-    if update and momentum is None and num_batches_tracked is None:
-        raise _rn.RsnormError("momentum=None (cumulative average) needs num_batches_tracked=")
 
     if training or running_mean is None:
         m = moments(x, ax, split_every=split_every)
-        if training and m.count <= 1:
+        if training and m.count == 1:
             raise _rn.RsnormError(
                 "Expected more than 1 value per channel when training, got input size "
                 f"{tuple(x.shape)}"
             )
+        # An empty x: empty output, running statistics untouched, as rsnorm.batch_norm does.
+        update = update and m.count > 0
         mean, m2 = m.mean, m.m2
         if update or compute_stats:
             mean, m2 = dask.compute(mean, m2)
         var = m2 / m.count if m.count > 0 else m2 * np.nan
         if update:
-            from rsnorm.distributed import _update_running
-
             _update_running(running_mean, running_var, Moments(m.count, mean, m2), momentum,
                             num_batches_tracked, momentum_convention)
     else:
