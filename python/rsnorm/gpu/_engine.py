@@ -509,16 +509,28 @@ def running_stats_pass(enc, ctx, rm_buf, rv_buf, C: int, eps: float):
     return GroupStats(gstat, mean, rstd, None, None)
 
 
+def apply_grid(ctx, count: int, gmap: GroupMap):
+    """(workgroups, FIXED_C) of an elementwise pass over ``count`` elements. When the groups are
+    channels, the workgroup count is made a multiple of the channel period I * C / gcd(I * C, WG)
+    so that every invocation stays on one channel (no integer division per element)."""
+    want = min(math.ceil(count / APPLY_WG), ctx.max_wg)
+    if gmap.mode == 0 and _device._overrides.get("fixed_c", True):
+        period = gmap.I * gmap.C // math.gcd(gmap.I * gmap.C, APPLY_WG)
+        if period <= ctx.max_wg:
+            return max(want // period, 1) * period, 1
+    return max(want, 1), 0
+
+
 def apply_pass(enc, data: Data, y: GPUArray, gmap: GroupMap, gstat, mode: int,
                w=None, b=None, tau=None):
     ctx = data.ctx
     d = ctx.dummy
-    consts = {"WG": APPLY_WG, "MODE": mode, "HAS_W": int(w is not None),
-              "HAS_B": int(b is not None), "HAS_TAU": int(tau is not None)}
     for first, count, ws, off, size in _device.element_windows(ctx, data.size, data.itemsize):
         params = pack([(first, "u"), (count, "u"), (ws, "u"), *gmap.fields(),
                        (0, "u"), (0, "u"), (0, "u")])
-        nwg = min(math.ceil(count / APPLY_WG), ctx.max_wg)
+        nwg, fixed = apply_grid(ctx, count, gmap)
+        consts = {"WG": APPLY_WG, "MODE": mode, "HAS_W": int(w is not None), "FIXED_C": fixed,
+                  "HAS_B": int(b is not None), "HAS_TAU": int(tau is not None)}
         enc.dispatch("norm_apply", data.storage, consts, params,
                      [(data.buffer, off, size), (y._buffer, off, size), gstat or d, w or d,
                       b or d, tau or d], (nwg, 1))
@@ -574,12 +586,12 @@ def grad_apply_pass(enc, data: Data, dy: Data, dx: GPUArray, gmap: GroupMap, mea
                     w, mode: int, n: int, w_on_sums: bool = False, lo=None):
     ctx = data.ctx
     d = ctx.dummy
-    consts = {"WG": APPLY_WG, "MODE": mode, "HAS_W": int(w is not None),
-              "W_ON_SUMS": int(w_on_sums), "HAS_LO": int(lo is not None)}
     for first, count, ws, off, size in _device.element_windows(ctx, data.size, data.itemsize):
         params = pack([(first, "u"), (count, "u"), (ws, "u"), *gmap.fields(), (float(n), "f"),
                        (0, "u"), (0, "u")])
-        nwg = min(math.ceil(count / APPLY_WG), ctx.max_wg)
+        nwg, fixed = apply_grid(ctx, count, gmap)
+        consts = {"WG": APPLY_WG, "MODE": mode, "HAS_W": int(w is not None), "FIXED_C": fixed,
+                  "W_ON_SUMS": int(w_on_sums), "HAS_LO": int(lo is not None)}
         enc.dispatch("grad_apply", data.storage, consts, params,
                      [(data.buffer, off, size), (dy.buffer, off, size), (dx._buffer, off, size),
                       mean._buffer if mean is not None else d, rstd._buffer, sums or d, w or d,
