@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import uuid
 
 import dask
 import dask.array as da
@@ -177,10 +178,15 @@ def _moments_aggregate(parts, axis=None, keepdims=None, computing_meta=False):
 
 def _moments_array(x: da.Array, ax: int, split_every=None) -> da.Array:
     red = tuple(i for i in range(x.ndim) if i != ax)
+    # Keys unique to this call: the same statistics submitted again inside another graph (e.g.
+    # computed now for the running statistics, after a lazy y that held them) would otherwise
+    # reach a dask.distributed scheduler under the same keys with differently fused tasks, which
+    # it warns "can cause failures and deadlocks" (dask/dask#9888).
+    name = f"rsnorm-moments-{uuid.uuid4().hex[:12]}"
     return da.reduction(
         x, functools.partial(_moments_chunk, ax=ax), _moments_aggregate, axis=red,
         combine=_moments_combine, concatenate=False, dtype=_MOMENTS_DTYPE,
-        meta=np.empty((0,), _MOMENTS_DTYPE), split_every=split_every, name="rsnorm-moments",
+        meta=np.empty((0,), _MOMENTS_DTYPE), split_every=split_every, name=name,
     )
 
 
