@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import threading
 from pathlib import Path
 
@@ -373,9 +374,10 @@ def test_convert_sync_batchnorm():
 def _mpiexec():
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py is not installed (pip install 'rsnorm[distributed]': mpi4py mpich)")
-    exe = shutil.which("mpiexec")
+    # The mpich wheel installs mpiexec beside the interpreter's scripts, which may not be on PATH.
+    exe = shutil.which("mpiexec") or shutil.which("mpiexec", path=sysconfig.get_path("scripts"))
     if exe is None:
-        pytest.skip("mpiexec is not on PATH (pip install mpich provides it)")
+        pytest.skip("mpiexec is not installed (pip install mpich provides it)")
     return exe
 
 
