@@ -14,6 +14,8 @@ For each op and size it reports, side by side in one process on one device:
   norm training really moves 3N (x twice, y once); the minimal figure counts 2N;
 * with PyTorch and CUDA: the same op in torch on the same GPU in the same run (CUDA events,
   ``no_grad``, median of the same repeats), its GB/s, and rsnorm's time / torch's time.
+  Backward ops are timed alone on both sides: rsnorm gets the forward's ``stats``, torch runs
+  ``autograd.grad`` on a kept graph.
 
 Outputs are checked against the float64 references of ``rsnorm._reference`` on a slice before any
 timing. Numbers from a CPU adapter (lavapipe) are a smoke test, not performance: the table says so.
@@ -128,15 +130,30 @@ def _gpu_call(gpu, op, x, dy, p, kw):
         return gpu.local_response_norm(x, 5, 1e-4, 0.75, 2.0)
     if op == "gdn":
         return gpu.gdn(x, p["beta"], p["gamma"])
+    st = p.get("stats")  # the forward's statistics, as a training step would pass them
     if op == "ln_bwd":
-        return gpu.layer_norm_backward(dy, x, x.shape[-1], p["w"], p["b"])
+        return gpu.layer_norm_backward(dy, x, x.shape[-1], p["w"], p["b"], stats=st)
     if op == "rms_bwd":
-        return gpu.rms_norm_backward(dy, x, x.shape[-1], p["w"])
+        return gpu.rms_norm_backward(dy, x, x.shape[-1], p["w"], stats=st)
     if op == "gn_bwd":
-        return gpu.group_norm_backward(dy, x, min(32, C), p["w"], p["b"], **kw)
+        return gpu.group_norm_backward(dy, x, min(32, C), p["w"], p["b"], stats=st, **kw)
     if op == "bn_bwd":
-        return gpu.batch_norm_backward(dy, x, None, None, p["w"], p["b"], training=True, **kw)
+        return gpu.batch_norm_backward(dy, x, None, None, p["w"], p["b"], training=True,
+                                       stats=st, **kw)
     raise ValueError(op)
+
+
+def _forward_stats(gpu, op, x, p, kw):
+    fwd = {"ln_bwd": "ln", "rms_bwd": "rms", "gn_bwd": "gn", "bn_bwd": "bn"}[op]
+    q = dict(p, rm=None, rv=None)
+    if fwd == "bn":
+        return gpu.batch_norm(x, None, None, q["w"], q["b"], training=True, return_stats=True,
+                              **kw)[1]
+    if fwd == "ln":
+        return gpu.layer_norm(x, x.shape[-1], q["w"], q["b"], return_stats=True)[1]
+    if fwd == "rms":
+        return gpu.rms_norm(x, x.shape[-1], q["w"], return_stats=True)[1]
+    return gpu.group_norm(x, min(32, p["C"]), q["w"], q["b"], return_stats=True, **kw)[1]
 
 
 def _reference(op, x, dy, p, kw):
@@ -282,12 +299,14 @@ def _torch_bench(op, x, dy, p, kw, repeats):
             return xt * torch.rsqrt(s)
         return None
 
+    yg = fwd() if grad else None  # backward is timed alone, from a kept graph
+
     def call():
         if grad:
-            y = fwd()
-            if y is None:
+            if yg is None:
                 return None
-            return torch.autograd.grad(y, (xt, w, b) if op != "rms_bwd" else (xt, w), dyt)
+            ins = (xt, w, b) if op != "rms_bwd" else (xt, w)
+            return torch.autograd.grad(yg, ins, dyt, retain_graph=True)
         with torch.no_grad():
             return fwd()
 
@@ -362,6 +381,8 @@ def run(ops, sizes_mib, dtype="float32", layout="nchw", repeats=10, warmup=2, to
             dyd = asarray(dy) if dy is not None else None
             pd = {k: (asarray(v) if isinstance(v, np.ndarray) and v.dtype == np.float32 else v)
                   for k, v in p.items()}
+            if op.endswith("_bwd"):
+                pd["stats"] = _forward_stats(gpu, op, xd, pd, kw)
             for _ in range(warmup):
                 _gpu_call(gpu, op, xd, dyd, pd, kw)
             wait()
