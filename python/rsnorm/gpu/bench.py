@@ -246,24 +246,30 @@ def _device_mod():
     return _device
 
 
-def _torch_bench(op, x, dy, p, kw, repeats):
-    """Median ms of the same op in torch on CUDA, or None."""
+def _torch_bench(op, x, dy, p, kw, repeats, dev="cuda"):
+    """(median ms of the same op in torch, median ms of a same-size copy) on CUDA, or None.
+    ``dev="cpu"`` exists for the smoke test of this code path on machines without CUDA."""
     try:
         import torch
         import torch.nn.functional as F
     except ImportError:
         return None
-    if not torch.cuda.is_available():
+    cuda = dev == "cuda"
+    if cuda and not torch.cuda.is_available():
         return None
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    dev = "cuda"
+    if cuda:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     axis = kw.get("axis", 1)
     xt = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
     if axis == -1:
         # Channels-last: the same memory order as rsnorm's NHWC input.
         xt = xt.permute(0, 3, 1, 2)
     t = {k: torch.from_numpy(v).to(dev) for k, v in p.items() if isinstance(v, np.ndarray)}
+    # Affine parameters in x's dtype (torch's layer/group norm want them to match); batch norm
+    # keeps float32 parameters and running statistics, as cuDNN takes them for half input.
+    if op not in ("bn", "bn_eval", "bn_bwd"):
+        t = {k: v.to(xt.dtype) for k, v in t.items()}
     C = p["C"]
     grad = op.endswith("_bwd")
     if grad:
@@ -312,26 +318,30 @@ def _torch_bench(op, x, dy, p, kw, repeats):
 
     if call() is None:
         return None
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        call()
-        e.record()
+
+    def timed(fn):
+        out = []
+        for _ in range(repeats):
+            if cuda:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn()
+                e.record()
+                torch.cuda.synchronize()
+                out.append(s.elapsed_time(e))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(out)
+
+    if cuda:
         torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
+    op_ms = timed(call)
     with torch.no_grad():
         y = torch.empty_like(xt)
-        cps = []
-        for _ in range(repeats):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            y.copy_(xt)
-            e.record()
-            torch.cuda.synchronize()
-            cps.append(s.elapsed_time(e))
-    return statistics.median(times), statistics.median(cps)
+        copy_ms = timed(lambda: y.copy_(xt))
+    return op_ms, copy_ms
 
 
 def run(ops, sizes_mib, dtype="float32", layout="nchw", repeats=10, warmup=2, torch=True,
@@ -422,7 +432,11 @@ def run(ops, sizes_mib, dtype="float32", layout="nchw", repeats=10, warmup=2, to
                 "max_err_over_tol": err, "device": inf["adapter"], "fallback": fallback,
             }
             if torch and not fallback:
-                tb = _torch_bench(op, x, dy, p, kw, repeats)
+                try:
+                    tb = _torch_bench(op, x, dy, p, kw, repeats)
+                except Exception as exc:  # noqa: BLE001 - a torch limitation must not stop the run
+                    tb = None
+                    row["torch_error"] = f"{type(exc).__name__}: {exc}"[:200]
                 if tb is not None:
                     tms, tcopy = tb
                     row["torch_ms"] = tms
