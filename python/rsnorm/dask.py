@@ -38,7 +38,11 @@ import numpy as np
 
 import rsnorm as _rn
 from rsnorm._types import Moments, Stats
-from rsnorm.distributed import _check_running, _update_running  # MPI is imported lazily there
+from rsnorm.distributed import (  # mpi4py is imported there only when a communicator is needed
+    _check_running,
+    _local_moments,
+    _update_running,
+)
 
 __all__ = [
     "batch_norm",
@@ -155,7 +159,7 @@ def _flatten(parts):
 def _moments_chunk(x, axis=None, keepdims=None, *, ax, computing_meta=False):
     if computing_meta:
         return x
-    m = _rn.moments(x, ax)
+    m = _local_moments(x, ax)
     return {"count": int(m.count), "mean": m.mean, "m2": m.m2}
 
 
