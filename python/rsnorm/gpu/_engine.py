@@ -197,7 +197,8 @@ def check_out(out, x, host: bool):
             raise value_error("out overlaps the input x")
     else:
         if not isinstance(out, GPUArray):
-            raise TypeError(f"out must be a device array for device input, got {type(out).__name__}")
+            raise TypeError(
+                f"out must be a device array for device input, got {type(out).__name__}")
         if out.shape != x.shape or out.dtype != x.dtype:
             raise value_error(
                 f"out must have shape {x.shape} and dtype {x.dtype}, got {out.shape} {out.dtype}"
