@@ -34,6 +34,7 @@ BINDINGS = {
     "sum_partial": "urrrrrwr",
     "sum_finalize": "urwww",
     "grad_apply": "urrwrrrrr",
+    "grad_fused": "urrwrrrr",
     "col_stats": "urw",
     "col_sums": "urrrrrwr",
     "lrn": "urw",
