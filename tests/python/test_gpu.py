@@ -598,6 +598,23 @@ def test_pipelines_cached_and_outputs_recycled(rng):
     gpu.empty_cache()
 
 
+def test_repeated_calls_do_not_grow_memory(rng):
+    import resource
+
+    x = randn(rng, 64, 256)
+    d = gpu.asarray(x)
+    for _ in range(50):
+        gpu.layer_norm(x, 256)
+        gpu.batch_norm(d, training=True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(600):  # a 64 KiB upload and output per host call: 38 MiB if they leaked
+        gpu.layer_norm(x, 256)
+        gpu.batch_norm(d, training=True)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 12 * 1024
+    assert _device._pool_bytes <= 16 * 65536
+
+
 def test_out_argument(rng):
     x = randn(rng, 3, 8)
     out = np.empty_like(x)

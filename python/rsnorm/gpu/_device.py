@@ -261,6 +261,7 @@ def new_buffer(ctx: Context, nbytes: int):
 # back to the pool when the last device array using it dies, and is reused for the next output of
 # the same size (queue order makes the reuse safe). Bounded by _POOL_CAP bytes.
 _POOL_CAP = 2 * 2**30
+_POOL_PER_SIZE = 4
 _pool: dict = {}
 _pool_bytes = 0
 
@@ -294,7 +295,8 @@ def _release(block: Block) -> None:
     block.buffer = None
     with _lock:
         if (_ctx is not None and not _lost and block.gen == _ctx.generation
-                and _pool_bytes + block.size <= _POOL_CAP):
+                and _pool_bytes + block.size <= _POOL_CAP
+                and len(_pool.get(block.size, ())) < _POOL_PER_SIZE):
             _pool.setdefault(block.size, []).append(buf)
             _pool_bytes += block.size
             return
@@ -322,6 +324,18 @@ def empty_cache() -> None:
         _pool_bytes = 0
     for b in bufs:
         b.destroy()
+
+
+def upload_block(ctx: Context, arr: np.ndarray) -> Block:
+    """A recycled (or new) storage buffer holding the bytes of a C-contiguous array."""
+    data = arr.tobytes()
+    if len(data) % 4:
+        data += b"\0" * (-len(data) % 4)
+    block = alloc(ctx, len(data))
+    if data:
+        COUNTERS["uploads"] += 1
+        ctx.device.queue.write_buffer(block.buffer, 0, data)
+    return block
 
 
 def upload(ctx: Context, arr: np.ndarray):
