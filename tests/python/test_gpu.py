@@ -615,6 +615,31 @@ def test_repeated_calls_do_not_grow_memory(rng):
     assert _device._pool_bytes <= 16 * 65536
 
 
+def test_threads_share_the_device(rng):
+    # wgpu-native aborts the process when threads encode at once: ops serialize on a lock.
+    import threading
+
+    xs = [randn(rng, 16, 300) for _ in range(6)]
+    want = [gpu.layer_norm(x, 300) for x in xs]
+    bad = []
+
+    def work(i):
+        try:
+            for _ in range(15):
+                if not np.array_equal(gpu.layer_norm(xs[i], 300), want[i]):
+                    bad.append(i)
+                gpu.batch_norm(gpu.asarray(xs[i]).reshape(16, 3, 100), training=True).numpy()
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            bad.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert bad == []
+
+
 def test_out_argument(rng):
     x = randn(rng, 3, 8)
     out = np.empty_like(x)

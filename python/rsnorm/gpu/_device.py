@@ -300,7 +300,7 @@ def _release(block: Block) -> None:
             _pool.setdefault(block.size, []).append(buf)
             _pool_bytes += block.size
             return
-    buf.destroy()
+        buf.destroy()
 
 
 def alloc(ctx: Context, nbytes: int) -> Block:
@@ -322,8 +322,8 @@ def empty_cache() -> None:
         bufs = [b for lst in _pool.values() for b in lst]
         _pool.clear()
         _pool_bytes = 0
-    for b in bufs:
-        b.destroy()
+        for b in bufs:
+            b.destroy()
 
 
 def upload_block(ctx: Context, arr: np.ndarray) -> Block:
@@ -331,10 +331,11 @@ def upload_block(ctx: Context, arr: np.ndarray) -> Block:
     data = arr.tobytes()
     if len(data) % 4:
         data += b"\0" * (-len(data) % 4)
-    block = alloc(ctx, len(data))
-    if data:
-        COUNTERS["uploads"] += 1
-        ctx.device.queue.write_buffer(block.buffer, 0, data)
+    with _lock:
+        block = alloc(ctx, len(data))
+        if data:
+            COUNTERS["uploads"] += 1
+            ctx.device.queue.write_buffer(block.buffer, 0, data)
     return block
 
 
@@ -354,6 +355,11 @@ def upload(ctx: Context, arr: np.ndarray):
 
 def download(ctx: Context, items) -> list[bytes]:
     """Copy several ``(buffer, nbytes)`` into one staging buffer in one submit and map it once."""
+    with _lock:
+        return _download(ctx, items)
+
+
+def _download(ctx: Context, items) -> list[bytes]:
     wgpu = _wgpu()
     offs = []
     total = 0
