@@ -640,6 +640,34 @@ def test_threads_share_the_device(rng):
     assert bad == []
 
 
+# Python >= 3.12 warns that fork() in a multi-threaded process (wgpu has threads) may deadlock:
+# exactly the situation under test.
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+def test_forked_child_gets_a_clear_error(rng):
+    # wgpu-native does not survive fork(): the child must fail fast instead of hanging.
+    import multiprocessing as mp
+
+    x = randn(rng, 4, 10)
+    want = gpu.layer_norm(x, 10)
+    mpc = mp.get_context("fork")
+    q = mpc.Queue()
+    p = mpc.Process(target=_fork_child, args=(q, x))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    kind, msg = q.get(timeout=5)
+    assert kind == "RuntimeError" and "spawn" in msg
+    assert np.array_equal(gpu.layer_norm(x, 10), want)  # the parent is unaffected
+
+
+def _fork_child(q, x):
+    try:
+        gpu.layer_norm(x, 10)
+        q.put(("ok", ""))
+    except Exception as exc:  # noqa: BLE001 - the parent checks the kind
+        q.put((type(exc).__name__, str(exc)))
+
+
 def test_out_argument(rng):
     x = randn(rng, 3, 8)
     out = np.empty_like(x)

@@ -202,12 +202,22 @@ def _create() -> Context:
     return ctx
 
 
+_pid = os.getpid()
+
+
 def context() -> Context:
     """The live context, created on first use and re-created after a device loss."""
     global _ctx
+    if _ctx is not None and os.getpid() != _pid:
+        # wgpu-native's instance and threads do not survive fork(): using them in the child hangs.
+        raise RuntimeError(
+            "rsnorm.gpu was initialized in the parent of this forked process and cannot be used "
+            "here; start worker processes with the 'spawn' or 'forkserver' method"
+        )
     with _lock:
         if _ctx is None or _lost:
             _ctx = _create()
+            globals()["_pid"] = os.getpid()
         return _ctx
 
 
@@ -290,7 +300,7 @@ class Block:
 def _release(block: Block) -> None:
     global _pool_bytes
     buf = block.buffer
-    if buf is None:
+    if buf is None or os.getpid() != _pid:
         return
     block.buffer = None
     with _lock:
