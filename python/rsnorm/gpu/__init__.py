@@ -128,7 +128,9 @@ Threads and processes
 ---------------------
 Ops may be called from several threads; GPU work is serialized on one lock (wgpu-native aborts
 when threads encode at once). wgpu does not survive ``fork()``: in a child forked after the
-parent used the GPU, calls raise ``RuntimeError`` (use the ``spawn`` start method).
+parent used the GPU, calls raise ``RuntimeError`` (use the ``spawn`` start method). A call is not
+interrupted by Ctrl-C while it waits for the GPU (as NumPy ufuncs are not); the interrupt is
+raised when it returns.
 
 Large inputs
 ------------
