@@ -741,7 +741,8 @@ def _raises_like_cpu(exc, name, *args, cpu_too=True, **kw):
     if cpu is not None and cpu_too:
         with pytest.raises(Exception) as cerr:
             cpu(*args, **kw)
-        assert isinstance(cerr.value, exc), cerr.value
+        # The very same class (e.g. rsnorm.ShapeError, not just ValueError).
+        assert type(cerr.value) is type(gerr.value), (cerr.value, gerr.value)
     return gerr.value
 
 
@@ -771,6 +772,12 @@ def test_errors(rng):
     ro = np.zeros(4)
     ro.flags.writeable = False
     _raises_like_cpu(ValueError, "batch_norm", x, ro, np.ones(4), training=True)
+    _raises_like_cpu(ValueError, "batch_norm", randn(rng, 3))  # rank 1
+    _raises_like_cpu(ValueError, "group_norm", randn(rng, 3), 1)
+    _raises_like_cpu(ValueError, "layer_norm", x, 3, out=np.zeros((2, 4), np.float32))
+    _raises_like_cpu(TypeError, "layer_norm", [[1.0, 2.0]], 2)
+    _raises_like_cpu(TypeError, "group_norm", x, 2, np.ones(4, np.int32))
+    _raises_like_cpu(ValueError, "layer_norm", x, (), cpu_too=True)
 
 
 # ----------------------------------------------------------------------------- random layouts

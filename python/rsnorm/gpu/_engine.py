@@ -22,7 +22,15 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _device
-from ._array import GPUArray, _upload_checked, check_dtype, empty, storage_for, value_error
+from ._array import (
+    GPUArray,
+    _upload_checked,
+    check_dtype,
+    empty,
+    shape_error,
+    storage_for,
+    value_error,
+)
 from ._device import APPLY_WG, PER, SMALL_WG, pack
 
 # Global element indices are u32 in the shaders; grid-stride loops need some headroom.
@@ -169,7 +177,7 @@ def check_param(p, shape: tuple, name: str):
     else:
         raise TypeError(f"{name} must be a NumPy array or a device array, got {type(p).__name__}")
     if tuple(p.shape) != tuple(shape):
-        raise value_error(f"{name} must have shape {tuple(shape)}, got {tuple(p.shape)}")
+        raise shape_error(f"{name} must have shape {tuple(shape)}, got {tuple(p.shape)}")
     return p
 
 
@@ -187,10 +195,10 @@ def check_out(out, x, host: bool):
     if host:
         if not isinstance(out, np.ndarray):
             raise TypeError(f"out must be a NumPy array for NumPy input, got {type(out).__name__}")
-        if out.shape != x.shape or out.dtype != x.dtype:
-            raise value_error(
-                f"out must have shape {x.shape} and dtype {x.dtype}, got {out.shape} {out.dtype}"
-            )
+        if out.shape != x.shape:
+            raise shape_error(f"out must have the input's shape {x.shape}, got {out.shape}")
+        if out.dtype != x.dtype:
+            raise TypeError(f"out must have the input's dtype {x.dtype}, got {out.dtype}")
         if not out.flags.writeable:
             raise value_error("out is read-only")
         if np.shares_memory(out, x):
@@ -199,10 +207,10 @@ def check_out(out, x, host: bool):
         if not isinstance(out, GPUArray):
             raise TypeError(
                 f"out must be a device array for device input, got {type(out).__name__}")
-        if out.shape != x.shape or out.dtype != x.dtype:
-            raise value_error(
-                f"out must have shape {x.shape} and dtype {x.dtype}, got {out.shape} {out.dtype}"
-            )
+        if out.shape != x.shape:
+            raise shape_error(f"out must have the input's shape {x.shape}, got {out.shape}")
+        if out.dtype != x.dtype:
+            raise TypeError(f"out must have the input's dtype {x.dtype}, got {out.dtype}")
         if out._buffer is x._buffer:
             raise value_error("out overlaps the input x")
     return out
