@@ -28,7 +28,6 @@ from ._array import (
     check_dtype,
     empty,
     shape_error,
-    storage_for,
     value_error,
 )
 from ._device import APPLY_WG, PER, SMALL_WG, pack
@@ -647,10 +646,6 @@ def gstat_host(raw: bytes, n_groups: int):
     return rec["n"].astype(np.int64), mean, m2
 
 
-def is_host_like(*args) -> bool:
-    return any(isinstance(a, np.ndarray) for a in args)
-
-
 __all__ = [
     "Data",
     "GroupMap",
@@ -663,12 +658,15 @@ __all__ = [
     "check_x",
     "collect",
     "f32_array",
+    "fused_pass",
     "grad_apply_pass",
+    "grad_fused_pass",
     "gstat_host",
     "map_channels",
     "map_grouped",
     "map_rows",
     "norm_axis",
+    "normalize",
     "param_buffer",
     "plan_blocks",
     "red_channels",
@@ -676,6 +674,6 @@ __all__ = [
     "red_rows",
     "running_stats_pass",
     "stats_pass",
-    "storage_for",
     "sum_pass",
+    "use_fused",
 ]
