@@ -67,6 +67,7 @@ __all__ = [
     "RsnormError",
     "ShapeError",
     "Stats",
+    "Whitening",
     "__version__",
     "batch_norm",
     "build_info",
@@ -79,5 +80,4 @@ __all__ = [
     "moments",
     "rms_norm",
     "set_num_threads",
-    "Whitening",
 ]

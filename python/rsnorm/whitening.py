@@ -14,7 +14,7 @@ True
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -70,13 +70,13 @@ class Whitening:
 
     def _reset(self) -> None:
         self.n_samples_seen_ = 0
-        self.n_features_in_: Optional[int] = None
-        self.mean_: Optional[np.ndarray] = None
-        self._comoment: Optional[np.ndarray] = None
-        self.covariance_: Optional[np.ndarray] = None
-        self.whitening_matrix_: Optional[np.ndarray] = None
-        self.inverse_whitening_matrix_: Optional[np.ndarray] = None
-        self.eigenvalues_: Optional[np.ndarray] = None
+        self.n_features_in_: int | None = None
+        self.mean_: np.ndarray | None = None
+        self._comoment: np.ndarray | None = None
+        self.covariance_: np.ndarray | None = None
+        self.whitening_matrix_: np.ndarray | None = None
+        self.inverse_whitening_matrix_: np.ndarray | None = None
+        self.eigenvalues_: np.ndarray | None = None
 
     def __repr__(self) -> str:
         return f"Whitening(method={self.method!r}, eps={self.eps!r}, unbiased={self.unbiased!r})"
@@ -88,7 +88,7 @@ class Whitening:
         if X.ndim != 2:
             raise ShapeError(f"{name} must be 2-D (n_samples, n_features), got shape {X.shape}")
 
-    def fit(self, X) -> "Whitening":
+    def fit(self, X) -> Whitening:
         """Fits on all rows of X (n_samples ≥ 2, else ``ValueError``)."""
         self._check_2d(X)
         if X.shape[0] <= 1:
@@ -98,7 +98,7 @@ class Whitening:
         self._reset()
         return self.partial_fit(X)
 
-    def partial_fit(self, X) -> "Whitening":
+    def partial_fit(self, X) -> Whitening:
         """Adds the rows of X to the running statistics and refits the matrix."""
         self._check_2d(X)
         count, mean, cm = _rsnorm.covariance_moments(X, 1, axis=1)
@@ -169,7 +169,7 @@ class IterNormStats(NamedTuple):
     """
 
     mean: np.ndarray
-    sigma: Optional[np.ndarray]
+    sigma: np.ndarray | None
     wm: np.ndarray
 
 
@@ -233,6 +233,10 @@ def _ungroup(a: np.ndarray, shape, axis: int) -> np.ndarray:
     return np.moveaxis(a.reshape(moved), 0, ax)
 
 
+def _tp(a: np.ndarray) -> np.ndarray:
+    return np.swapaxes(a, 1, 2)
+
+
 def iter_norm_backward(
     grad_y,
     x,
@@ -245,7 +249,7 @@ def iter_norm_backward(
     momentum: float = 0.1,
     *,
     axis: int = 1,
-    stats: Optional[IterNormStats] = None,
+    stats: IterNormStats | None = None,
 ) -> IterNormGrads:
     """Gradient of ``iter_norm`` with respect to x, through the batch statistics in training.
 
@@ -303,23 +307,22 @@ def iter_norm_backward(
         p = ps[-1]
         ps.append(1.5 * p - 0.5 * (p @ p @ p @ sn))
     wm = ps[-1] * np.sqrt(r)
-    tp = lambda a: np.swapaxes(a, 1, 2)  # noqa: E731
-    d_wm = gy @ tp(xc)
-    dxc = tp(wm) @ gy
+    d_wm = gy @ _tp(xc)
+    dxc = _tp(wm) @ gy
     d_p = d_wm * np.sqrt(r)
     d_r = np.sum(d_wm * ps[-1], axis=(1, 2), keepdims=True) * 0.5 / np.sqrt(r)
     d_sn = np.zeros((g, d, d))
     for k in range(T - 1, -1, -1):
         p = ps[k]
         p2 = p @ p
-        d_sn += -0.5 * (tp(p2 @ p) @ d_p)
+        d_sn += -0.5 * (_tp(p2 @ p) @ d_p)
         d_p = 1.5 * d_p - 0.5 * (
-            d_p @ tp(p2 @ sn) + tp(p) @ d_p @ tp(p @ sn) + tp(p2) @ d_p @ tp(sn)
+            d_p @ _tp(p2 @ sn) + _tp(p) @ d_p @ _tp(p @ sn) + _tp(p2) @ d_p @ _tp(sn)
         )
     d_sigma = d_sn * r
     d_r = d_r + np.sum(d_sn * sigma, axis=(1, 2), keepdims=True)
     d_sigma = d_sigma + (-d_r * r * r) * eye
-    dxc = dxc + (d_sigma + tp(d_sigma)) @ xc / m
+    dxc = dxc + (d_sigma + _tp(d_sigma)) @ xc / m
     dx = dxc - dxc.mean(axis=-1, keepdims=True)
     return IterNormGrads(_ungroup(dx, x.shape, ax).astype(x.dtype))
 

@@ -60,12 +60,12 @@ pub fn iter_norm<T: Scalar>(
     check_out(&x, &y)?;
     check_eps(p.eps)?;
     check_momentum(p.momentum)?;
-    if p.t < 0 {
+    let Ok(t) = usize::try_from(p.t) else {
         return Err(NormError::Param(format!(
             "T (the number of Newton iterations) must be >= 0, got {}",
             p.t
         )));
-    }
+    };
     // group_covariance validates rank, axis and groups; do the same checks cheaply first so
     // an eval call fails the same way.
     let shape = x.shape().to_vec();
@@ -77,14 +77,16 @@ pub fn iter_norm<T: Scalar>(
     }
     let ax = crate::channel::normalize_axis(p.axis, shape.len(), "axis")?;
     let c = shape[ax];
-    if p.num_groups <= 0 || c % (p.num_groups as usize) != 0 {
-        return Err(NormError::Param(format!(
-            "num_groups must be positive and divide the number of channels, got C={c}, \
-             num_groups={}",
-            p.num_groups
-        )));
-    }
-    let g = p.num_groups as usize;
+    let g = match usize::try_from(p.num_groups) {
+        Ok(g) if g > 0 && c.is_multiple_of(g) => g,
+        _ => {
+            return Err(NormError::Param(format!(
+                "num_groups must be positive and divide the number of channels, got C={c}, \
+                 num_groups={}",
+                p.num_groups
+            )))
+        }
+    };
     let cg = c / g;
     if let Some(rm) = p.running_mean {
         if rm.len() != c {
@@ -138,7 +140,7 @@ pub fn iter_norm<T: Scalar>(
             blk[i * cg + i] += p.eps;
         }
     }
-    let wm = newton_inv_sqrt(&sigma, cg, p.t as usize);
+    let wm = newton_inv_sqrt(&sigma, cg, t);
     group_apply(x, y, &wm, &cov.mean, None, p.num_groups, p.axis)?;
     let running = match (p.running_mean, p.running_wm) {
         (Some(rm), Some(rw)) => {

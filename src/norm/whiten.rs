@@ -146,18 +146,20 @@ fn task_range(t: usize, tasks: usize, nb: usize) -> std::ops::Range<usize> {
 }
 
 fn check_groups(c: usize, num_groups: i64) -> Result<usize> {
-    if num_groups <= 0 {
-        return Err(NormError::Param(format!(
+    match usize::try_from(num_groups) {
+        Ok(g) if g > 0 => {
+            if !c.is_multiple_of(g) {
+                return Err(NormError::Param(format!(
+                    "num_groups must divide the number of channels: C={c} is not divisible by \
+                     num_groups={g}"
+                )));
+            }
+            Ok(g)
+        }
+        _ => Err(NormError::Param(format!(
             "num_groups must be positive, got {num_groups}"
-        )));
+        ))),
     }
-    let g = num_groups as usize;
-    if c % g != 0 {
-        return Err(NormError::Param(format!(
-            "num_groups must divide the number of channels: C={c} is not divisible by num_groups={g}"
-        )));
-    }
-    Ok(g)
 }
 
 fn channel_axis(shape: &[usize], axis: isize, op: &str) -> Result<usize> {
@@ -520,7 +522,12 @@ fn to_rows(m: &DMatrix<f64>) -> Vec<f64> {
 /// assert_eq!(m.w, vec![0.5, 0.0, 0.0, 1.0]);
 /// assert_eq!(m.eigenvalues, vec![4.0, 1.0]);
 /// ```
-pub fn whitening_matrix(cov: &[f64], d: usize, method: Method, eps: f64) -> Result<WhiteningMatrices> {
+pub fn whitening_matrix(
+    cov: &[f64],
+    d: usize,
+    method: Method,
+    eps: f64,
+) -> Result<WhiteningMatrices> {
     check_eps(eps)?;
     if cov.len() != d * d {
         return Err(NormError::Shape(format!(
@@ -609,4 +616,101 @@ pub fn newton_inv_sqrt(sigma: &[f64], d: usize, t: usize) -> Vec<f64> {
         out.extend(to_rows(&(p / tr.sqrt())));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array, ShapeBuilder};
+
+    fn data(n: usize, c: usize) -> Array<f64, IxDyn> {
+        // Deterministic, correlated values without a RNG dependency.
+        Array::from_shape_fn(IxDyn(&[n, c]), |ix| {
+            let (i, j) = (ix[0] as f64, ix[1] as f64);
+            (i * (0.37 + 0.21 * j) + j).sin()
+                + 0.3 * (i * 0.11 * (j + 1.0)).cos() * j
+                + 0.4 * (i * 0.37).sin()
+                + 3.0
+        })
+    }
+
+    fn naive_cov(x: &Array<f64, IxDyn>) -> (Vec<f64>, Vec<f64>) {
+        let (n, c) = (x.shape()[0], x.shape()[1]);
+        let mean: Vec<f64> = (0..c)
+            .map(|k| (0..n).map(|i| x[[i, k]]).sum::<f64>() / n as f64)
+            .collect();
+        let mut cm = vec![0.0; c * c];
+        for a in 0..c {
+            for b in 0..c {
+                cm[a * c + b] = (0..n)
+                    .map(|i| (x[[i, a]] - mean[a]) * (x[[i, b]] - mean[b]))
+                    .sum();
+            }
+        }
+        (mean, cm)
+    }
+
+    #[test]
+    fn covariance_matches_naive_and_is_layout_independent() {
+        let x = data(1000, 5);
+        let got = group_covariance(x.view(), 1, 1).unwrap();
+        let (mean, cm) = naive_cov(&x);
+        for (a, b) in got.mean.iter().zip(&mean) {
+            assert!((a - b).abs() < 1e-12);
+        }
+        for (a, b) in got.comoment.iter().zip(&cm) {
+            assert!((a - b).abs() < 1e-9 * b.abs().max(1.0));
+        }
+        let mut f = Array::<f64, _>::zeros(IxDyn(&[1000, 5]).f());
+        f.assign(&x);
+        assert_eq!(group_covariance(f.view(), 1, 1).unwrap(), got);
+    }
+
+    #[test]
+    fn zca_whitens() {
+        let x = data(500, 4);
+        let cov = group_covariance(x.view(), 1, 1).unwrap();
+        let sigma: Vec<f64> = cov.comoment.iter().map(|v| v / 500.0).collect();
+        for method in [Method::Zca, Method::Pca, Method::Cholesky] {
+            let m = whitening_matrix(&sigma, 4, method, 0.0).unwrap();
+            let mut y = Array::<f64, _>::zeros(IxDyn(&[500, 4]));
+            group_apply(x.view(), y.view_mut(), &m.w, &cov.mean, None, 1, 1).unwrap();
+            let (_, cy) = naive_cov(&y);
+            for a in 0..4 {
+                for b in 0..4 {
+                    let want = if a == b { 1.0 } else { 0.0 };
+                    assert!((cy[a * 4 + b] / 500.0 - want).abs() < 1e-8, "{method:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn newton_converges_to_inverse_sqrt() {
+        let s = [2.0, 0.5, 0.5, 1.0];
+        let w = newton_inv_sqrt(&s, 2, 30);
+        // W Σ W = I
+        let ws = [
+            w[0] * s[0] + w[1] * s[2],
+            w[0] * s[1] + w[1] * s[3],
+            w[2] * s[0] + w[3] * s[2],
+            w[2] * s[1] + w[3] * s[3],
+        ];
+        let i00 = ws[0] * w[0] + ws[1] * w[2];
+        let i01 = ws[0] * w[1] + ws[1] * w[3];
+        let i11 = ws[2] * w[1] + ws[3] * w[3];
+        assert!((i00 - 1.0).abs() < 1e-12 && i01.abs() < 1e-12 && (i11 - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn bad_arguments() {
+        let x = data(10, 4);
+        assert!(group_covariance(x.view(), 3, 1).is_err());
+        assert!(group_covariance(x.view(), 0, 1).is_err());
+        assert!(group_covariance(x.view(), 1, 0).is_err());
+        assert!(whitening_matrix(&[1.0, 0.0, 0.0, 0.0], 2, Method::Zca, 0.0).is_err());
+        assert!(whitening_matrix(&[1.0, 0.0, 0.0, 0.0], 2, Method::Cholesky, 0.0).is_err());
+        assert!(whitening_matrix(&[f64::NAN, 0.0, 0.0, 1.0], 2, Method::Zca, 1e-5).is_err());
+        assert!(Method::parse("svd").is_err());
+    }
 }

@@ -41,7 +41,7 @@ pub fn covariance_moments<'py>(
         core(run(py, bytes, || group_covariance(xv, num_groups, axis)))?
     });
     let c = cov.mean.len();
-    let g = num_groups.max(1) as usize;
+    let g = usize::try_from(num_groups).unwrap_or(1).max(1);
     let cg = c / g;
     let mean = f64_array(py, cov.mean, &[c])?;
     let cm = f64_array(py, cov.comoment, &[g, cg, cg])?;
@@ -170,7 +170,7 @@ pub fn iter_norm<'py>(
     if !return_stats {
         return Ok(y.unbind());
     }
-    let g = num_groups as usize;
+    let g = usize::try_from(num_groups).unwrap_or(1).max(1);
     let cg = r.mean.len() / g;
     let mean = stat_array(py, &r.mean, &[g, cg], f64s)?;
     let sigma = if r.sigma.is_empty() && !(training && cg == 0) {
@@ -179,5 +179,8 @@ pub fn iter_norm<'py>(
         stat_array(py, &r.sigma, &[g, cg, cg], f64s)?
     };
     let wm = stat_array(py, &r.wm, &[g, cg, cg], f64s)?;
-    Ok((y, (mean, sigma, wm)).into_pyobject(py)?.into_any().unbind())
+    Ok((y, (mean, sigma, wm))
+        .into_pyobject(py)?
+        .into_any()
+        .unbind())
 }
