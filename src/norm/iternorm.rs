@@ -132,7 +132,7 @@ pub fn iter_norm<T: Scalar>(
     }
     let m = cov.count as f64;
     let mut sigma = cov.comoment;
-    for blk in sigma.chunks_exact_mut(cg * cg) {
+    for blk in sigma.chunks_exact_mut((cg * cg).max(1)) {
         for v in blk.iter_mut() {
             *v /= m;
         }

@@ -540,6 +540,14 @@ pub fn whitening_matrix(
             "the covariance contains NaN or infinity (does the input contain NaN or inf?)".into(),
         ));
     }
+    if d == 0 {
+        // nalgebra's decompositions reject empty matrices; zero features whiten to nothing.
+        return Ok(WhiteningMatrices {
+            w: Vec::new(),
+            w_inv: Vec::new(),
+            eigenvalues: Vec::new(),
+        });
+    }
     let mut c = cov.to_vec();
     symmetrize(&mut c, d);
     let sigma = DMatrix::from_row_slice(d, d, &c);

@@ -228,3 +228,21 @@ def test_backward_float32_dtype(rng):
     assert g32.x.dtype == np.float32
     g64 = rn.iter_norm_backward(gy.astype(np.float64), x.astype(np.float64), num_groups=2)
     np.testing.assert_allclose(g32.x, g64.x, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_size_and_nan_isolation(rng):
+    assert rn.iter_norm(np.zeros((2, 0, 3))).shape == (2, 0, 3)
+    rm, rw = np.zeros(4), np.broadcast_to(np.eye(2), (2, 2, 2)).copy()
+    assert rn.iter_norm(np.zeros((0, 4, 3)), rm, rw, num_groups=2, training=False).shape == (
+        0, 4, 3)
+    # Eval: a NaN spreads only over its own position's group (the mixing), nowhere else.
+    x = rng.standard_normal((3, 4, 5))
+    x[1, 2, 3] = np.nan
+    y = rn.iter_norm(x, rm, rw, num_groups=2, training=False)
+    bad = np.zeros(x.shape, bool)
+    bad[1, 2:4, 3] = True
+    assert np.all(np.isnan(y[bad])) and np.all(np.isfinite(y[~bad]))
+    # Constant input: Σ = eps·I, y = 0 and a finite gradient.
+    c = np.full((4, 4, 3), 2.5)
+    assert np.array_equal(rn.iter_norm(c), np.zeros_like(c))
+    assert np.all(np.isfinite(rn.iter_norm_backward(np.ones_like(c), c).x))

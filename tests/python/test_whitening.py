@@ -291,3 +291,16 @@ def test_covariance_moments_groups(rng):
     assert count2 == count
     np.testing.assert_allclose(mean2, mean, rtol=1e-13)
     np.testing.assert_allclose(cm2, cm, rtol=1e-12)
+
+
+def test_zero_size(rng):
+    w = rn.Whitening().fit(_data(rng))
+    assert w.transform(np.zeros((0, 5))).shape == (0, 5)
+    assert w.inverse_transform(np.zeros((0, 5), np.float32)).dtype == np.float32
+    before = w.whitening_matrix_.copy()
+    w.partial_fit(np.zeros((0, 5)))  # an empty chunk changes nothing
+    assert w.n_samples_seen_ == 400 and np.array_equal(w.whitening_matrix_, before)
+    for method in ("zca", "pca", "cholesky"):
+        w0 = rn.Whitening(method).fit(np.zeros((4, 0)))
+        assert w0.whitening_matrix_.shape == (0, 0)
+        assert w0.transform(np.zeros((4, 0))).shape == (4, 0)
