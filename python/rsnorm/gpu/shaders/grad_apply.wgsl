@@ -9,6 +9,7 @@
 //   5  storage, read        rstd : array<f32>        per normalization group
 //   6  storage, read        sums : array<vec2<f32>>  per group: (sum g, sum g * xhat) (MODE 0, 1)
 //   7  storage, read        w    : array<f32>        C (HAS_W == 1)
+//   8  storage, read        lo   : array<f32>        per group, xhat = ((x - mean) - lo) * rstd (HAS_LO)
 // Dispatch: 1-D grid-stride loop over elements [first, first + count), WG per workgroup.
 // With g = dy * w[c], xhat = (x - mean) * rstd and n = P.n (elements per group):
 //   MODE 0 (LN, GN, BN train): dx = rstd * (g - sum_g / n - xhat * sum_gx / n)
@@ -18,9 +19,14 @@
 //   they are scaled by w[c] here; this lets one reduction serve dx, dweight and dbias.
 
 override WG: u32 = 256u;
+// FIXED_C == 1: the grid stride (nwg.x * WG) is a multiple of I * C and the group is the channel
+// (group_mode 0), so channel and group stay the same for all elements of an invocation and are
+// computed once, not with two integer divisions per element.
+override FIXED_C: u32 = 0u;
 override MODE: u32 = 0u;
 override HAS_W: u32 = 0u;
 override W_ON_SUMS: u32 = 0u;
+override HAS_LO: u32 = 0u;
 
 struct Params {
     first: u32,
@@ -45,17 +51,23 @@ struct Params {
 @group(0) @binding(5) var<storage, read> rstd: array<f32>;
 @group(0) @binding(6) var<storage, read> sums: array<vec2<f32>>;
 @group(0) @binding(7) var<storage, read> w: array<f32>;
+@group(0) @binding(8) var<storage, read> lo: array<f32>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) t: u32) {
     let stride = nwg.x * WG;
-    for (var l = wid.x * WG + t; l < P.count; l += stride) {
+    let l0 = wid.x * WG + t;
+    let c0 = ((P.first + l0) / P.I) % P.C;
+    for (var l = l0; l < P.count; l += stride) {
         let i = P.first + l;
         let li = i - P.win_start;
-        let c = (i / P.I) % P.C;
+        var c = c0;
+        if (FIXED_C == 0u) {
+            c = (i / P.I) % P.C;
+        }
         var grp = c / P.cpg;
-        if (P.group_mode == 1u) {
+        if (P.group_mode == 1u && FIXED_C == 0u) {
             grp = (i / P.a_stride) * P.G + grp;
         }
         let r = rstd[grp];
@@ -72,7 +84,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             }
             let xv = f32(x[li]);
             if (MODE == 0u) {
-                let xh = (xv - mean[grp]) * r;
+                var dv = xv - mean[grp];
+                if (HAS_LO == 1u) {
+                    dv = dv - lo[grp];
+                }
+                let xh = dv * r;
                 res = r * (g - s.x / P.n - xh * (s.y / P.n));
             } else {
                 let xh = xv * r;
