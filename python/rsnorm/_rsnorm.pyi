@@ -138,6 +138,24 @@ def group_whiten_apply(
 ) -> _Arr:
     """y[p, g] = A_g (x[p, g] − sub_g) + add_g per group of channels; y has x's dtype."""
 
+def group_cross_moments(
+    a: _Arr, b: _Arr, mean_b: _Arr, num_groups: int = 1, *, axis: int = 1
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Per-channel sums of a and per-group cross co-moments Σ_p a_p (b_p − mean_b)ᵀ:
+    (sum (C,), cross (G, C/G, C/G)), float64, deterministic."""
+
+def group_whiten_apply2(
+    a: _Arr,
+    b: _Arr,
+    mats_a: _Arr,
+    mats_b: _Arr,
+    offset: _Arr,
+    *,
+    axis: int = 1,
+    out: Optional[_Arr] = None,
+) -> _Arr:
+    """y[p, g] = A_g a[p, g] + B_g b[p, g] + offset_g per group of channels; y has a's dtype."""
+
 def iter_norm(
     x: _Arr,
     running_mean: Optional[_Arr] = None,

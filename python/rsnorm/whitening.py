@@ -14,6 +14,7 @@ True
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -227,14 +228,38 @@ def _groups(a: np.ndarray, axis: int, g: int) -> np.ndarray:
     return a.reshape(g, a.shape[0] // g, -1)
 
 
-def _ungroup(a: np.ndarray, shape, axis: int) -> np.ndarray:
-    ax = axis % len(shape)
-    moved = (shape[ax],) + tuple(s for i, s in enumerate(shape) if i != ax)
-    return np.moveaxis(a.reshape(moved), 0, ax)
-
-
 def _tp(a: np.ndarray) -> np.ndarray:
-    return np.swapaxes(a, 1, 2)
+    return np.swapaxes(a, -1, -2)
+
+
+def _newton_backward(sigma: np.ndarray, d_wm: np.ndarray, T: int):
+    """(W, ∂L/∂Σ) for W = newton(Σ) given ∂L/∂W, batched over groups, float64.
+
+    Reverse mode through W = P_T·r^½, r = 1/tr(Σ), Σ_N = r·Σ, P_{k+1} = 1.5 P_k − 0.5 P_k³ Σ_N:
+    for Y = P P P S with adjoint A, ∂P = A(P²S)ᵀ + Pᵀ A (PS)ᵀ + (P²)ᵀ A Sᵀ and ∂S = (P³)ᵀ A.
+    """
+    g, d, _ = sigma.shape
+    eye = np.eye(d)
+    r = 1.0 / np.trace(sigma, axis1=1, axis2=2)[:, None, None]
+    sn = sigma * r
+    ps = [np.broadcast_to(eye, (g, d, d))]
+    for _ in range(T):
+        p = ps[-1]
+        ps.append(1.5 * p - 0.5 * (p @ p @ p @ sn))
+    wm = ps[-1] * np.sqrt(r)
+    d_p = d_wm * np.sqrt(r)
+    d_r = np.sum(d_wm * ps[-1], axis=(1, 2), keepdims=True) * 0.5 / np.sqrt(r)
+    d_sn = np.zeros((g, d, d))
+    for k in range(T - 1, -1, -1):
+        p = ps[k]
+        p2 = p @ p
+        d_sn += -0.5 * (_tp(p2 @ p) @ d_p)
+        d_p = 1.5 * d_p - 0.5 * (
+            d_p @ _tp(p2 @ sn) + _tp(p) @ d_p @ _tp(p @ sn) + _tp(p2) @ d_p @ _tp(sn)
+        )
+    d_r = d_r + np.sum(d_sn * sigma, axis=(1, 2), keepdims=True)
+    d_sigma = d_sn * r + (-d_r * r * r) * eye
+    return wm, d_sigma
 
 
 def iter_norm_backward(
@@ -254,24 +279,30 @@ def iter_norm_backward(
     """Gradient of ``iter_norm`` with respect to x, through the batch statistics in training.
 
     Training: reverse mode through y = W(x − μ), W = P_T·tr(Σ)^-½, the T Newton steps
-    ``P_{k+1} = 1.5 P_k − 0.5 P_k³ Σ_N`` (each transposed product of the step), Σ_N = Σ/tr(Σ)
-    and Σ = xcxcᵀ/m + eps·I, so the gradient is exact for the finite T (not that of the exact
-    Σ^-½). Eval: ``dx = running_wmᵀ dy``. ``stats`` (from ``return_stats=True``) skips the
-    mean and covariance. The small d × d work and the per-element products run in float64
-    NumPy (BLAS); the result is cast to x's dtype.
+    ``P_{k+1} = 1.5 P_k − 0.5 P_k³ Σ_N`` (every factor of each step), Σ_N = Σ/tr(Σ) and
+    Σ = (x − μ)(x − μ)ᵀ/m + eps·I, so the gradient is exact for the finite T (not that of the
+    exact Σ^-½)::
+
+        ∂L/∂W = Σ_p dy_p (x_p − μ)ᵀ,   dx_p = Wᵀ(dy_p − mean(dy)) + (∂L/∂Σ + ∂L/∂Σᵀ)(x_p − μ)/m
+
+    Eval: ``dx = running_wmᵀ dy``. ``stats`` (from ``return_stats=True``) skips the mean and
+    covariance pass. The per-element passes (the cross moment Σ dy (x − μ)ᵀ and the final
+    two-term map) run in the Rust core (float64, deterministic for any thread count and
+    layout); the d × d reverse pass through the Newton steps runs in float64 NumPy. grad_y and
+    x must share a dtype; the result has it.
     """
     for name, a in (("grad_y", grad_y), ("x", x)):
         if not isinstance(a, np.ndarray):
             raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-        if a.dtype not in (np.float16, np.float32, np.float64):
-            raise TypeError(f"{name} has dtype {a.dtype}; rsnorm accepts float16, float32, float64")
+    if grad_y.dtype != x.dtype:
+        raise TypeError(f"grad_y has dtype {grad_y.dtype} but x has {x.dtype}; they must match")
     if grad_y.shape != x.shape:
         raise ShapeError(f"grad_y must have x's shape {x.shape}, got {grad_y.shape}")
     if x.ndim < 2:
         raise ShapeError(f"iter_norm expects at least 2 dimensions (N, C, ...), got {x.shape}")
-    ax = axis % x.ndim if -x.ndim <= axis < x.ndim else None
-    if ax is None or ax == 0:
+    if not -x.ndim <= axis < x.ndim or axis % x.ndim == 0:
         raise RsnormError(f"axis={axis} is not a channel axis for an input of shape {x.shape}")
+    ax = axis % x.ndim
     c = x.shape[ax]
     g = int(num_groups)
     if g <= 0 or c % g:
@@ -279,52 +310,32 @@ def iter_norm_backward(
     if T < 0:
         raise RsnormError(f"T must be >= 0, got {T}")
     d = c // g
-    gy = _groups(grad_y, ax, g)
     if not training:
         wm = running_wm if stats is None else stats.wm
         if wm is None:
             raise RsnormError("iter_norm_backward in eval mode needs running_wm (or stats)")
-        wm = np.asarray(wm, dtype=np.float64).reshape(g, d, d)
-        dx = np.swapaxes(wm, 1, 2) @ gy
-        return IterNormGrads(_ungroup(dx, x.shape, ax).astype(x.dtype))
-    xg = _groups(x, ax, g)
-    m = xg.shape[-1]
+        wm_t = _tp(np.asarray(wm, dtype=np.float64).reshape(g, d, d))
+        dx = _rsnorm.group_whiten_apply(grad_y, np.ascontiguousarray(wm_t), np.zeros(c),
+                                        axis=ax)
+        return IterNormGrads(dx)
+    m = math.prod(s for i, s in enumerate(x.shape) if i != ax)
     if m == 0:
-        raise RsnormError(f"iter_norm in training needs at least one value per channel, got {x.shape}")
-    eye = np.eye(d)
+        raise RsnormError(
+            f"iter_norm in training needs at least one value per channel, got {x.shape}"
+        )
     if stats is not None and stats.sigma is not None:
-        mu = np.asarray(stats.mean, dtype=np.float64).reshape(g, d, 1)
-        xc = xg - mu
+        mu = np.asarray(stats.mean, dtype=np.float64).reshape(c)
         sigma = np.asarray(stats.sigma, dtype=np.float64).reshape(g, d, d)
     else:
-        xc = xg - xg.mean(axis=-1, keepdims=True)
-        sigma = xc @ np.swapaxes(xc, 1, 2) / m + eps * eye
-    tr = np.trace(sigma, axis1=1, axis2=2)[:, None, None]
-    r = 1.0 / tr
-    sn = sigma * r
-    ps = [np.broadcast_to(eye, (g, d, d))]
-    for _ in range(T):
-        p = ps[-1]
-        ps.append(1.5 * p - 0.5 * (p @ p @ p @ sn))
-    wm = ps[-1] * np.sqrt(r)
-    d_wm = gy @ _tp(xc)
-    dxc = _tp(wm) @ gy
-    d_p = d_wm * np.sqrt(r)
-    d_r = np.sum(d_wm * ps[-1], axis=(1, 2), keepdims=True) * 0.5 / np.sqrt(r)
-    d_sn = np.zeros((g, d, d))
-    for k in range(T - 1, -1, -1):
-        p = ps[k]
-        p2 = p @ p
-        d_sn += -0.5 * (_tp(p2 @ p) @ d_p)
-        d_p = 1.5 * d_p - 0.5 * (
-            d_p @ _tp(p2 @ sn) + _tp(p) @ d_p @ _tp(p @ sn) + _tp(p2) @ d_p @ _tp(sn)
-        )
-    d_sigma = d_sn * r
-    d_r = d_r + np.sum(d_sn * sigma, axis=(1, 2), keepdims=True)
-    d_sigma = d_sigma + (-d_r * r * r) * eye
-    dxc = dxc + (d_sigma + _tp(d_sigma)) @ xc / m
-    dx = dxc - dxc.mean(axis=-1, keepdims=True)
-    return IterNormGrads(_ungroup(dx, x.shape, ax).astype(x.dtype))
+        _, mu, cm = _rsnorm.covariance_moments(x, g, axis=ax)
+        sigma = cm / m + eps * np.eye(d)
+    gsum, d_wm = _rsnorm.group_cross_moments(grad_y, x, mu, g, axis=ax)
+    wm, d_sigma = _newton_backward(sigma, d_wm, int(T))
+    a = np.ascontiguousarray(_tp(wm))
+    k = (d_sigma + _tp(d_sigma)) / m
+    offset = -(a @ (gsum / m).reshape(g, d, 1) + k @ mu.reshape(g, d, 1)).reshape(c)
+    dx = _rsnorm.group_whiten_apply2(grad_y, x, a, k, offset, axis=ax)
+    return IterNormGrads(dx)
 
 
 def _demo_cases():

@@ -361,20 +361,31 @@ pub fn group_apply<T: Scalar>(
         ptr: y.as_mut_ptr(),
         g: Geometry::new(std::ptr::null::<T>(), y.shape(), y.strides(), ax),
     };
-    apply_of(&geo, &out, g, mats, sub, add, parallel);
+    let term = Term {
+        geo: &geo,
+        mats,
+        sub,
+    };
+    apply_of(&[term], &out, g, add, parallel);
     Ok(())
 }
 
+/// One term A_g (x − sub) of a grouped linear map.
+struct Term<'a, T> {
+    geo: &'a Geometry<T>,
+    mats: &'a [f64],
+    sub: &'a [f64],
+}
+
+/// y = Σ_terms A_g (x_t − sub_t) + add, block by block (one GEMM per term and group).
 fn apply_of<T: Scalar>(
-    geo: &Geometry<T>,
+    terms: &[Term<'_, T>],
     out: &OutPtr<T>,
     g: usize,
-    mats: &[f64],
-    sub: &[f64],
     add: Option<&[f64]>,
     parallel: bool,
 ) {
-    let (c, m) = (geo.c, geo.m);
+    let (c, m) = (out.g.c, out.g.m);
     if m == 0 || c == 0 {
         return;
     }
@@ -389,29 +400,33 @@ fn apply_of<T: Scalar>(
         for b in task_range(t, tasks, nb) {
             let p0 = b * BLOCK;
             let len = BLOCK.min(m - p0);
-            geo.offsets(p0, len, &mut offs);
             out.g.offsets(p0, len, &mut ooffs);
-            geo.gather(&offs, 0..c, sub, &mut xb);
-            for gi in 0..g {
-                // SAFETY: A_g is cg × cg row-major inside `mats`; the block rows of group gi
-                // are cg rows of BLOCK (≥ len) values in `xb` / `yb`, which do not overlap.
-                unsafe {
-                    matrixmultiply::dgemm(
-                        cg,
-                        cg,
-                        len,
-                        1.0,
-                        mats[gi * cg * cg..].as_ptr(),
-                        cg as isize,
-                        1,
-                        xb[gi * cg * BLOCK..].as_ptr(),
-                        BLOCK as isize,
-                        1,
-                        0.0,
-                        yb[gi * cg * BLOCK..].as_mut_ptr(),
-                        BLOCK as isize,
-                        1,
-                    );
+            for (ti, term) in terms.iter().enumerate() {
+                term.geo.offsets(p0, len, &mut offs);
+                term.geo.gather(&offs, 0..c, term.sub, &mut xb);
+                let beta = if ti == 0 { 0.0 } else { 1.0 };
+                for gi in 0..g {
+                    // SAFETY: A_g is cg × cg row-major inside `mats`; the block rows of group
+                    // gi are cg rows of BLOCK (≥ len) values in `xb` / `yb`, which do not
+                    // overlap.
+                    unsafe {
+                        matrixmultiply::dgemm(
+                            cg,
+                            cg,
+                            len,
+                            1.0,
+                            term.mats[gi * cg * cg..].as_ptr(),
+                            cg as isize,
+                            1,
+                            xb[gi * cg * BLOCK..].as_ptr(),
+                            BLOCK as isize,
+                            1,
+                            beta,
+                            yb[gi * cg * BLOCK..].as_mut_ptr(),
+                            BLOCK as isize,
+                            1,
+                        );
+                    }
                 }
             }
             for k in 0..c {
@@ -425,6 +440,178 @@ fn apply_of<T: Scalar>(
             }
         }
     });
+}
+
+fn check_mats(mats: &[f64], g: usize, c: usize, name: &str) -> Result<()> {
+    let cg = c / g;
+    if mats.len() != g * cg * cg {
+        return Err(NormError::Shape(format!(
+            "{name} must have shape ({g}, {cg}, {cg}) for {c} channels in {g} group(s), got {} \
+             values",
+            mats.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_len(v: &[f64], c: usize, name: &str) -> Result<()> {
+    if v.len() != c {
+        return Err(NormError::Shape(format!(
+            "{name} must have {c} values (one per channel), got {}",
+            v.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_same_shape<T>(a: &ArrayView<'_, T, IxDyn>, b: &ArrayView<'_, T, IxDyn>) -> Result<()> {
+    if a.shape() != b.shape() {
+        return Err(NormError::Shape(format!(
+            "the two inputs must have the same shape, got {} and {}",
+            fmt_shape(a.shape()),
+            fmt_shape(b.shape())
+        )));
+    }
+    Ok(())
+}
+
+/// y[p, g] = A_g a[p, g] + B_g b[p, g] + add_g: the two-input grouped map (backward passes:
+/// a gradient term plus an input term). Same layout, thread and rounding contract as
+/// [`group_apply`].
+///
+/// # Errors
+/// Shapes (a, b, y not all the same; matrices not G·(C/G)²; add not C values), bad axis or
+/// num_groups.
+#[allow(clippy::too_many_arguments)]
+pub fn group_apply2<T: Scalar>(
+    a: ArrayView<'_, T, IxDyn>,
+    b: ArrayView<'_, T, IxDyn>,
+    y: ArrayViewMut<'_, T, IxDyn>,
+    mats_a: &[f64],
+    mats_b: &[f64],
+    add: &[f64],
+    num_groups: i64,
+    axis: isize,
+) -> Result<()> {
+    check_same_shape(&a, &b)?;
+    check_out(&a, &y)?;
+    let ax = channel_axis(a.shape(), axis, "whitening")?;
+    let ga = Geometry::new(a.as_ptr(), a.shape(), a.strides(), ax);
+    let gb = Geometry::new(b.as_ptr(), b.shape(), b.strides(), ax);
+    let g = check_groups(ga.c, num_groups)?;
+    check_mats(mats_a, g, ga.c, "the first matrix")?;
+    check_mats(mats_b, g, ga.c, "the second matrix")?;
+    check_len(add, ga.c, "offset")?;
+    let zero = vec![0.0f64; ga.c];
+    let parallel = pool::worth_parallel(bytes_of(&a).saturating_mul(2));
+    let mut y = y;
+    let out = OutPtr {
+        ptr: y.as_mut_ptr(),
+        g: Geometry::new(std::ptr::null::<T>(), y.shape(), y.strides(), ax),
+    };
+    let terms = [
+        Term {
+            geo: &ga,
+            mats: mats_a,
+            sub: &zero,
+        },
+        Term {
+            geo: &gb,
+            mats: mats_b,
+            sub: &zero,
+        },
+    ];
+    apply_of(&terms, &out, g, Some(add), parallel);
+    Ok(())
+}
+
+/// Per-channel sums of `a` and per-group cross co-moments with a centered `b`:
+///
+/// ```text
+/// sum_c = Σ_p a[p, c],   X_g = Σ_p a[p, g] (b[p, g] − mean_b,g)ᵀ     (C/G × C/G)
+/// ```
+/// (backward: a = dy, b = x gives ∂L/∂W = X_g). Same determinism contract as
+/// [`group_covariance`].
+///
+/// # Errors
+/// a and b of different shapes, `mean_b` not C values, bad axis or num_groups.
+pub fn group_cross_moments<T: Scalar>(
+    a: ArrayView<'_, T, IxDyn>,
+    b: ArrayView<'_, T, IxDyn>,
+    mean_b: &[f64],
+    num_groups: i64,
+    axis: isize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    check_same_shape(&a, &b)?;
+    let ax = channel_axis(a.shape(), axis, "cross moments")?;
+    let ga = Geometry::new(a.as_ptr(), a.shape(), a.strides(), ax);
+    let gb = Geometry::new(b.as_ptr(), b.shape(), b.strides(), ax);
+    let g = check_groups(ga.c, num_groups)?;
+    check_len(mean_b, ga.c, "mean")?;
+    let (c, m) = (ga.c, ga.m);
+    let cg = c / g;
+    if m == 0 || c == 0 {
+        return Ok((vec![0.0; c], vec![0.0; g * cg * cg]));
+    }
+    let parallel = pool::worth_parallel(bytes_of(&a).saturating_mul(2));
+    let nb = blocks(m);
+    let per_task = (g * cg * cg + c).max(1);
+    let tasks = nb.min(MAX_TASKS).min((PARTIALS_MAX / per_task).max(1));
+    let zero = vec![0.0f64; c];
+    let parts = pool::map_tasks(tasks, parallel, |t| {
+        let mut abuf = vec![0.0f64; c * BLOCK];
+        let mut bbuf = vec![0.0f64; c * BLOCK];
+        let mut offs = Vec::with_capacity(BLOCK);
+        let mut sum = vec![0.0f64; c];
+        let mut acc = vec![0.0f64; g * cg * cg];
+        for blk in task_range(t, tasks, nb) {
+            let p0 = blk * BLOCK;
+            let len = BLOCK.min(m - p0);
+            ga.offsets(p0, len, &mut offs);
+            ga.gather(&offs, 0..c, &zero, &mut abuf);
+            gb.offsets(p0, len, &mut offs);
+            gb.gather(&offs, 0..c, mean_b, &mut bbuf);
+            for (k, s) in sum.iter_mut().enumerate() {
+                for &v in &abuf[k * BLOCK..k * BLOCK + len] {
+                    *s += v;
+                }
+            }
+            for gi in 0..g {
+                // SAFETY: cg rows of BLOCK (≥ len) values of `abuf` and `bbuf`; `acc` block
+                // gi is cg × cg row-major; no overlap.
+                unsafe {
+                    matrixmultiply::dgemm(
+                        cg,
+                        len,
+                        cg,
+                        1.0,
+                        abuf[gi * cg * BLOCK..].as_ptr(),
+                        BLOCK as isize,
+                        1,
+                        bbuf[gi * cg * BLOCK..].as_ptr(),
+                        1,
+                        BLOCK as isize,
+                        1.0,
+                        acc[gi * cg * cg..].as_mut_ptr(),
+                        cg as isize,
+                        1,
+                    );
+                }
+            }
+        }
+        (sum, acc)
+    });
+    let mut sum = vec![0.0f64; c];
+    let mut cross = vec![0.0f64; g * cg * cg];
+    for (s, x) in &parts {
+        for (o, v) in sum.iter_mut().zip(s) {
+            *o += v;
+        }
+        for (o, v) in cross.iter_mut().zip(x) {
+            *o += v;
+        }
+    }
+    Ok((sum, cross))
 }
 
 /// Which whitening matrix to build.

@@ -95,6 +95,8 @@ fn _rsnorm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(whiten::whitening_matrix, m)?)?;
     m.add_function(wrap_pyfunction!(whiten::group_whiten_apply, m)?)?;
     m.add_function(wrap_pyfunction!(whiten::iter_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(whiten::group_cross_moments, m)?)?;
+    m.add_function(wrap_pyfunction!(whiten::group_whiten_apply2, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;

@@ -184,3 +184,107 @@ pub fn iter_norm<'py>(
         .into_any()
         .unbind())
 }
+
+/// Matches two borrowed inputs of the same dtype into one generic body; different dtypes are
+/// a `TypeError` (never a silent cast).
+macro_rules! dispatch2 {
+    ($a:expr, $b:expr, $x:ident, $y:ident => $body:expr) => {
+        match ($a, $b) {
+            (XArray::F16($x), XArray::F16($y)) => $body,
+            (XArray::F32($x), XArray::F32($y)) => $body,
+            (XArray::F64($x), XArray::F64($y)) => $body,
+            _ => {
+                return Err(pyo3::exceptions::PyTypeError::new_err(
+                    "the two arrays must have the same dtype",
+                ))
+            }
+        }
+    };
+}
+
+fn group_mats(p: &super::array::Param, name: &str) -> PyResult<usize> {
+    match p.shape.as_slice() {
+        [d0, d1] if d0 == d1 => Ok(1),
+        [g, d0, d1] if d0 == d1 && *g > 0 => Ok(*g),
+        _ => Err(shape_error(format!(
+            "{name} must have shape (d, d) or (G, d, d), got {}",
+            fmt_shape(&p.shape)
+        ))),
+    }
+}
+
+/// Per-channel sums of a and per-group cross co-moments Σ_p a_p (b_p − mean_b)ᵀ:
+/// (sum (C,), cross (G, C/G, C/G)), float64, deterministic.
+#[pyfunction]
+#[pyo3(signature = (a, b, mean_b, num_groups=1, *, axis=1))]
+pub fn group_cross_moments<'py>(
+    py: Python<'py>,
+    a: &Bound<'py, PyAny>,
+    b: &Bound<'py, PyAny>,
+    mean_b: &Bound<'py, PyAny>,
+    num_groups: i64,
+    axis: isize,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let aa = XArray::extract(a, "a")?;
+    let ba = XArray::extract(b, "b")?;
+    let mb = read_param(Some(mean_b), "mean_b")?.expect("given").values;
+    let (sum, cross) = dispatch2!(aa, ba, at, bt => {
+        let av = at.as_array();
+        let bv = bt.as_array();
+        let bytes = 2 * av.len() * std::mem::size_of_val(&av.first().copied());
+        core(run(py, bytes, || {
+            crate::norm::whiten::group_cross_moments(av, bv, &mb, num_groups, axis)
+        }))?
+    });
+    let c = sum.len();
+    let g = usize::try_from(num_groups).unwrap_or(1).max(1);
+    let cg = c / g;
+    Ok((
+        f64_array(py, sum, &[c])?,
+        f64_array(py, cross, &[g, cg, cg])?,
+    ))
+}
+
+/// y[p, g] = A_g a[p, g] + B_g b[p, g] + offset_g per group of channels; y has a's dtype.
+#[pyfunction]
+#[pyo3(signature = (a, b, mats_a, mats_b, offset, *, axis=1, out=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn group_whiten_apply2<'py>(
+    py: Python<'py>,
+    a: &Bound<'py, PyAny>,
+    b: &Bound<'py, PyAny>,
+    mats_a: &Bound<'py, PyAny>,
+    mats_b: &Bound<'py, PyAny>,
+    offset: &Bound<'py, PyAny>,
+    axis: isize,
+    out: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Py<PyAny>> {
+    let aa = XArray::extract(a, "a")?;
+    let ba = XArray::extract(b, "b")?;
+    let ma = read_param(Some(mats_a), "mats_a")?.expect("given");
+    let mb = read_param(Some(mats_b), "mats_b")?.expect("given");
+    let g = group_mats(&ma, "mats_a")?;
+    if group_mats(&mb, "mats_b")? != g || ma.shape.last() != mb.shape.last() {
+        return Err(shape_error(format!(
+            "mats_a and mats_b must have the same shape, got {} and {}",
+            fmt_shape(&ma.shape),
+            fmt_shape(&mb.shape)
+        )));
+    }
+    let off = read_param(Some(offset), "offset")?.expect("given").values;
+    let y = dispatch2!(aa, ba, at, bt => {
+        let shape = at.shape().to_vec();
+        let (y, mut yrw) = prepare_out(py, &shape, out)?;
+        let av = at.as_array();
+        let bv = bt.as_array();
+        let bytes = 2 * av.len() * std::mem::size_of_val(&av.first().copied());
+        let yv = yrw.as_array_mut();
+        core(run(py, bytes, || {
+            crate::norm::whiten::group_apply2(
+                av, bv, yv, &ma.values, &mb.values, &off, g as i64, axis,
+            )
+        }))?;
+        y.into_any()
+    });
+    Ok(y.unbind())
+}

@@ -246,3 +246,42 @@ def test_zero_size_and_nan_isolation(rng):
     c = np.full((4, 4, 3), 2.5)
     assert np.array_equal(rn.iter_norm(c), np.zeros_like(c))
     assert np.all(np.isfinite(rn.iter_norm_backward(np.ones_like(c), c).x))
+
+
+def test_backward_layouts_bitwise_and_dtype_errors(rng):
+    x = _x(rng, (4, 8, 6, 5))
+    gy = rng.standard_normal(x.shape)
+    ref = rn.iter_norm_backward(gy, x, num_groups=2).x
+    for f in (np.asfortranarray, lambda a: a[:, :, ::-1].copy()[:, :, ::-1]):
+        assert np.array_equal(rn.iter_norm_backward(f(gy), f(x), num_groups=2).x, ref)
+    # channels-last input: the same numbers, moved.
+    got = rn.iter_norm_backward(np.moveaxis(gy, 1, -1), np.moveaxis(x, 1, -1), num_groups=2,
+                                axis=-1).x
+    np.testing.assert_allclose(np.moveaxis(got, -1, 1), ref, rtol=1e-12, atol=1e-14)
+    with pytest.raises(TypeError, match="dtype"):
+        rn.iter_norm_backward(gy.astype(np.float32), x)
+    with pytest.raises(rn.ShapeError):
+        rn.iter_norm_backward(gy[:2], x)
+
+
+def test_cross_moments_kernel(rng):
+    from rsnorm import _rsnorm
+
+    a, b = rng.standard_normal((5, 6, 7)), rng.standard_normal((5, 6, 7))
+    mu = rng.standard_normal(6)
+    s, cross = _rsnorm.group_cross_moments(a, b, mu, 3, axis=1)
+    af = np.moveaxis(a, 1, 0).reshape(6, -1)
+    bf = np.moveaxis(b, 1, 0).reshape(6, -1) - mu[:, None]
+    np.testing.assert_allclose(s, af.sum(axis=1), rtol=1e-12)
+    for g in range(3):
+        sl = slice(2 * g, 2 * g + 2)
+        np.testing.assert_allclose(cross[g], af[sl] @ bf[sl].T, rtol=1e-12)
+    ma, mb = rng.standard_normal((3, 2, 2)), rng.standard_normal((3, 2, 2))
+    off = rng.standard_normal(6)
+    y = _rsnorm.group_whiten_apply2(a, b, ma, mb, off, axis=1)
+    bf0 = np.moveaxis(b, 1, 0).reshape(6, -1)
+    for g in range(3):
+        sl = slice(2 * g, 2 * g + 2)
+        want = ma[g] @ af[sl] + mb[g] @ bf0[sl] + off[sl, None]
+        np.testing.assert_allclose(np.moveaxis(y, 1, 0).reshape(6, -1)[sl], want, rtol=1e-12,
+                                   atol=1e-13)
