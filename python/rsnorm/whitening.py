@@ -206,6 +206,9 @@ def iter_norm(
     as in the authors' reference implementation (huangleiBuaa/IterNorm): biased covariance, eps
     added before the trace normalization, no affine (apply weight/bias afterwards). W → Σ^-½
     as T grows (quadratically once close; Σ_N has eigenvalues in (0, 1], so it converges).
+    Caveat (inherent to this uncoupled Newton–Schulz form, in the reference too; Higham 1986):
+    for an ill-conditioned Σ (κ ≳ 9) rounding errors grow with every step after convergence,
+    so T in the tens can overflow; the paper's T = 5 (partial whitening) is the intended use.
 
     Training with ``running_mean`` (C values, e.g. the reference's (G, d, 1) buffer) and
     ``running_wm`` ((G, d, d)) updates them in place: ``new = (1 − momentum)·old +

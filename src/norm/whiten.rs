@@ -794,6 +794,8 @@ pub fn whitening_matrix(
 /// Σ_N = Σ / tr(Σ),  P₀ = I,  P_{k+1} = ½(3 P_k − P_k³ Σ_N)  (k < T),  W = P_T / sqrt(tr(Σ))
 /// ```
 /// `sigma`: G blocks of d², row-major (eps already added). A zero trace gives NaN (0/0).
+/// The uncoupled iteration amplifies rounding once converged when κ(Σ) ≳ 9 (Higham 1986):
+/// large T on ill-conditioned Σ can overflow, as in the reference implementation.
 pub fn newton_inv_sqrt(sigma: &[f64], d: usize, t: usize) -> Vec<f64> {
     let mut out = Vec::with_capacity(sigma.len());
     if d == 0 {
