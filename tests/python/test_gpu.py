@@ -684,6 +684,58 @@ def test_errors(rng):
     _raises_like_cpu(ValueError, "batch_norm", x, ro, np.ones(4), training=True)
 
 
+# ----------------------------------------------------------------------------- random layouts
+
+
+def _random_case(rng):
+    ndim = int(rng.integers(2, 5))
+    shape = [int(s) for s in rng.integers(1, 7, size=ndim)]
+    shape[0] = int(rng.integers(2, 5))
+    axis = int(rng.integers(1, ndim))
+    if rng.random() < 0.3:
+        shape[-1] = int(rng.integers(100, 3000))  # long rows: multi-chunk reductions
+    return tuple(shape), axis
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_shapes_and_axes(seed):
+    # Channel axes in the middle (S1 > 1 and I > 1), odd sizes, long and 1-element groups.
+    rng = np.random.default_rng(seed)
+    shape, axis = _random_case(rng)
+    x = randn(rng, *shape, loc=float(rng.choice([0.0, 50.0])))
+    C = shape[axis]
+    G = int(rng.choice([g for g in range(1, C + 1) if C % g == 0]))
+    w = rng.standard_normal(C).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    ax = axis - x.ndim if rng.random() < 0.5 else axis  # negative and positive spellings
+    close(gpu.batch_norm(x, None, None, w, b, training=True, axis=ax),
+          ref.batch_norm(x, None, None, w, b, True, axis=axis)[0])
+    close(gpu.group_norm(x, G, w, b, axis=ax), ref.group_norm(x, G, w, b, axis=axis)[0])
+    if x.size // (shape[0] * C) > 1:
+        close(gpu.instance_norm(x, weight=w, axis=ax), ref.instance_norm(x, w, axis=axis)[0])
+    close(gpu.filter_response_norm(x, w, b, tau=b, axis=ax), ref.frn(x, w, b, b, axis=axis))
+    k = int(rng.integers(1, x.ndim))
+    close(gpu.layer_norm(x, shape[-k:]), ref.layer_norm(x, k)[0])
+    close(gpu.rms_norm(x, shape[-k:]), ref.rms_norm(x, k)[0])
+    if x.ndim >= 3:
+        size = int(rng.integers(1, 6))
+        close(gpu.local_response_norm(x, size, 0.1, 0.75, 1.0, axis=ax),
+              ref.lrn(x, size, 0.1, 0.75, 1.0, axis=axis))
+    gamma = (0.1 * rng.random((C, C))).astype(np.float32)
+    close(gpu.gdn(x, np.ones(C, np.float32), gamma, axis=ax),
+          ref.gdn(x, np.ones(C, np.float32), gamma, axis=axis))
+    dy = randn(rng, *shape)
+    gb = gpu.group_norm_backward(dy, x, G, w, b, axis=ax)
+    dx, dw, db = ref.group_norm_backward(dy, x, G, w, axis=axis)
+    scale = np.abs(dx).max()
+    np.testing.assert_allclose(gb.x, dx, rtol=1e-3, atol=1e-4 * scale)
+    np.testing.assert_allclose(gb.weight, dw, rtol=1e-3, atol=1e-4 * np.abs(dw).max())
+    np.testing.assert_allclose(gb.bias, db, rtol=1e-3, atol=1e-4 * np.abs(db).max())
+    gbn = gpu.batch_norm_backward(dy, x, weight=w, training=True, axis=ax)
+    dx = ref.batch_norm_backward(dy, x, None, None, w, True, axis=axis)[0]
+    np.testing.assert_allclose(gbn.x, dx, rtol=1e-3, atol=1e-4 * np.abs(dx).max())
+
+
 # ----------------------------------------------------------------------------- device loss (last)
 
 

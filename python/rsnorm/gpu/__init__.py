@@ -128,10 +128,11 @@ Large inputs
 ------------
 Inputs larger than one storage binding (``max-storage-buffer-binding-size``, 128 MiB by default)
 are processed in windows bound at aligned offsets, split on reduction-chunk and row boundaries
-(bitwise equal to an unsplit run); outputs are recycled buffers (see ``empty_cache``); more than 65 535 workgroups use a 2-D grid or a grid-stride
-loop. Limits: fewer than 2^32 - 2^26 elements (32-bit indices), one array within the device's
-``max-buffer-size``; LRN and GDN need one sample slice x[o] (all channels of one outer index) to fit
-in one binding, and a channels-last reduction needs 256 rows of C channels to fit in one binding.
+(bitwise equal to an unsplit run); more than 65 535 workgroups use a 2-D grid or a grid-stride
+loop. Outputs are recycled buffers (see ``empty_cache``). Limits: fewer than 2^32 - 2^26
+elements (32-bit indices), one array within the device's ``max-buffer-size``; LRN and GDN need
+one slice x[o] (all channels of one outer index) to fit in one binding, and a channels-last
+reduction needs 256 rows of C channels to fit in one binding.
 """
 
 from __future__ import annotations

@@ -30,9 +30,9 @@ class GPUArray:
     """A C-contiguous float32/float16 array in one wgpu storage buffer.
 
     ``shape``, ``dtype``, ``size``, ``ndim``, ``nbytes``, ``numpy()`` (read back to the host) and
-    ``reshape``. Arrays made by :func:`asarray` or returned by GPU ops stay on the device, so a chain
-    of ops makes no round trips. On adapters without ``shader-f16`` a float16 array is stored as
-    float32 (``dtype`` stays float16; ``numpy()`` rounds to float16).
+    ``reshape``. Arrays made by :func:`asarray` or returned by GPU ops stay on the device, so a
+    chain of ops makes no round trips. On adapters without ``shader-f16`` a float16 array is
+    stored as float32 (``dtype`` stays float16; ``numpy()`` rounds to float16).
     """
 
     __slots__ = ("__weakref__", "_dtype", "_gen", "_owner", "_shape", "_storage")

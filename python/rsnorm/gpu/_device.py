@@ -34,6 +34,7 @@ BINDINGS = {
     "sum_partial": "urrrrrwr",
     "sum_finalize": "urwww",
     "grad_apply": "urrwrrrrr",
+    "grad_fused": "urrwrrrr",
     "col_stats": "urw",
     "col_sums": "urrrrrwr",
     "lrn": "urw",
@@ -447,7 +448,10 @@ class Encoder:
             entries.append({"binding": i, "resource": {"buffer": buf, "offset": off, "size": size}})
         bg = ctx.device.create_bind_group(layout=bgl, entries=entries)
         tw = _timing.next_writes() if _timing is not None else None
-        cp = self.enc.begin_compute_pass(timestamp_writes=tw) if tw else self.enc.begin_compute_pass()
+        if tw:
+            cp = self.enc.begin_compute_pass(timestamp_writes=tw)
+        else:
+            cp = self.enc.begin_compute_pass()
         cp.set_pipeline(pipe)
         cp.set_bind_group(0, bg)
         cp.dispatch_workgroups(int(grid[0]), int(grid[1]), 1)

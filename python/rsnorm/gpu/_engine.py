@@ -197,7 +197,8 @@ def check_out(out, x, host: bool):
             raise value_error("out overlaps the input x")
     else:
         if not isinstance(out, GPUArray):
-            raise TypeError(f"out must be a device array for device input, got {type(out).__name__}")
+            raise TypeError(
+                f"out must be a device array for device input, got {type(out).__name__}")
         if out.shape != x.shape or out.dtype != x.dtype:
             raise value_error(
                 f"out must have shape {x.shape} and dtype {x.dtype}, got {out.shape} {out.dtype}"
@@ -487,11 +488,9 @@ def normalize(enc, data: Data, y: GPUArray, red: Reduction, gmap: GroupMap, mode
     """Normalize with statistics of the data: the fused kernel for groups of at most
     FUSED_CHUNKS chunks, else the two statistics passes and the apply pass (same bits either
     way). Returns (mean, rstd) device arrays."""
-    col = column_shape(red) if _device._overrides.get("columns", True) else None
     # Channels-last per-channel groups (instance norm over NHWC) would have each invocation of the
     # fused kernel read one element per row, C apart; the column kernels read whole rows instead.
-    strided = col is not None and col[2] > 1 and red.length > PER
-    if not strided and red.n_chunks <= _device._overrides.get("fused_chunks", FUSED_CHUNKS):
+    if use_fused(red):
         return fused_pass(enc, data, y, red, gmap, mode, eps, w, b, tau)
     st = stats_pass(enc, data, red, mode, eps)
     apply_pass(enc, data, y, gmap, st.gstat, mode, w, b, tau)
@@ -580,6 +579,36 @@ def sum_pass(enc, data: Data, dy: Data, red: Reduction, gmap: GroupMap, mean, rs
                  _device.grid2d(ctx, ng if tree else math.ceil(ng / SMALL_WG)),
                  entry="main_tree" if tree else "main")
     return sums, gw, gb
+
+
+def use_fused(red: Reduction) -> bool:
+    """Whether the fused kernels take this reduction (see ``normalize``)."""
+    col = column_shape(red) if _device._overrides.get("columns", True) else None
+    strided = col is not None and col[2] > 1 and red.length > PER
+    return not strided and red.n_chunks <= _device._overrides.get("fused_chunks", FUSED_CHUNKS)
+
+
+def grad_fused_pass(enc, data: Data, dy: Data, dx: GPUArray, red: Reduction, gmap: GroupMap,
+                    mean, rstd, w, center: bool, n: int, lo=None):
+    """dx of layer/RMS/group norm in one kernel per group (bitwise equal to sum_pass +
+    grad_apply_pass)."""
+    ctx = data.ctx
+    d = ctx.dummy
+    isz = data.itemsize
+    consts = {"WG": red.wg, "USE_W": int(w is not None), "CENTER": int(center),
+              "HAS_LO": int(lo is not None)}
+    for q0, q1, _, _, wlo, whi in plan_blocks(ctx, red, isz):
+        off, size = _window(ctx, wlo, whi, isz)
+        params = pack([
+            (red.n_g, "u"), (red.outer_stride, "u"), (red.g_stride, "u"), (red.run_len, "u"),
+            (red.run_stride, "u"), (red.length, "u"), (q0, "u"), (q1 - q0, "u"),
+            (off // isz, "u"), (gmap.I, "u"), (gmap.C, "u"), (red.n_chunks, "u"),
+            (float(n), "f"), (0, "u"), (0, "u"), (0, "u"),
+        ])
+        enc.dispatch("grad_fused", data.storage, consts, params,
+                     [(data.buffer, off, size), (dy.buffer, off, size), (dx._buffer, off, size),
+                      mean._buffer if mean is not None else d, rstd._buffer, w or d,
+                      lo._buffer if lo is not None else d], _device.grid2d(ctx, q1 - q0))
 
 
 def grad_apply_pass(enc, data: Data, dy: Data, dx: GPUArray, gmap: GroupMap, mean, rstd, sums,

@@ -164,7 +164,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         check_param(p, (C,), name)
     eps = check_eps(eps)
     if momentum_convention not in ("torch", "onnx"):
-        raise value_error(f"momentum_convention must be 'torch' or 'onnx', got {momentum_convention!r}")
+        raise value_error(
+            f"momentum_convention must be 'torch' or 'onnx', got {momentum_convention!r}")
     if (running_mean is None) != (running_var is None):
         raise value_error("running_mean and running_var must be given together")
     has_running = running_mean is not None
