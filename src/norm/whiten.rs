@@ -738,14 +738,14 @@ pub fn whitening_matrix(
     let mut c = cov.to_vec();
     symmetrize(&mut c, d);
     let sigma = DMatrix::from_row_slice(d, d, &c);
-    let (vals, u) = eigen_sorted(&sigma)?;
     let singular = || {
         NormError::Param(
             "the covariance is singular (rank-deficient) and eps=0; use eps > 0".into(),
         )
     };
-    let (w, w_inv) = match method {
+    let (w, w_inv, vals) = match method {
         Method::Zca | Method::Pca => {
+            let (vals, u) = eigen_sorted(&sigma)?;
             let mut s = Vec::with_capacity(d);
             for &l in &vals {
                 let v = l.max(0.0) + eps;
@@ -765,9 +765,9 @@ pub fn whitening_matrix(
                 let mut wi = to_rows(&(&uinv * u.transpose()));
                 symmetrize(&mut w, d);
                 symmetrize(&mut wi, d);
-                (w, wi)
+                (w, wi, vals)
             } else {
-                (to_rows(&us.transpose()), to_rows(&uinv))
+                (to_rows(&us.transpose()), to_rows(&uinv), vals)
             }
         }
         Method::Cholesky => {
@@ -777,7 +777,10 @@ pub fn whitening_matrix(
             let linv = l
                 .solve_lower_triangular(&DMatrix::<f64>::identity(d, d))
                 .ok_or_else(singular)?;
-            (to_rows(&linv), to_rows(&l))
+            // Eigenvalues only (no vectors): a fraction of the full decomposition's cost.
+            let mut vals: Vec<f64> = sigma.symmetric_eigenvalues().iter().copied().collect();
+            vals.sort_by(|a, b| b.total_cmp(a));
+            (to_rows(&linv), to_rows(&l), vals)
         }
     };
     Ok(WhiteningMatrices {

@@ -285,3 +285,13 @@ def test_cross_moments_kernel(rng):
         want = ma[g] @ af[sl] + mb[g] @ bf0[sl] + off[sl, None]
         np.testing.assert_allclose(np.moveaxis(y, 1, 0).reshape(6, -1)[sl], want, rtol=1e-12,
                                    atol=1e-13)
+
+
+def test_out_argument(rng):
+    x = _x(rng).astype(np.float32)
+    out = np.empty_like(x)
+    r = rn.iter_norm(x, num_groups=2, out=out)
+    assert r is out
+    assert np.array_equal(out, rn.iter_norm(x, num_groups=2))
+    with pytest.raises(TypeError):
+        rn.iter_norm(x, out=np.empty(x.shape, np.float64))

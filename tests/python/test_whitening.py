@@ -100,6 +100,7 @@ def test_cholesky_matches_numpy(rng):
     np.testing.assert_allclose(w.inverse_whitening_matrix_, L, rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(w.whitening_matrix_, np.linalg.inv(L), rtol=1e-10, atol=1e-12)
     assert np.all(np.triu(w.whitening_matrix_, 1) == 0)
+    np.testing.assert_allclose(w.eigenvalues_, np.linalg.eigvalsh(_cov(X))[::-1], rtol=1e-12)
 
 
 def test_unbiased(rng):
