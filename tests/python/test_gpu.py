@@ -598,6 +598,76 @@ def test_pipelines_cached_and_outputs_recycled(rng):
     gpu.empty_cache()
 
 
+def test_repeated_calls_do_not_grow_memory(rng):
+    import resource
+
+    x = randn(rng, 64, 256)
+    d = gpu.asarray(x)
+    for _ in range(50):
+        gpu.layer_norm(x, 256)
+        gpu.batch_norm(d, training=True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(600):  # a 64 KiB upload and output per host call: 38 MiB if they leaked
+        gpu.layer_norm(x, 256)
+        gpu.batch_norm(d, training=True)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 12 * 1024
+    assert _device._pool_bytes <= 16 * 65536
+
+
+def test_threads_share_the_device(rng):
+    # wgpu-native aborts the process when threads encode at once: ops serialize on a lock.
+    import threading
+
+    xs = [randn(rng, 16, 300) for _ in range(6)]
+    want = [gpu.layer_norm(x, 300) for x in xs]
+    bad = []
+
+    def work(i):
+        try:
+            for _ in range(15):
+                if not np.array_equal(gpu.layer_norm(xs[i], 300), want[i]):
+                    bad.append(i)
+                gpu.batch_norm(gpu.asarray(xs[i]).reshape(16, 3, 100), training=True).numpy()
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            bad.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert bad == []
+
+
+# Python >= 3.12 warns that fork() in a multi-threaded process (wgpu has threads) may deadlock:
+# exactly the situation under test.
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+def test_forked_child_gets_a_clear_error(rng):
+    # wgpu-native does not survive fork(): the child must fail fast instead of hanging.
+    import multiprocessing as mp
+
+    x = randn(rng, 4, 10)
+    want = gpu.layer_norm(x, 10)
+    mpc = mp.get_context("fork")
+    q = mpc.Queue()
+    p = mpc.Process(target=_fork_child, args=(q, x))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    kind, msg = q.get(timeout=5)
+    assert kind == "RuntimeError" and "spawn" in msg
+    assert np.array_equal(gpu.layer_norm(x, 10), want)  # the parent is unaffected
+
+
+def _fork_child(q, x):
+    try:
+        gpu.layer_norm(x, 10)
+        q.put(("ok", ""))
+    except Exception as exc:  # noqa: BLE001 - the parent checks the kind
+        q.put((type(exc).__name__, str(exc)))
+
+
 def test_out_argument(rng):
     x = randn(rng, 3, 8)
     out = np.empty_like(x)

@@ -124,6 +124,14 @@ Benchmark
 kernel time from timestamp queries, wall time, NumPy round trip, GB/s against a same-run buffer
 copy and nominal HBM, and PyTorch CUDA on the same device when installed.
 
+Threads and processes
+---------------------
+Ops may be called from several threads; GPU work is serialized on one lock (wgpu-native aborts
+when threads encode at once). wgpu does not survive ``fork()``: in a child forked after the
+parent used the GPU, calls raise ``RuntimeError`` (use the ``spawn`` start method). A call is not
+interrupted by Ctrl-C while it waits for the GPU (as NumPy ufuncs are not); the interrupt is
+raised when it returns.
+
 Large inputs
 ------------
 Inputs larger than one storage binding (``max-storage-buffer-binding-size``, 128 MiB by default)

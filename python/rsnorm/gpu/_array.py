@@ -154,10 +154,8 @@ def asarray(a, dtype=None) -> GPUArray:
 def _upload_checked(ctx, arr: np.ndarray) -> GPUArray:
     storage = storage_for(ctx, arr.dtype)
     host = np.ascontiguousarray(arr, dtype=np.float16 if storage == "f16" else np.float32)
-    buf = _device.upload(ctx, host)
-    nb = _device._bucket(host.nbytes)
-    owner = _device.Block(buf, ctx.generation, nb) if buf.size == nb else buf
-    return GPUArray(owner, arr.shape, arr.dtype.newbyteorder("="), storage, ctx.generation)
+    block = _device.upload_block(ctx, host)
+    return GPUArray(block, arr.shape, arr.dtype.newbyteorder("="), storage, ctx.generation)
 
 
 def empty(ctx, shape, dtype, storage=None) -> GPUArray:
