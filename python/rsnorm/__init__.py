@@ -29,6 +29,13 @@ from ._rsnorm import (
     set_num_threads,
 )
 from ._types import Moments, Stats
+from .whitening import (
+    IterNormGrads,
+    IterNormStats,
+    Whitening,
+    iter_norm,
+    iter_norm_backward,
+)
 
 __version__: str = _rsnorm.__version__
 
@@ -55,16 +62,21 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "IterNormGrads",
+    "IterNormStats",
     "Moments",
     "RsnormError",
     "ShapeError",
     "Stats",
+    "Whitening",
     "__version__",
     "batch_norm",
     "build_info",
     "get_num_threads",
     "group_norm",
     "instance_norm",
+    "iter_norm",
+    "iter_norm_backward",
     "layer_norm",
     "moments",
     "rms_norm",
