@@ -162,10 +162,14 @@ def _create() -> Context:
     wgpu = _wgpu()
     device = None
     adapter = None
+    wdev = None
     if not _configured and not _lost:
         _configured = True
-        from wgpu.utils import device as wdev
-
+        try:
+            from wgpu.utils import device as wdev
+        except ImportError:  # an older wgpu-py without the shared-device helpers
+            wdev = None
+    if wdev is not None and hasattr(wdev, "preconfigure_default_device"):
         adapter = _request_adapter(wgpu)
         feats, limits = _wanted(adapter)
         try:
@@ -182,12 +186,16 @@ def _create() -> Context:
             raise RuntimeError(f"{_NO_ADAPTER} ({type(exc).__name__}: {exc})") from exc
         adapter = getattr(device, "adapter", adapter)
     else:
-        # After a loss the default device is dead: ask the adapter for a fresh one.
+        # After a loss the default device is dead (and older wgpu-py cannot preconfigure it):
+        # ask the adapter for a device of our own.
         adapter = _request_adapter(wgpu)
         feats, limits = _wanted(adapter)
-        device = adapter.request_device_sync(
-            required_features=sorted(feats), required_limits=limits, label="rsnorm.gpu"
-        )
+        try:
+            device = adapter.request_device_sync(
+                required_features=sorted(feats), required_limits=limits, label="rsnorm.gpu"
+            )
+        except Exception as exc:
+            raise RuntimeError(f"{_NO_ADAPTER} ({type(exc).__name__}: {exc})") from exc
     _generation += 1
     _lost = False
     _pool.clear()
