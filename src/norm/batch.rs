@@ -12,7 +12,7 @@ use super::common::{bytes_of, check_eps, check_momentum, check_out, rstd, GroupS
 use crate::channel::{check_channel_param, Access, ChannelView};
 use crate::error::{fmt_shape, NormError, Result};
 use crate::pool;
-use crate::reduce::{self, LANES};
+use crate::reduce;
 use crate::scalar::Scalar;
 use ndarray::{ArrayView, ArrayViewMut, IxDyn};
 
@@ -247,9 +247,9 @@ const BATCH_BLOCK: usize = 256;
 ///
 /// Planes of one value would make the batch fold a serial chain of N adds per channel, so
 /// these shapes use their own canonical order instead (chosen by the shape alone, hence the
-/// same for every layout): blocks of `BATCH_BLOCK` consecutive rows, each a canonical lane sum
-/// over its rows (lane = row mod LANES), blocks folded in order. Blocks run in parallel and a
-/// C-contiguous input streams whole rows.
+/// same for every layout): blocks of `BATCH_BLOCK` consecutive rows, each summed in row order,
+/// blocks folded in order. Blocks run in parallel, a C-contiguous input streams whole rows, and
+/// the vectors run across channels (C accumulators: one row's worth, in L1).
 fn batch_block_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy + Sync>(
     cv: &ChannelView<'_, T>,
     parallel: bool,
@@ -260,22 +260,11 @@ fn batch_block_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy + Sync>(
     let rows_of = |b: usize| b * BATCH_BLOCK..((b + 1) * BATCH_BLOCK).min(cv.n);
     let partials: Vec<Vec<f64>> = if cv.access == Access::Rows {
         pool::map_tasks(blocks, parallel, |b| {
-            let mut acc = vec![0.0f64; LANES * c];
-            for (i, n) in rows_of(b).enumerate() {
-                let lane = &mut acc[(i % LANES) * c..(i % LANES + 1) * c];
-                for (k, (a, x)) in lane.iter_mut().zip(cv.sample_rows(n)).enumerate() {
-                    *a += f(x.to_f64(), k);
-                }
+            let mut acc = vec![0.0f64; c];
+            for n in rows_of(b) {
+                reduce::accumulate_row(&mut acc, cv.sample_rows(n), f);
             }
-            (0..c)
-                .map(|k| {
-                    let mut lanes = [0.0f64; LANES];
-                    for (l, v) in lanes.iter_mut().enumerate() {
-                        *v = acc[l * c + k];
-                    }
-                    reduce::tree(&lanes)
-                })
-                .collect()
+            acc
         })
     } else {
         // Any other layout: one task per channel walks its column in logical order.
@@ -284,13 +273,11 @@ fn batch_block_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy + Sync>(
             let mut it = col.iter();
             (0..blocks)
                 .map(|b| {
-                    let mut lanes = [0.0f64; LANES];
-                    for i in 0..rows_of(b).len() {
-                        if let Some(x) = it.next() {
-                            lanes[i % LANES] += f(x.to_f64(), k);
-                        }
+                    let mut acc = 0.0f64;
+                    for x in it.by_ref().take(rows_of(b).len()) {
+                        acc += f(x.to_f64(), k);
                     }
-                    reduce::tree(&lanes)
+                    acc
                 })
                 .collect::<Vec<f64>>()
         });
