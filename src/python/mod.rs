@@ -7,6 +7,7 @@ mod batch;
 pub mod errors;
 mod group;
 mod layer;
+mod outbuf;
 mod whiten;
 
 use pyo3::prelude::*;
@@ -72,6 +73,7 @@ fn build_info(py: Python<'_>) -> PyResult<Py<PyAny>> {
     d.set_item("cpu_features", cpu_features())?;
     d.set_item("num_threads", crate::pool::num_threads())?;
     d.set_item("target", std::env::consts::ARCH)?;
+    d.set_item("output_pool_idle_bytes", outbuf::idle_bytes())?;
     Ok(d.into_any().unbind())
 }
 
