@@ -945,8 +945,8 @@ def _w(c, dtype=F32, seed=0):
 
 SIMPLE: dict[str, Callable] = {
     "batch_norm": lambda x: rn.batch_norm(x, training=True, return_stats=True),
-    "layer_norm": lambda x: rn.layer_norm(x, x.shape[2:], return_stats=True),
-    "rms_norm": lambda x: rn.rms_norm(x, x.shape[-1:], return_stats=True),
+    "layer_norm": lambda x: rn.layer_norm(x, (5, 3), return_stats=True),
+    "rms_norm": lambda x: rn.rms_norm(x, 3, return_stats=True),
     "group_norm": lambda x: rn.group_norm(x, 3, _w(6), _w(6), return_stats=True),
     "instance_norm": lambda x: rn.instance_norm(x, return_stats=True),
     "moments": lambda x: tuple(rn.moments(x)[1:]),
@@ -962,9 +962,9 @@ SIMPLE: dict[str, Callable] = {
 SIMPLE_BWD_ARGS: dict[str, Callable] = {
     "batch_norm": lambda gy, x: rn.batch_norm_backward(gy, x, weight=_w(6), bias=_w(6),
                                                        training=True),
-    "layer_norm": lambda gy, x: rn.layer_norm_backward(gy, x, x.shape[2:], _w(15).reshape(5, 3),
+    "layer_norm": lambda gy, x: rn.layer_norm_backward(gy, x, (5, 3), _w(15).reshape(5, 3),
                                                        _w(15).reshape(5, 3)),
-    "rms_norm": lambda gy, x: rn.rms_norm_backward(gy, x, x.shape[-1:], _w(3)),
+    "rms_norm": lambda gy, x: rn.rms_norm_backward(gy, x, 3, _w(3)),
     "group_norm": lambda gy, x: rn.group_norm_backward(gy, x, 3, _w(6), _w(6)),
     "instance_norm": lambda gy, x: rn.instance_norm_backward(gy, x, weight=_w(6), bias=_w(6)),
     "iter_norm": lambda gy, x: rn.iter_norm_backward(gy, x, num_groups=2),
