@@ -84,7 +84,11 @@ fn mask(z: f64, t: f64) -> f64 {
     }
 }
 
-fn check_params<T: Scalar>(cv: &ChannelView<'_, T>, p: &FrnParams<'_>, shape: &[usize]) -> Result<()> {
+fn check_params<T: Scalar>(
+    cv: &ChannelView<'_, T>,
+    p: &FrnParams<'_>,
+    shape: &[usize],
+) -> Result<()> {
     check_eps(p.eps)?;
     for (name, v) in [
         ("weight", p.weight),
@@ -232,14 +236,11 @@ pub fn filter_response_norm_backward<T: Scalar>(
         let k2 = w * r * r * r * sgx / count;
         // SAFETY: task i owns plane (n, ch) of dx.
         let mut dv = unsafe { dxp.sub(&[n, ch]) };
-        Zip::from(&mut dv)
-            .and(&xp)
-            .and(&gp)
-            .for_each(|o, &v, &g| {
-                let v = v.to_f64();
-                let gz = g.to_f64() * m(a.z(v));
-                *o = T::from_f64(k1 * gz - k2 * v);
-            });
+        Zip::from(&mut dv).and(&xp).and(&gp).for_each(|o, &v, &g| {
+            let v = v.to_f64();
+            let gz = g.to_f64() * m(a.z(v));
+            *o = T::from_f64(k1 * gz - k2 * v);
+        });
         let dle = -0.5 * w * r * r * r * sgx;
         [sgxh, sg, stau, dle]
     });
@@ -248,7 +249,10 @@ pub fn filter_response_norm_backward<T: Scalar>(
         for (i, v) in per_plane.iter().enumerate() {
             acc[i % c] += v[k];
         }
-        acc.iter().enumerate().map(|(ch, a)| a * scale(ch)).collect()
+        acc.iter()
+            .enumerate()
+            .map(|(ch, a)| a * scale(ch))
+            .collect()
     };
     let one = |_: usize| 1.0;
     Ok(FrnGrads {

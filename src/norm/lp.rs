@@ -20,7 +20,8 @@ use crate::scalar::Scalar;
 use ndarray::{ArrayView, ArrayViewMut, IxDyn, Zip};
 
 fn check_p(p: f64) -> Result<()> {
-    if !(p > 0.0) {
+    // NaN fails `p > 0.0` too.
+    if p.is_nan() || p <= 0.0 {
         return Err(NormError::Param(format!(
             "p must be > 0 (a finite number or inf), got {p}"
         )));
@@ -57,7 +58,11 @@ fn norm<T: Scalar>(row: &ArrayView<'_, T, IxDyn>, p: f64) -> (f64, f64, usize) {
         return (0.0, 0.0, 0);
     }
     if m.is_infinite() {
-        return (f64::INFINITY, m, row.iter().filter(|v| v.to_f64().abs() == m).count());
+        return (
+            f64::INFINITY,
+            m,
+            row.iter().filter(|v| v.to_f64().abs() == m).count(),
+        );
     }
     if p == f64::INFINITY {
         let ties = row.iter().filter(|v| v.to_f64().abs() == m).count();
@@ -88,7 +93,12 @@ fn bytes<T>(x: &ArrayView<'_, T, IxDyn>) -> usize {
     x.len().saturating_mul(std::mem::size_of::<T>())
 }
 
-fn setup<'a, T: Scalar>(x: ArrayView<'a, T, IxDyn>, p: f64, eps: f64, axis: isize) -> Result<Rows<'a, T>> {
+fn setup<'a, T: Scalar>(
+    x: ArrayView<'a, T, IxDyn>,
+    p: f64,
+    eps: f64,
+    axis: isize,
+) -> Result<Rows<'a, T>> {
     check_p(p)?;
     check_eps(eps)?;
     if x.ndim() == 0 {

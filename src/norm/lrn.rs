@@ -76,7 +76,9 @@ impl LrnParams {
         check_finite("alpha", self.alpha)?;
         check_finite("beta", self.beta)?;
         check_finite("k", self.k)?;
-        let n = self.size as usize;
+        let n = usize::try_from(self.size).map_err(|_| {
+            NormError::Param(format!("size={} does not fit in memory indices", self.size))
+        })?;
         let (lo, hi) = match self.window {
             LrnWindow::Torch => (n / 2, (n - 1) / 2),
             LrnWindow::Onnx => ((n - 1) / 2, n / 2),

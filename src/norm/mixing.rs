@@ -61,8 +61,10 @@ impl Geometry {
             idx[i] = r % self.sdims[i];
             r /= self.sdims[i];
         }
-        let mut base: isize =
-            n as isize * self.sn + (0..k).map(|i| idx[i] as isize * self.sstr[i]).sum::<isize>();
+        let mut base: isize = n as isize * self.sn
+            + (0..k)
+                .map(|i| idx[i] as isize * self.sstr[i])
+                .sum::<isize>();
         for _ in p0..p1 {
             out.push(base);
             // Odometer step over the spatial axes; past the last one, the next sample.

@@ -4,8 +4,7 @@ use super::array::{core, prepare_out, run, XArray};
 use super::errors::value_error;
 use super::mixing::nbytes;
 use crate::norm::lrn::{
-    local_response_norm as lrn_core, local_response_norm_backward as lrn_bwd, LrnParams,
-    LrnWindow,
+    local_response_norm as lrn_core, local_response_norm_backward as lrn_bwd, LrnParams, LrnWindow,
 };
 use crate::{dispatch, dispatch_pair};
 use numpy::PyUntypedArrayMethods;

@@ -11,18 +11,15 @@ use pyo3::prelude::*;
 macro_rules! dispatch_pair {
     ($xa:expr, $ga:expr, $x:ident, $g:ident => $body:expr) => {
         match ($xa, $ga) {
-            (
-                $crate::python::array::XArray::F16($x),
-                $crate::python::array::XArray::F16($g),
-            ) => $body,
-            (
-                $crate::python::array::XArray::F32($x),
-                $crate::python::array::XArray::F32($g),
-            ) => $body,
-            (
-                $crate::python::array::XArray::F64($x),
-                $crate::python::array::XArray::F64($g),
-            ) => $body,
+            ($crate::python::array::XArray::F16($x), $crate::python::array::XArray::F16($g)) => {
+                $body
+            }
+            ($crate::python::array::XArray::F32($x), $crate::python::array::XArray::F32($g)) => {
+                $body
+            }
+            ($crate::python::array::XArray::F64($x), $crate::python::array::XArray::F64($g)) => {
+                $body
+            }
             (x, g) => {
                 return Err($crate::python::mixing::dtype_mismatch(&x, &g));
             }

@@ -28,7 +28,8 @@ def test_reference(rng, dtype, axis, shape, size, window, aos):
     x = (rng.standard_normal(shape) * 3).astype(dtype)
     if axis == -1:
         x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
-    kw = dict(alpha=0.3, beta=0.75, k=2.0, alpha_over_size=aos, window=window, axis=axis)
+    kw = {"alpha": 0.3, "beta": 0.75, "k": 2.0, "alpha_over_size": aos, "window": window,
+          "axis": axis}
     y = rn.local_response_norm(x, size, **kw)
     ref.assert_close(y, ref.lrn(x, size, **kw), dtype)
 
@@ -167,7 +168,7 @@ def test_backward_finite_differences(rng, axis, size, window, strided):
     if axis == -1:
         x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
     g = rng.standard_normal(x.shape)
-    kw = dict(alpha=0.8, beta=0.75, k=1.2, window=window, axis=axis)
+    kw = {"alpha": 0.8, "beta": 0.75, "k": 1.2, "window": window, "axis": axis}
     xs = np.asfortranarray(x) if strided else x
     got = rn.local_response_norm_backward(g, xs, size, **kw)
     assert isinstance(got, rn.LocalResponseNormGrads)
