@@ -625,6 +625,15 @@ class Timing:
     median_s: float
     min_s: float
     calls: int
+    faults_per_call: float | None = None  # minor page faults (fresh output memory), all threads
+
+
+def _minflt() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def measure(fn: Callable[[], Any], context=contextlib.nullcontext, *, min_time=0.2,
@@ -639,6 +648,7 @@ def measure(fn: Callable[[], Any], context=contextlib.nullcontext, *, min_time=0
         one = time.perf_counter() - t0
         number = max(1, min(10_000, int(2e-4 / max(one, 1e-9))))
         samples: list[float] = []
+        flt0 = _minflt()
         start = time.perf_counter()
         while len(samples) < min_samples or (time.perf_counter() - start < min_time
                                              and len(samples) < max_samples):
@@ -646,7 +656,10 @@ def measure(fn: Callable[[], Any], context=contextlib.nullcontext, *, min_time=0
             for _ in range(number):
                 fn()
             samples.append((time.perf_counter() - t0) / number)
-    return Timing(float(np.median(samples)), float(np.min(samples)), number * len(samples))
+        flt1 = _minflt()
+    calls = number * len(samples)
+    faults = None if flt0 is None or flt1 is None else (flt1 - flt0) / calls
+    return Timing(float(np.median(samples)), float(np.min(samples)), calls, faults)
 
 
 class CopyRef:
@@ -712,8 +725,10 @@ def _diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run(workloads: Sequence[Workload], env: Env, *, min_time: float, min_samples: int,
-        max_elements: int | None = None, progress=None, seed: int = 0) -> list[dict]:
-    """Runs each workload, returns one result dict per workload (the JSON ``results``)."""
+        max_elements: int | None = None, progress=None, seed: int = 0,
+        scaling: bool = False) -> list[dict]:
+    """Runs each workload, returns one result dict per workload (the JSON ``results``).
+    With ``scaling``, rsnorm is timed again on one thread (``thread_scaling`` = t1 / tN)."""
     copier = CopyRef(env.threads)
     results = []
     kw = {"min_time": min_time, "min_samples": min_samples}
@@ -773,6 +788,14 @@ def run(workloads: Sequence[Workload], env: Env, *, min_time: float, min_samples
                     if name == "rsnorm":
                         reference = np.array(y, copy=True)
                     t = measure(impl.fn, impl.context, **kw)
+                    if scaling and name == "rsnorm" and env.threads > 1:
+                        env.rn.set_num_threads(1)
+                        try:
+                            t1 = measure(impl.fn, impl.context, **kw)
+                        finally:
+                            env.rn.set_num_threads(env.threads)
+                        res["rsnorm_1thread_median_s"] = t1.median_s
+                        res["thread_scaling"] = t1.median_s / t.median_s
                 except Exception as exc:  # noqa: BLE001 - reported, not hidden
                     res["skipped"][name] = f"{type(exc).__name__}: {str(exc)[:200]}"
                     if progress:
@@ -787,6 +810,7 @@ def run(workloads: Sequence[Workload], env: Env, *, min_time: float, min_samples
                 gbps = res["bytes"] / t.median_s / 1e9
                 res["impls"][name] = {
                     "median_s": t.median_s, "min_s": t.min_s, "calls": t.calls, "gbps": gbps,
+                    "faults_per_call": t.faults_per_call,
                     # As bandwidth: a backward moves 3 arrays where the copy moves 2.
                     "pct_copy": 100.0 * gbps / res["copy"]["gbps"],
                     "max_abs_diff_vs_rsnorm": diff, "note": note}
@@ -825,6 +849,10 @@ def summarize(results: Sequence[dict]) -> dict[str, Any]:
                 summ[f"{key}.{peer}.median"] = med(vals)
                 summ[f"{key}.{peer}.min"] = float(min(vals))
                 summ[f"{key}.{peer}.count"] = len(vals)
+    scal = [r["thread_scaling"] for r in results if "thread_scaling" in r]
+    if scal:
+        summ["thread_scaling.median"] = med(scal)
+        summ["thread_scaling.min"] = float(min(scal))
     pct = [r["impls"]["rsnorm"]["pct_copy"] for r in results if "rsnorm" in r["impls"]]
     if pct:
         summ["rsnorm.pct_copy.median"] = med(pct)
@@ -851,31 +879,37 @@ def _x_ratio(v) -> str:
 def print_results(results: Sequence[dict], summary: dict, header: str, verbose: bool) -> None:
     from .cli import print_table
 
-    cols = ["workload", "impl", "median", "min", "GB/s", "% copy", "rsnorm speed-up",
-            "max|diff|"]
+    cols = ["workload", "impl", "median", "min", "GB/s", "% copy", "faults/call",
+            "rsnorm speed-up", "max|diff|"]
     rows = []
     for r in results:
+        if "rsnorm" in r["skipped"] and not r["impls"]:
+            rows.append([r["workload"], "rsnorm", "-", "-", "-", "-", "-", "-",
+                         r["skipped"]["rsnorm"]])
+            continue
         if "copy" in r:
             c = r["copy"]
             rows.append([r["workload"], f"copy ({c['method']})", _t(c["median_s"]),
-                         _t(c["min_s"]), f"{c['gbps']:.1f}", "100", "", ""])
+                         _t(c["min_s"]), f"{c['gbps']:.1f}", "100", "", "", ""])
         for name in IMPL_ORDER:
             if name in r["impls"]:
                 i = r["impls"][name]
                 ratio = r["ratios"].get(name) if name in PEERS else None
                 label = name + (f" ({i['note']})" if i.get("note") else "")
+                flt = i.get("faults_per_call")
                 rows.append(["", label, _t(i["median_s"]), _t(i["min_s"]),
-                             f"{i['gbps']:.1f}", f"{i['pct_copy']:.0f}", _x_ratio(ratio),
+                             f"{i['gbps']:.1f}", f"{i['pct_copy']:.0f}",
+                             "-" if flt is None else f"{flt:.0f}", _x_ratio(ratio),
                              "" if name == "rsnorm" else f"{i['max_abs_diff_vs_rsnorm']:.1e}"])
             elif verbose and name in r["skipped"]:
-                rows.append(["", name, "-", "-", "-", "-", "-", r["skipped"][name][:60]])
-        if "rsnorm" in r["skipped"]:
-            rows.append([r["workload"], "rsnorm", "-", "-", "-", "-", "-",
-                         r["skipped"]["rsnorm"]])
+                rows.append(["", name, "-", "-", "-", "-", "-", "-", r["skipped"][name][:60]])
     print_table(header, cols, rows)
     # The compact view: one line per workload, ratio = peer time / rsnorm time.
     cols2 = ["workload", "rsnorm", "% copy", "out= % copy", "vs numpy", "vs torch",
              "vs onnxruntime", "vs peer", "vs peer (out=)"]
+    with_scaling = any("thread_scaling" in r for r in results)
+    if with_scaling:
+        cols2.append("N threads vs 1")
     rows2 = []
     for r in results:
         if "rsnorm" not in r["impls"]:
@@ -885,7 +919,8 @@ def print_results(results: Sequence[dict], summary: dict, header: str, verbose: 
         rows2.append([r["workload"], _t(i["median_s"]), f"{i['pct_copy']:.0f}",
                       "-" if o is None else f"{o['pct_copy']:.0f}",
                       *(_x_ratio(r["ratios"].get(p)) for p in (*PEERS, "peer")),
-                      _x_ratio(r["ratios_out"].get("peer"))])
+                      _x_ratio(r["ratios_out"].get("peer")),
+                      *([_x_ratio(r.get("thread_scaling"))] if with_scaling else [])])
     print_table("ratios (peer time / rsnorm time; > 1 means rsnorm is faster; peer = the faster "
                 "of torch and onnxruntime)", cols2, rows2)
     parts = []
@@ -893,6 +928,7 @@ def print_results(results: Sequence[dict], summary: dict, header: str, verbose: 
                        ("ratios.peer.min", "worst vs peer"),
                        ("ratios_out.peer.median", "median vs peer (out=)"),
                        ("ratios.numpy.median", "median vs numpy"),
+                       ("thread_scaling.median", "median thread scaling"),
                        ("rsnorm.pct_copy.median", "median % of copy")):
         if key in summary:
             v = summary[key]
@@ -951,8 +987,12 @@ def build_parser(prog: str = "rsnorm bench") -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write all results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of GB/s (needs matplotlib)")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
+    p.add_argument("--scaling", action="store_true",
+                   help="also time rsnorm on one thread (thread scaling column)")
     p.add_argument("-v", "--verbose", action="store_true", help="also show skipped peers")
-    p.add_argument("--backend", choices=("cpu",), default="cpu", help=argparse.SUPPRESS)
+    p.add_argument("--backend", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: run rsnorm.gpu's benchmark instead (needs wgpu); other options "
+                   "are passed to it")
     # Knobs for tests and exploration, not part of the documented interface.
     p.add_argument("--min-time", type=float, help=argparse.SUPPRESS)
     p.add_argument("--min-samples", type=int, help=argparse.SUPPRESS)
@@ -1063,8 +1103,27 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _gpu_main(argv: list[str]) -> int:
+    rest = [a for i, a in enumerate(argv) if not (a == "--backend" or a.startswith("--backend=")
+                                                  or (i > 0 and argv[i - 1] == "--backend"))]
+    try:
+        from rsnorm.gpu import bench as gpu_bench
+    except (ImportError, RuntimeError) as exc:
+        print(f"rsnorm bench: the GPU benchmark is not available ({exc}); it needs "
+              "rsnorm.gpu.bench and wgpu (pip install 'rsnorm[gpu]')", file=sys.stderr)
+        return 2
+    if not hasattr(gpu_bench, "main"):
+        print("rsnorm bench: rsnorm.gpu.bench has no main()", file=sys.stderr)
+        return 2
+    return int(gpu_bench.main(rest) or 0)
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "rsnorm bench") -> int:
-    args = build_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known, _ = build_parser(prog).parse_known_args(argv)
+    if known.backend == "gpu":
+        return _gpu_main(argv)
+    args = build_parser(prog).parse_args(argv)
     workloads = select(args.ops, args.quick)
     if args.list:
         for w in workloads:
@@ -1088,7 +1147,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "rsnorm bench") -> int:
     cpu_probe = CpuProbe()
     with bar:
         results = run(workloads, env, min_time=min_time, min_samples=min_samples,
-                      max_elements=args.max_elements, progress=cb)
+                      max_elements=args.max_elements, progress=cb, scaling=args.scaling)
     elapsed = time.perf_counter() - t0
     summary = summarize(results)
     other = cpu_probe.other_fraction()
@@ -1106,6 +1165,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "rsnorm bench") -> int:
         doc = {"schema": 1, "rsnorm_version": env.versions()["rsnorm"], "versions": env.versions(),
                "machine": info, "threads": env.threads, "quick": args.quick,
                "settings": {"min_time_s": min_time, "min_samples": min_samples,
+                            "scaling": args.scaling,
                             "max_elements": args.max_elements},
                "skipped_peers": env.skipped_peers, "elapsed_s": elapsed,
                "results": results, "summary": summary}
