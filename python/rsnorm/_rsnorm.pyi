@@ -134,7 +134,7 @@ def local_response_norm(
     alpha_over_size: bool = True,
     window: str = "torch",
     axis: int = 1,
-    out: Optional[_Arr] = None,
+    out: _Arr | None = None,
 ) -> Any:
     """Local response normalization across channels (input of rank >= 3).
 
@@ -162,14 +162,14 @@ def _local_response_norm_backward(
 
 def filter_response_norm(
     x: _Arr,
-    weight: Optional[_Arr] = None,
-    bias: Optional[_Arr] = None,
-    tau: Optional[_Arr] = None,
+    weight: _Arr | None = None,
+    bias: _Arr | None = None,
+    tau: _Arr | None = None,
     eps: float = 1e-6,
     *,
-    learned_eps: Union[None, float, _Arr] = None,
+    learned_eps: float | _Arr | None = None,
     axis: int = 1,
-    out: Optional[_Arr] = None,
+    out: _Arr | None = None,
     return_stats: bool = False,
 ) -> Any:
     """Filter response normalization (Singh & Krishnan 2019) with the TLU fused when ``tau``
@@ -184,18 +184,18 @@ def filter_response_norm(
 def _filter_response_norm_backward(
     grad_y: _Arr,
     x: _Arr,
-    weight: Optional[_Arr] = None,
-    bias: Optional[_Arr] = None,
-    tau: Optional[_Arr] = None,
+    weight: _Arr | None = None,
+    bias: _Arr | None = None,
+    tau: _Arr | None = None,
     eps: float = 1e-6,
     *,
-    learned_eps: Union[None, float, _Arr] = None,
+    learned_eps: float | _Arr | None = None,
     axis: int = 1,
     stats: Any = None,
-) -> tuple[_Arr, Optional[_Arr], Optional[_Arr], Optional[_Arr], Optional[_Arr]]:
+) -> tuple[_Arr, _Arr | None, _Arr | None, _Arr | None, _Arr | None]:
     """Gradients of filter_response_norm: (dx, dweight, dbias, dtau, dlearned_eps)."""
 
-def tlu(x: _Arr, tau: _Arr, *, axis: int = 1, out: Optional[_Arr] = None) -> Any:
+def tlu(x: _Arr, tau: _Arr, *, axis: int = 1, out: _Arr | None = None) -> Any:
     """Thresholded linear unit ``y = max(x, τ_c)``, τ of shape (C,) (NaN propagates)."""
 
 def _tlu_backward(grad_y: _Arr, x: _Arr, tau: _Arr, *, axis: int = 1) -> tuple[_Arr, _Arr]:
@@ -209,7 +209,7 @@ def gdn(
     inverse: bool = False,
     variant: str = "gdn",
     axis: int = 1,
-    out: Optional[_Arr] = None,
+    out: _Arr | None = None,
 ) -> Any:
     """Generalized divisive normalization (Ballé et al. 2016) across channels, any rank >= 2.
 
@@ -233,10 +233,10 @@ def _gdn_backward(
 
 def mean_variance_norm(
     x: _Arr,
-    axes: Union[None, int, Sequence[int]] = None,
+    axes: int | Sequence[int] | None = None,
     eps: float = 1e-9,
     *,
-    out: Optional[_Arr] = None,
+    out: _Arr | None = None,
 ) -> Any:
     """Mean-variance normalization (ONNX MeanVarianceNormalization) over ``axes`` (default
     (0, 2, 3)): ``y = (x − mean)/(sqrt(var) + eps)``, biased variance, eps added to the
@@ -245,7 +245,7 @@ def mean_variance_norm(
 def _mean_variance_norm_backward(
     grad_y: _Arr,
     x: _Arr,
-    axes: Union[None, int, Sequence[int]] = None,
+    axes: int | Sequence[int] | None = None,
     eps: float = 1e-9,
 ) -> _Arr:
     """Gradient of mean_variance_norm with respect to x."""
@@ -256,7 +256,7 @@ def normalize(
     axis: int = 1,
     eps: float = 1e-12,
     *,
-    out: Optional[_Arr] = None,
+    out: _Arr | None = None,
 ) -> Any:
     """Lp normalization along ``axis`` (PyTorch ``F.normalize``):
     ``y = x / max(‖x‖_p, eps)``, ``‖x‖_p = (Σ|x|^p)^(1/p)`` (``p = inf``: max |x|); p > 0.

@@ -59,7 +59,13 @@ fn stats_rstd(stats: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<f64>>> {
     Ok(read_param(Some(&r), "stats.rstd")?.map(|p| p.values))
 }
 
-/// Filter response normalization, with the TLU fused when tau is given.
+/// Filter response normalization (Singh & Krishnan 2019) with the TLU fused when ``tau``
+/// is given.
+///
+/// ``ν² = mean(x²)`` over the spatial axes per (n, c);
+/// ``y = max(γ·x/sqrt(ν² + eps + |learned_eps|) + β, τ)``. weight, bias, tau: (C,);
+/// learned_eps: a number, shape () / (1,), or (C,). One spatial element gives
+/// ``x/sqrt(x² + eps)`` exactly. Stats: ``Stats(None, rstd)`` of shape (N, C).
 #[pyfunction]
 #[pyo3(signature = (x, weight=None, bias=None, tau=None, eps=1e-6, *, learned_eps=None, axis=1,
     out=None, return_stats=false))]
@@ -184,7 +190,7 @@ pub fn _filter_response_norm_backward<'py>(
     })
 }
 
-/// Thresholded linear unit max(x, tau) with tau per channel.
+/// Thresholded linear unit ``y = max(x, τ_c)``, τ of shape (C,) (NaN propagates).
 #[pyfunction]
 #[pyo3(signature = (x, tau, *, axis=1, out=None))]
 pub fn tlu<'py>(

@@ -29,7 +29,12 @@ fn params(
     Ok((b, g))
 }
 
-/// Generalized divisive normalization across channels (GDN, IGDN, GDN1).
+/// Generalized divisive normalization (Ballé et al. 2016) across channels, any rank >= 2.
+///
+/// ``D_i = β_i + Σ_j γ_ij·x_j²``, ``y_i = x_i/sqrt(D_i)`` (``inverse=True``, IGDN:
+/// ``x_i·sqrt(D_i)``); ``variant="gdn1"``: ``D_i = β_i + Σ_j γ_ij·|x_j|``, ``y_i = x_i/D_i``
+/// (inverse: ``x_i·D_i``). β: (C,), all > 0; γ: (C, C), all >= 0, ``γ[i, j]`` = output i,
+/// input j (CompressAI's layout). The per-position mixing is a GEMM, float64 inside.
 #[pyfunction]
 #[pyo3(signature = (x, beta, gamma, *, inverse=false, variant="gdn", axis=1, out=None))]
 #[allow(clippy::too_many_arguments)]

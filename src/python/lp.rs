@@ -7,7 +7,9 @@ use crate::{dispatch, dispatch_pair};
 use numpy::PyUntypedArrayMethods;
 use pyo3::prelude::*;
 
-/// Lp normalization along an axis (PyTorch F.normalize).
+/// Lp normalization along ``axis`` (PyTorch ``F.normalize``):
+/// ``y = x / max(‖x‖_p, eps)``, ``‖x‖_p = (Σ|x|^p)^(1/p)`` (``p = inf``: max |x|); p > 0.
+/// The norm is computed without overflow or underflow (power-of-two scaling).
 #[pyfunction]
 #[pyo3(signature = (x, p=2.0, axis=1, eps=1e-12, *, out=None))]
 pub fn normalize<'py>(

@@ -20,7 +20,14 @@ fn window(w: &str) -> PyResult<LrnWindow> {
     }
 }
 
-/// Local response normalization across channels.
+/// Local response normalization across channels (input of rank >= 3).
+///
+/// ``y_c = x_c / (k + α'·Σ_{j∈W(c)} x_j²)^β`` with zero padding; ``α' = α/size`` when
+/// ``alpha_over_size`` (PyTorch, ONNX, Caffe), else ``α`` (AlexNet paper, TensorFlow).
+/// ``window="torch"``: ``W(c) = [c − ⌊n/2⌋, c + ⌊(n−1)/2⌋]``; ``"onnx"``:
+/// ``[c − ⌊(n−1)/2⌋, c + ⌈(n−1)/2⌉]`` (they differ for even sizes). ``size`` may exceed C;
+/// ``size <= 0`` raises ``RsnormError``. O(1) work per element in the window size, with no
+/// add/subtract running sum (which drifts after a large value).
 #[pyfunction]
 #[pyo3(signature = (x, size, alpha=1e-4, beta=0.75, k=1.0, *, alpha_over_size=true,
     window="torch", axis=1, out=None))]

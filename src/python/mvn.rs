@@ -17,7 +17,9 @@ fn axes_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<isize>> {
         .map_err(|_| type_error("axes must be an int or a sequence of ints".into()))
 }
 
-/// Mean-variance normalization over `axes` (ONNX MeanVarianceNormalization).
+/// Mean-variance normalization (ONNX MeanVarianceNormalization) over ``axes`` (default
+/// (0, 2, 3)): ``y = (x − mean)/(sqrt(var) + eps)``, biased variance, eps added to the
+/// standard deviation as in ONNX's function body.
 #[pyfunction]
 #[pyo3(signature = (x, axes=None, eps=1e-9, *, out=None))]
 pub fn mean_variance_norm<'py>(
