@@ -120,29 +120,30 @@ fn du(v: GdnVariant, x: f64) -> f64 {
     }
 }
 
-/// d (rows×C, row-major) = u (rows×C)·γᵀ (+ β per column).
-fn divisor(u: &[f64], gamma: &[f64], beta: &[f64], rows: usize, c: usize, d: &mut [f64]) {
-    // SAFETY: u and d hold rows·C values, gamma C·C; strides describe exactly those shapes.
+/// Channel-major D (C×len, leading dimension ld) = γ·U (+ β per channel row).
+fn divisor(u: &[f64], gamma: &[f64], beta: &[f64], c: usize, len: usize, ld: usize, d: &mut [f64]) {
+    // SAFETY: u and d hold C rows of ld ≥ len values, gamma C·C row-major; the strides
+    // describe exactly those shapes.
     unsafe {
         matrixmultiply::dgemm(
-            rows,
             c,
             c,
+            len,
             1.0,
-            u.as_ptr(),
-            c as isize,
-            1,
             gamma.as_ptr(),
-            1,
             c as isize,
+            1,
+            u.as_ptr(),
+            ld as isize,
+            1,
             0.0,
             d.as_mut_ptr(),
-            c as isize,
+            ld as isize,
             1,
         );
     }
-    for row in d.chunks_exact_mut(c) {
-        for (v, b) in row.iter_mut().zip(beta) {
+    for (k, b) in beta.iter().enumerate() {
+        for v in &mut d[k * ld..k * ld + len] {
             *v += b;
         }
     }
@@ -169,16 +170,20 @@ pub fn gdn<T: Scalar>(
     for_tiles(
         &[&cv.x],
         Some(y),
+        1,
         tile_len(c, GDN_TILE_ELEMS),
         4,
         parallel,
         || (),
-        |_, ins, out, len| {
+        |_, ins, out, len, ld| {
             let x = &ins[0];
-            let u: Vec<f64> = x[..len * c].iter().map(|&v| u_of(var, v)).collect();
-            divisor(&u, p.gamma, p.beta, len, c, out);
-            for (o, &v) in out.iter_mut().zip(x.iter()) {
-                *o = v * factor(var, inv, *o);
+            let u: Vec<f64> = x.iter().map(|&v| u_of(var, v)).collect();
+            divisor(&u, p.gamma, p.beta, c, len, ld, out);
+            for k in 0..c {
+                let r = k * ld..k * ld + len;
+                for (o, &v) in out[r.clone()].iter_mut().zip(&x[r]) {
+                    *o = v * factor(var, inv, *o);
+                }
             }
         },
     );
@@ -212,7 +217,7 @@ pub fn gdn_backward<T: Scalar>(
     let c = cv.c;
     let dx = cv.permute_out(dx);
     let tile = tile_len(c, GDN_TILE_ELEMS / 2);
-    let tiles = (cv.n * cv.s).div_ceil(tile);
+    let tiles = (cv.n * cv.s).div_ceil(tile.max(1));
     // At most 16 partial (∂β, ∂γ) pairs, fewer when C² is large: bounded memory, and a count
     // that depends on the shape only, so the merge order never changes.
     let max_tasks = (32 * 1024 * 1024 / (c * c).max(1)).clamp(1, 16);
@@ -221,28 +226,29 @@ pub fn gdn_backward<T: Scalar>(
     let parts = for_tiles(
         &[&cv.x, &gv.x],
         Some(dx),
+        1,
         tile,
         per_task,
         parallel,
         || (vec![0.0f64; c], vec![0.0f64; c * c]),
-        |acc, ins, out, len| {
-            let (x, g) = (&ins[0][..len * c], &ins[1][..len * c]);
+        |acc, ins, out, len, ld| {
+            let (x, g) = (&ins[0], &ins[1]);
             let u: Vec<f64> = x.iter().map(|&v| u_of(var, v)).collect();
-            let mut d = vec![0.0f64; len * c];
-            divisor(&u, p.gamma, p.beta, len, c, &mut d);
-            let q: Vec<f64> = d
-                .iter()
-                .zip(x)
-                .zip(g)
-                .map(|((&d, &v), &g)| g * v * dfactor(var, inv, d))
-                .collect();
-            for row in q.chunks_exact(c) {
-                for (a, v) in acc.0.iter_mut().zip(row) {
-                    *a += v;
+            let mut d = vec![0.0f64; c * ld];
+            divisor(&u, p.gamma, p.beta, c, len, ld, &mut d);
+            let mut q = vec![0.0f64; c * ld];
+            for k in 0..c {
+                let r = k * ld..k * ld + len;
+                let mut sum = 0.0;
+                for (((q, &d), &v), &g) in q[r.clone()].iter_mut().zip(&d[r.clone()]).zip(&x[r.clone()]).zip(&g[r]) {
+                    *q = g * v * dfactor(var, inv, d);
+                    sum += *q;
                 }
+                acc.0[k] += sum;
             }
-            // SAFETY (both calls): q, u, out hold len·C values, gamma and acc.1 C·C; the
-            // strides describe exactly those row-major shapes (qᵀ read with swapped strides).
+            // SAFETY (both calls): q, u, out hold C rows of ld ≥ len values, gamma and acc.1
+            // C·C row-major; the strides describe exactly those shapes (Uᵀ and γᵀ are read
+            // with swapped strides).
             unsafe {
                 matrixmultiply::dgemm(
                     c,
@@ -250,35 +256,38 @@ pub fn gdn_backward<T: Scalar>(
                     c,
                     1.0,
                     q.as_ptr(),
+                    ld as isize,
                     1,
-                    c as isize,
                     u.as_ptr(),
-                    c as isize,
                     1,
+                    ld as isize,
                     1.0,
                     acc.1.as_mut_ptr(),
                     c as isize,
                     1,
                 );
                 matrixmultiply::dgemm(
+                    c,
+                    c,
                     len,
-                    c,
-                    c,
                     1.0,
-                    q.as_ptr(),
-                    c as isize,
-                    1,
                     p.gamma.as_ptr(),
+                    1,
                     c as isize,
+                    q.as_ptr(),
+                    ld as isize,
                     1,
                     0.0,
                     out.as_mut_ptr(),
-                    c as isize,
+                    ld as isize,
                     1,
                 );
             }
-            for (((o, &v), &g), &d) in out.iter_mut().zip(x).zip(g).zip(&d) {
-                *o = g * factor(var, inv, d) + du(var, v) * *o;
+            for k in 0..c {
+                let r = k * ld..k * ld + len;
+                for (((o, &v), &g), &d) in out[r.clone()].iter_mut().zip(&x[r.clone()]).zip(&g[r.clone()]).zip(&d[r]) {
+                    *o = g * factor(var, inv, d) + du(var, v) * *o;
+                }
             }
         },
     );

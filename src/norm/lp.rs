@@ -8,16 +8,16 @@
 //! ```
 //! The norm is computed on values divided by the power of two 2^⌊log2 max|x|⌋ (exact), so it
 //! neither overflows nor underflows: float64 rows of 1e200 or of subnormals normalize
-//! correctly. Sums are canonical f64 sums in logical order: layout- and thread-independent.
+//! correctly. Each position gathers its channel vector into a tile (see `mixing::for_tiles`)
+//! and sums it in channel order in f64: layout- and thread-independent.
 
 use super::common::{check_eps, check_out};
-use super::mixing::{check_same_shape, row_of, sums2, Rows};
+use super::mixing::{check_same_shape, for_tiles, tile_len};
 use crate::channel::normalize_axis;
 use crate::error::{NormError, Result};
 use crate::pool;
-use crate::reduce;
 use crate::scalar::Scalar;
-use ndarray::{ArrayView, ArrayViewMut, IxDyn, Zip};
+use ndarray::{ArrayView, ArrayViewMut, IxDyn};
 
 fn check_p(p: f64) -> Result<()> {
     // NaN fails `p > 0.0` too.
@@ -40,43 +40,64 @@ fn pow2_floor(m: f64) -> f64 {
     }
 }
 
-/// (‖x‖_p, max |x|, number of entries at the max) over one row. NaN anywhere gives NaN.
-fn norm<T: Scalar>(row: &ArrayView<'_, T, IxDyn>, p: f64) -> (f64, f64, usize) {
-    let mut m = 0.0f64;
-    let mut nan = false;
-    for v in row.iter() {
-        let a = v.to_f64().abs();
-        nan |= a.is_nan();
-        if a > m {
-            m = a;
+/// Per position j of a channel-major tile: (‖x‖_p, max |x|, entries at the max). NaN
+/// anywhere in a position's channels gives NaN. Channels are summed in order, in f64.
+fn norms(x: &[f64], c: usize, len: usize, ld: usize, p: f64) -> (Vec<f64>, Vec<f64>, Vec<usize>) {
+    let mut m = vec![0.0f64; len];
+    let mut nan = vec![false; len];
+    for k in 0..c {
+        for ((m, nan), &v) in m.iter_mut().zip(&mut nan).zip(&x[k * ld..k * ld + len]) {
+            let a = v.abs();
+            *nan |= a.is_nan();
+            if a > *m {
+                *m = a;
+            }
         }
     }
-    if nan {
-        return (f64::NAN, f64::NAN, 0);
-    }
-    if m == 0.0 {
-        return (0.0, 0.0, 0);
-    }
-    if m.is_infinite() {
-        return (
-            f64::INFINITY,
-            m,
-            row.iter().filter(|v| v.to_f64().abs() == m).count(),
-        );
-    }
+    let mut ties = vec![0usize; len];
     if p == f64::INFINITY {
-        let ties = row.iter().filter(|v| v.to_f64().abs() == m).count();
-        return (m, m, ties);
+        for k in 0..c {
+            for ((t, &m), &v) in ties.iter_mut().zip(&m).zip(&x[k * ld..k * ld + len]) {
+                *t += usize::from(v.abs() == m);
+            }
+        }
     }
-    let s = pow2_floor(m);
-    let n = if p == 2.0 {
-        reduce::sum_view(row, |v| (v / s) * (v / s)).sqrt()
-    } else if p == 1.0 {
-        reduce::sum_view(row, |v| (v / s).abs())
-    } else {
-        reduce::sum_view(row, |v| (v / s).abs().powf(p)).powf(1.0 / p)
-    };
-    (n * s, m, 0)
+    let scale: Vec<f64> = m
+        .iter()
+        .map(|&m| if m > 0.0 && m.is_finite() { pow2_floor(m) } else { 1.0 })
+        .collect();
+    let mut acc = vec![0.0f64; len];
+    if p.is_finite() {
+        for k in 0..c {
+            let row = &x[k * ld..k * ld + len];
+            for ((a, &v), &s) in acc.iter_mut().zip(row).zip(&scale) {
+                let u = (v / s).abs();
+                *a += if p == 2.0 {
+                    u * u
+                } else if p == 1.0 {
+                    u
+                } else {
+                    u.powf(p)
+                };
+            }
+        }
+    }
+    let n = (0..len)
+        .map(|j| {
+            if nan[j] {
+                f64::NAN
+            } else if m[j] == 0.0 || m[j].is_infinite() || p == f64::INFINITY {
+                m[j]
+            } else if p == 2.0 {
+                acc[j].sqrt() * scale[j]
+            } else if p == 1.0 {
+                acc[j] * scale[j]
+            } else {
+                acc[j].powf(1.0 / p) * scale[j]
+            }
+        })
+        .collect();
+    (n, m, ties)
 }
 
 /// max(n, eps), NaN-propagating.
@@ -93,12 +114,7 @@ fn bytes<T>(x: &ArrayView<'_, T, IxDyn>) -> usize {
     x.len().saturating_mul(std::mem::size_of::<T>())
 }
 
-fn setup<'a, T: Scalar>(
-    x: ArrayView<'a, T, IxDyn>,
-    p: f64,
-    eps: f64,
-    axis: isize,
-) -> Result<Rows<'a, T>> {
+fn setup<T: Scalar>(x: &ArrayView<'_, T, IxDyn>, p: f64, eps: f64, axis: isize) -> Result<usize> {
     check_p(p)?;
     check_eps(eps)?;
     if x.ndim() == 0 {
@@ -106,9 +122,11 @@ fn setup<'a, T: Scalar>(
             "normalize expects an input with at least 1 dimension, got a 0-d array".into(),
         ));
     }
-    let ax = normalize_axis(axis, x.ndim(), "axis")?;
-    Ok(Rows::new(x, &[ax]))
+    normalize_axis(axis, x.ndim(), "axis")
 }
+
+/// Positions × channels per tile buffer.
+const LP_TILE_ELEMS: usize = 8192;
 
 /// `x / max(‖x‖_p, eps)` along `axis`, into `y`.
 ///
@@ -123,20 +141,28 @@ pub fn normalize<T: Scalar>(
 ) -> Result<()> {
     check_out(&x, &y)?;
     let parallel = pool::worth_parallel(bytes(&x));
-    let rows = setup(x, p, eps, axis)?;
-    let yp = rows.out(y);
-    let per = rows.per_task();
-    pool::for_each_task(rows.rows.div_ceil(per), parallel, |t| {
-        for r in t * per..((t + 1) * per).min(rows.rows) {
-            let xr = rows.row(r);
-            let d = clamp(norm(&xr, p).0, eps);
-            // SAFETY: task t owns rows t·per.. of the output.
-            let mut yr = unsafe { yp.sub(&rows.index(r)) };
-            Zip::from(&mut yr)
-                .and(&xr)
-                .for_each(|o, &v| *o = T::from_f64(v.to_f64() / d));
-        }
-    });
+    let ax = setup(&x, p, eps, axis)?;
+    let c = x.shape()[ax];
+    for_tiles(
+        &[&x],
+        Some(y),
+        ax,
+        tile_len(c, LP_TILE_ELEMS),
+        4,
+        parallel,
+        || (),
+        |_, ins, out, len, ld| {
+            let x = &ins[0];
+            let (n, _, _) = norms(x, c, len, ld, p);
+            let d: Vec<f64> = n.iter().map(|&n| clamp(n, eps)).collect();
+            for k in 0..c {
+                let r = k * ld..k * ld + len;
+                for ((o, &v), &d) in out[r.clone()].iter_mut().zip(&x[r]).zip(&d) {
+                    *o = v / d;
+                }
+            }
+        },
+    );
     Ok(())
 }
 
@@ -166,32 +192,35 @@ pub fn normalize_backward<T: Scalar>(
     check_same_shape("grad_y", grad_y.shape(), x.shape())?;
     check_out(&x, &dx)?;
     let parallel = pool::worth_parallel(2 * bytes(&x));
-    let rows = setup(x, p, eps, axis)?;
-    let gp = rows.same(grad_y);
-    let dp = rows.out(dx);
-    let per = rows.per_task();
-    pool::for_each_task(rows.rows.div_ceil(per), parallel, |t| {
-        for r in t * per..((t + 1) * per).min(rows.rows) {
-            let idx = rows.index(r);
-            let xr = rows.row(r);
-            let gr = row_of(&gp, &idx);
-            let (n, m, ties) = norm(&xr, p);
-            // SAFETY: task t owns rows t·per.. of dx.
-            let mut dr = unsafe { dp.sub(&idx) };
-            if n < eps {
-                Zip::from(&mut dr)
-                    .and(&gr)
-                    .for_each(|o, &g| *o = T::from_f64(g.to_f64() / eps));
-                continue;
+    let ax = setup(&x, p, eps, axis)?;
+    let c = x.shape()[ax];
+    for_tiles(
+        &[&x, &grad_y],
+        Some(dx),
+        ax,
+        tile_len(c, LP_TILE_ELEMS / 2),
+        4,
+        parallel,
+        || (),
+        |_, ins, out, len, ld| {
+            let (x, g) = (&ins[0], &ins[1]);
+            let (n, m, ties) = norms(x, c, len, ld, p);
+            // ⟨g, ŷ⟩ per position, channels in order.
+            let mut dot = vec![0.0f64; len];
+            for k in 0..c {
+                let r = k * ld..k * ld + len;
+                for (((s, &v), &g), &n) in dot.iter_mut().zip(&x[r.clone()]).zip(&g[r]).zip(&n) {
+                    *s += g * (v / n);
+                }
             }
-            let w = |v: f64| -> f64 {
+            let w = |v: f64, n: f64, m: f64, t: usize| -> f64 {
                 if p == 2.0 {
                     v / n
                 } else if p == 1.0 {
                     sign(v)
                 } else if p == f64::INFINITY {
                     if v.abs() == m {
-                        sign(v) / ties as f64
+                        sign(v) / t as f64
                     } else {
                         0.0
                     }
@@ -199,12 +228,20 @@ pub fn normalize_backward<T: Scalar>(
                     sign(v) * (v.abs() / n).powf(p - 1.0)
                 }
             };
-            let [s] = sums2(&xr, &gr, |v, g| [g * (v / n)]);
-            Zip::from(&mut dr)
-                .and(&xr)
-                .and(&gr)
-                .for_each(|o, &v, &g| *o = T::from_f64((g.to_f64() - s * w(v.to_f64())) / n));
-        }
-    });
+            for k in 0..c {
+                let r = k * ld..k * ld + len;
+                let (xr, gr) = (&x[r.clone()], &g[r.clone()]);
+                for (j, o) in out[r].iter_mut().enumerate() {
+                    let (v, g, nj) = (xr[j], gr[j], n[j]);
+                    *o = if nj < eps {
+                        // The clamp max(n, eps) passes no gradient to n, as PyTorch's clamp_min.
+                        g / eps
+                    } else {
+                        (g - dot[j] * w(v, nj, m[j], ties[j])) / nj
+                    };
+                }
+            }
+        },
+    );
     Ok(())
 }

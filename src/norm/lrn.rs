@@ -114,38 +114,88 @@ fn pow_neg(d: f64, beta: f64) -> f64 {
     }
 }
 
-/// out[c] = Σ_{j ∈ [c−lo, c+hi] ∩ [0, C)} v[j], each as at most lo+hi+1 additions in f64.
-fn window_sums(v: &[f64], lo: usize, hi: usize, pre: &mut [f64], suf: &mut [f64], out: &mut [f64]) {
-    let c = v.len();
-    let b = lo + hi + 1;
-    for start in (0..c).step_by(b) {
-        let end = (start + b).min(c);
-        let mut acc = 0.0;
-        for j in start..end {
-            acc += v[j];
-            pre[j] = acc;
-        }
-        acc = 0.0;
-        for j in (start..end).rev() {
-            acc += v[j];
-            suf[j] = acc;
-        }
+/// How the window sum of one channel is formed from the block prefix/suffix sums.
+#[derive(Clone, Copy, Debug)]
+enum Win {
+    Pre(usize),
+    Suf(usize),
+    Both(usize, usize),
+    Direct(usize, usize),
+}
+
+/// Window sums over channels: out[c] = Σ_{j ∈ [c−lo, c+hi] ∩ [0, C)} v[j], each formed by at
+/// most lo+hi+1 additions in f64 and no subtraction. Channels are cut into blocks of the
+/// window length; a window is one block suffix plus one block prefix (or just one of them).
+struct Windows {
+    b: usize,
+    plan: Vec<Win>,
+}
+
+impl Windows {
+    fn new(c: usize, lo: usize, hi: usize) -> Self {
+        let b = lo + hi + 1;
+        let plan = (0..c)
+            .map(|i| {
+                let a = i.saturating_sub(lo);
+                let e = (i + hi).min(c - 1);
+                let (ba, be) = (a / b, e / b);
+                if ba != be {
+                    Win::Both(a, e)
+                } else if a == ba * b {
+                    Win::Pre(e)
+                } else if e == ((ba + 1) * b).min(c) - 1 {
+                    Win::Suf(a)
+                } else {
+                    // A window shorter than a block touches channel 0 or C−1, so this arm is
+                    // not reached; kept exact rather than assumed.
+                    Win::Direct(a, e)
+                }
+            })
+            .collect();
+        Self { b, plan }
     }
-    for (i, o) in out.iter_mut().enumerate() {
-        let a = i.saturating_sub(lo);
-        let e = (i + hi).min(c - 1);
-        let (ba, be) = (a / b, e / b);
-        *o = if ba != be {
-            suf[a] + pre[e]
-        } else if a == ba * b {
-            pre[e]
-        } else if e == ((ba + 1) * b).min(c) - 1 {
-            suf[a]
-        } else {
-            // A window shorter than a block touches channel 0 or C−1, so this arm is not
-            // reached; kept exact rather than assumed.
-            v[a..=e].iter().sum()
-        };
+
+    /// Row-wise over `len` positions of channel-major buffers (leading dimension `ld`).
+    fn sums(&self, v: &[f64], len: usize, ld: usize, pre: &mut [f64], suf: &mut [f64], out: &mut [f64]) {
+        let c = self.plan.len();
+        let row = |k: usize| k * ld..k * ld + len;
+        for start in (0..c).step_by(self.b) {
+            let end = (start + self.b).min(c);
+            pre[row(start)].copy_from_slice(&v[row(start)]);
+            for k in start + 1..end {
+                let (done, cur) = pre.split_at_mut(k * ld);
+                for ((p, &q), &x) in cur[..len].iter_mut().zip(&done[row(k - 1)]).zip(&v[row(k)]) {
+                    *p = q + x;
+                }
+            }
+            suf[row(end - 1)].copy_from_slice(&v[row(end - 1)]);
+            for k in (start..end - 1).rev() {
+                let (cur, done) = suf.split_at_mut((k + 1) * ld);
+                for ((p, &q), &x) in cur[k * ld..k * ld + len].iter_mut().zip(&done[..len]).zip(&v[row(k)]) {
+                    *p = q + x;
+                }
+            }
+        }
+        for (k, w) in self.plan.iter().enumerate() {
+            let o = &mut out[row(k)];
+            match *w {
+                Win::Pre(e) => o.copy_from_slice(&pre[row(e)]),
+                Win::Suf(a) => o.copy_from_slice(&suf[row(a)]),
+                Win::Both(a, e) => {
+                    for ((o, &p), &q) in o.iter_mut().zip(&suf[row(a)]).zip(&pre[row(e)]) {
+                        *o = p + q;
+                    }
+                }
+                Win::Direct(a, e) => {
+                    o.copy_from_slice(&v[row(a)]);
+                    for i in a + 1..=e {
+                        for (o, &x) in o.iter_mut().zip(&v[row(i)]) {
+                            *o += x;
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -173,26 +223,28 @@ pub fn local_response_norm<T: Scalar>(
     let parallel = pool::worth_parallel(bytes_of(&x));
     let c = cv.c;
     let y = cv.permute_out(y);
+    let win = Windows::new(c, l.lo, l.hi);
     for_tiles(
         &[&cv.x],
         Some(y),
+        1,
         tile_len(c, TILE_ELEMS),
         4,
         parallel,
         || (),
-        |_, ins, out, len| {
-            let mut sq = vec![0.0; c];
-            let mut pre = vec![0.0; c];
-            let mut suf = vec![0.0; c];
-            let mut s = vec![0.0; c];
-            for j in 0..len {
-                let xr = &ins[0][j * c..(j + 1) * c];
-                for (q, &v) in sq.iter_mut().zip(xr) {
-                    *q = v * v;
-                }
-                window_sums(&sq, l.lo, l.hi, &mut pre, &mut suf, &mut s);
-                for ((o, &v), &w) in out[j * c..(j + 1) * c].iter_mut().zip(xr).zip(&s) {
-                    *o = v * pow_neg(l.k + l.alpha * w, l.beta);
+        |_, ins, out, len, ld| {
+            let x = &ins[0];
+            let mut sq = vec![0.0; c * ld];
+            let mut pre = vec![0.0; c * ld];
+            let mut suf = vec![0.0; c * ld];
+            for (q, &v) in sq.iter_mut().zip(x.iter()) {
+                *q = v * v;
+            }
+            win.sums(&sq, len, ld, &mut pre, &mut suf, out);
+            for k in 0..c {
+                let r = k * ld..k * ld + len;
+                for (o, &v) in out[r.clone()].iter_mut().zip(&x[r]) {
+                    *o = v * pow_neg(l.k + l.alpha * *o, l.beta);
                 }
             }
         },
@@ -218,35 +270,43 @@ pub fn local_response_norm_backward<T: Scalar>(
     let c = cv.c;
     let dx = cv.permute_out(dx);
     let two_ab = 2.0 * l.alpha * l.beta;
+    let win = Windows::new(c, l.lo, l.hi);
+    // The transposed window: channel i feeds d_c for c ∈ [i − hi, i + lo].
+    let back = Windows::new(c, l.hi, l.lo);
     for_tiles(
         &[&cv.x, &gv.x],
         Some(dx),
+        1,
         tile_len(c, TILE_ELEMS / 2),
         4,
         parallel,
         || (),
-        |_, ins, out, len| {
-            let mut t = vec![0.0; c];
-            let mut pw = vec![0.0; c];
-            let mut pre = vec![0.0; c];
-            let mut suf = vec![0.0; c];
-            let mut s = vec![0.0; c];
-            for j in 0..len {
-                let xr = &ins[0][j * c..(j + 1) * c];
-                let gr = &ins[1][j * c..(j + 1) * c];
-                for (q, &v) in t.iter_mut().zip(xr) {
-                    *q = v * v;
-                }
-                window_sums(&t, l.lo, l.hi, &mut pre, &mut suf, &mut s);
-                for i in 0..c {
-                    let d = l.k + l.alpha * s[i];
-                    pw[i] = pow_neg(d, l.beta);
-                    t[i] = gr[i] * xr[i] * pw[i] / d;
-                }
-                // The transposed window: channel i feeds d_c for c ∈ [i − hi, i + lo].
-                window_sums(&t, l.hi, l.lo, &mut pre, &mut suf, &mut s);
-                for i in 0..c {
-                    out[j * c + i] = gr[i] * pw[i] - two_ab * xr[i] * s[i];
+        |_, ins, out, len, ld| {
+            let (x, g) = (&ins[0], &ins[1]);
+            let mut t = vec![0.0; c * ld];
+            let mut pw = vec![0.0; c * ld];
+            let mut pre = vec![0.0; c * ld];
+            let mut suf = vec![0.0; c * ld];
+            let mut s = vec![0.0; c * ld];
+            for (q, &v) in t.iter_mut().zip(x.iter()) {
+                *q = v * v;
+            }
+            win.sums(&t, len, ld, &mut pre, &mut suf, &mut s);
+            for i in 0..c * ld {
+                let d = l.k + l.alpha * s[i];
+                pw[i] = pow_neg(d, l.beta);
+                t[i] = g[i] * x[i] * pw[i] / d;
+            }
+            back.sums(&t, len, ld, &mut pre, &mut suf, &mut s);
+            for k in 0..c {
+                let r = k * ld..k * ld + len;
+                for (((o, &g), &p), (&v, &s)) in out[r.clone()]
+                    .iter_mut()
+                    .zip(&g[r.clone()])
+                    .zip(&pw[r.clone()])
+                    .zip(x[r.clone()].iter().zip(&s[r]))
+                {
+                    *o = g * p - two_ab * v * s;
                 }
             }
         },
@@ -256,7 +316,7 @@ pub fn local_response_norm_backward<T: Scalar>(
 
 #[cfg(test)]
 mod tests {
-    use super::window_sums;
+    use super::Windows;
 
     fn direct(v: &[f64], lo: usize, hi: usize) -> Vec<f64> {
         let c = v.len();
@@ -265,15 +325,20 @@ mod tests {
             .collect()
     }
 
+    fn sums(v: &[f64], lo: usize, hi: usize) -> Vec<f64> {
+        let c = v.len();
+        let (mut p, mut s, mut o) = (vec![0.0; c], vec![0.0; c], vec![0.0; c]);
+        Windows::new(c, lo, hi).sums(v, 1, 1, &mut p, &mut s, &mut o);
+        o
+    }
+
     #[test]
     fn window_sums_match_direct_sums() {
         for c in 1..12 {
             let v: Vec<f64> = (0..c).map(|i| (i * 7 % 5) as f64 + 0.5).collect();
             for lo in 0..6 {
                 for hi in 0..6 {
-                    let (mut p, mut s, mut o) = (vec![0.0; c], vec![0.0; c], vec![0.0; c]);
-                    window_sums(&v, lo, hi, &mut p, &mut s, &mut o);
-                    assert_eq!(o, direct(&v, lo, hi), "c={c} lo={lo} hi={hi}");
+                    assert_eq!(sums(&v, lo, hi), direct(&v, lo, hi), "c={c} lo={lo} hi={hi}");
                 }
             }
         }
@@ -283,8 +348,6 @@ mod tests {
     fn no_drift_after_a_huge_value() {
         let mut v = vec![1.0; 40];
         v[3] = 1e300;
-        let (mut p, mut s, mut o) = (vec![0.0; 40], vec![0.0; 40], vec![0.0; 40]);
-        window_sums(&v, 5, 5, &mut p, &mut s, &mut o);
-        assert_eq!(&o[9..35], &[11.0; 26][..]);
+        assert_eq!(&sums(&v, 5, 5)[9..35], &[11.0; 26][..]);
     }
 }

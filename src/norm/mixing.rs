@@ -21,67 +21,62 @@ use ndarray::{ArrayView, ArrayViewMut, Axis, IxDyn};
 /// stay in L2 while they are worked on.
 pub const TILE_ELEMS: usize = 8192;
 
-/// Element strides and extents of a channel-first (N, C, S…) view.
+/// Element strides and extents of a view seen as positions × channels: the channel axis,
+/// and all the other axes ("positions") in their logical order.
 #[derive(Clone, Debug)]
 pub(crate) struct Geometry {
-    pub n: usize,
     pub c: usize,
-    /// Positions per sample (product of the spatial extents).
-    pub s: usize,
-    sn: isize,
     pub sc: isize,
-    sdims: Vec<usize>,
-    sstr: Vec<isize>,
+    pub positions: usize,
+    pdims: Vec<usize>,
+    pstr: Vec<isize>,
 }
 
 impl Geometry {
-    pub fn of(shape: &[usize], strides: &[isize]) -> Self {
+    pub fn of(shape: &[usize], strides: &[isize], axis: usize) -> Self {
+        let pdims: Vec<usize> = (0..shape.len())
+            .filter(|&a| a != axis)
+            .map(|a| shape[a])
+            .collect();
+        let pstr = (0..shape.len())
+            .filter(|&a| a != axis)
+            .map(|a| strides[a])
+            .collect();
         Self {
-            n: shape[0],
-            c: shape[1],
-            s: shape[2..].iter().product(),
-            sn: strides[0],
-            sc: strides[1],
-            sdims: shape[2..].to_vec(),
-            sstr: strides[2..].to_vec(),
+            c: shape[axis],
+            sc: strides[axis],
+            positions: pdims.iter().product(),
+            pdims,
+            pstr,
         }
     }
 
-    /// Element offsets of channel 0 at positions p0..p1 (p = n·S + s, s flat in logical order).
+    /// Element offsets of channel 0 at positions p0..p1 (positions in logical order).
     pub fn offsets(&self, p0: usize, p1: usize, out: &mut Vec<isize>) {
         out.clear();
-        if p1 <= p0 || self.s == 0 {
+        if p1 <= p0 || self.positions == 0 {
             return;
         }
-        let mut n = p0 / self.s;
-        let mut r = p0 % self.s;
-        let k = self.sdims.len();
+        let k = self.pdims.len();
         let mut idx = vec![0usize; k];
+        let mut r = p0;
         for i in (0..k).rev() {
-            idx[i] = r % self.sdims[i];
-            r /= self.sdims[i];
+            idx[i] = r % self.pdims[i];
+            r /= self.pdims[i];
         }
-        let mut base: isize = n as isize * self.sn
-            + (0..k)
-                .map(|i| idx[i] as isize * self.sstr[i])
-                .sum::<isize>();
+        let mut base: isize = (0..k).map(|i| idx[i] as isize * self.pstr[i]).sum();
         for _ in p0..p1 {
             out.push(base);
-            // Odometer step over the spatial axes; past the last one, the next sample.
+            // Odometer step; a full wrap only happens after the last position.
             let mut i = k;
-            loop {
-                if i == 0 {
-                    n += 1;
-                    base = n as isize * self.sn;
-                    break;
-                }
+            while i > 0 {
                 i -= 1;
                 idx[i] += 1;
-                base += self.sstr[i];
-                if idx[i] < self.sdims[i] {
+                base += self.pstr[i];
+                if idx[i] < self.pdims[i] {
                     break;
                 }
-                base -= self.sdims[i] as isize * self.sstr[i];
+                base -= self.pdims[i] as isize * self.pstr[i];
                 idx[i] = 0;
             }
         }
@@ -99,48 +94,100 @@ unsafe impl<T: Sync> Sync for ConstPtr<T> {}
 unsafe impl<T: Send> Send for MutPtr<T> {}
 unsafe impl<T: Send> Sync for MutPtr<T> {}
 
-/// buf[j·C + c] = x[offs[j] + c·sc].
+/// The common step between consecutive offsets, if there is one.
+fn uniform_step(offs: &[isize]) -> Option<isize> {
+    if offs.len() < 2 {
+        return Some(1);
+    }
+    let d = offs[1] - offs[0];
+    offs.windows(2).all(|w| w[1] - w[0] == d).then_some(d)
+}
+
+/// Channel-major gather: buf[k·ld + j] = x[offs[j] + k·sc].
 ///
 /// # Safety
-/// Every offset (plus c·sc, c < C) must address an element of the view `ptr` came from.
-unsafe fn gather<T: Scalar>(ptr: *const T, c: usize, sc: isize, offs: &[isize], buf: &mut [f64]) {
-    if sc.abs() == 1 || offs.len() == 1 {
+/// Every offset (plus k·sc, k < C) must address an element of the view `ptr` came from.
+unsafe fn gather<T: Scalar>(
+    ptr: *const T,
+    c: usize,
+    sc: isize,
+    offs: &[isize],
+    ld: usize,
+    buf: &mut [f64],
+) {
+    let len = offs.len();
+    let step = uniform_step(offs);
+    if sc.abs() == 1 && step != Some(1) {
+        // Channels adjacent in memory (channels-last): read each position's channels in a row.
         for (j, &o) in offs.iter().enumerate() {
-            let row = &mut buf[j * c..(j + 1) * c];
-            for (k, v) in row.iter_mut().enumerate() {
+            for k in 0..c {
                 // SAFETY: forwarded from the caller.
-                *v = unsafe { *ptr.offset(o + k as isize * sc) }.to_f64();
+                buf[k * ld + j] = unsafe { *ptr.offset(o + k as isize * sc) }.to_f64();
             }
         }
-    } else {
-        for k in 0..c {
-            let ck = k as isize * sc;
-            for (j, &o) in offs.iter().enumerate() {
-                // SAFETY: forwarded from the caller.
-                buf[j * c + k] = unsafe { *ptr.offset(o + ck) }.to_f64();
+        return;
+    }
+    for k in 0..c {
+        let row = &mut buf[k * ld..k * ld + len];
+        let ck = k as isize * sc;
+        match step {
+            Some(1) => {
+                // SAFETY: `len` consecutive elements of the view start here.
+                let src = unsafe { std::slice::from_raw_parts(ptr.offset(offs[0] + ck), len) };
+                for (r, v) in row.iter_mut().zip(src) {
+                    *r = v.to_f64();
+                }
+            }
+            _ => {
+                for (r, &o) in row.iter_mut().zip(offs) {
+                    // SAFETY: forwarded from the caller.
+                    *r = unsafe { *ptr.offset(o + ck) }.to_f64();
+                }
             }
         }
     }
 }
 
-/// y[offs[j] + c·sc] = buf[j·C + c], rounded once to T.
+/// Channel-major scatter: y[offs[j] + k·sc] = buf[k·ld + j], rounded once to T.
 ///
 /// # Safety
-/// As [`gather`], and no other thread writes these elements.
-unsafe fn scatter<T: Scalar>(ptr: *mut T, c: usize, sc: isize, offs: &[isize], buf: &[f64]) {
-    if sc.abs() == 1 || offs.len() == 1 {
+/// As [`gather`], and no other thread touches these elements.
+unsafe fn scatter<T: Scalar>(
+    ptr: *mut T,
+    c: usize,
+    sc: isize,
+    offs: &[isize],
+    ld: usize,
+    buf: &[f64],
+) {
+    let len = offs.len();
+    let step = uniform_step(offs);
+    if sc.abs() == 1 && step != Some(1) {
         for (j, &o) in offs.iter().enumerate() {
-            for (k, &v) in buf[j * c..(j + 1) * c].iter().enumerate() {
+            for k in 0..c {
                 // SAFETY: forwarded from the caller.
-                unsafe { *ptr.offset(o + k as isize * sc) = T::from_f64(v) };
+                unsafe { *ptr.offset(o + k as isize * sc) = T::from_f64(buf[k * ld + j]) };
             }
         }
-    } else {
-        for k in 0..c {
-            let ck = k as isize * sc;
-            for (j, &o) in offs.iter().enumerate() {
-                // SAFETY: forwarded from the caller.
-                unsafe { *ptr.offset(o + ck) = T::from_f64(buf[j * c + k]) };
+        return;
+    }
+    for k in 0..c {
+        let row = &buf[k * ld..k * ld + len];
+        let ck = k as isize * sc;
+        match step {
+            Some(1) => {
+                // SAFETY: `len` consecutive elements owned by this task start here.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(ptr.offset(offs[0] + ck), len) };
+                for (d, &v) in dst.iter_mut().zip(row) {
+                    *d = T::from_f64(v);
+                }
+            }
+            _ => {
+                for (&v, &o) in row.iter().zip(offs) {
+                    // SAFETY: forwarded from the caller.
+                    unsafe { *ptr.offset(o + ck) = T::from_f64(v) };
+                }
             }
         }
     }
@@ -151,15 +198,17 @@ pub fn tile_len(c: usize, elems: usize) -> usize {
     (elems / c.max(1)).max(1)
 }
 
-/// Runs `f(acc, inputs, out, len)` over tiles of `tile` positions of channel-first (N, C, S…)
-/// views: `inputs[i][j·C + c]` is input i at the tile's j-th position and channel c (f64),
-/// `out` (same layout, zero-initialized) is written back to `y` after `f` returns. Tiles are
-/// grouped `per_task` to a task; each task starts from `init()` and the accumulators come back
-/// in task order. The grouping depends only on the shape, never on the thread count.
+/// Runs `f(acc, inputs, out, len, ld)` over tiles of `tile` positions of views that share
+/// one shape, seen as positions × channels along `axis`: `inputs[i][k·ld + j]` is input i at
+/// channel k and the tile's j-th position (f64, channel-major, ld = `tile`); `f` must write
+/// every `out[k·ld + j]`, j < len, which is then rounded and written to `y`. Tiles are grouped
+/// `per_task` to a task; each task starts from `init()` and the accumulators come back in task
+/// order. The grouping depends only on the shape, never on the thread count or the layout.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn for_tiles<T, A, I, F>(
     ins: &[&ArrayView<'_, T, IxDyn>],
     y: Option<ArrayViewMut<'_, T, IxDyn>>,
+    axis: usize,
     tile: usize,
     per_task: usize,
     parallel: bool,
@@ -170,23 +219,23 @@ where
     T: Scalar,
     A: Send,
     I: Fn() -> A + Sync,
-    F: Fn(&mut A, &[Vec<f64>], &mut [f64], usize) + Sync,
+    F: Fn(&mut A, &[Vec<f64>], &mut [f64], usize, usize) + Sync,
 {
-    let g0 = Geometry::of(ins[0].shape(), ins[0].strides());
+    let g0 = Geometry::of(ins[0].shape(), ins[0].strides(), axis);
     let c = g0.c;
-    let positions = g0.n * g0.s;
+    let positions = g0.positions;
     if positions == 0 || c == 0 {
         return Vec::new();
     }
     let geos: Vec<(Geometry, ConstPtr<T>)> = ins
         .iter()
-        .map(|v| (Geometry::of(v.shape(), v.strides()), ConstPtr(v.as_ptr())))
+        .map(|v| (Geometry::of(v.shape(), v.strides(), axis), ConstPtr(v.as_ptr())))
         .collect();
     let mut y = y;
     let yg = y
         .as_mut()
-        .map(|v| (Geometry::of(v.shape(), v.strides()), MutPtr(v.as_mut_ptr())));
-    let tile = tile.max(1);
+        .map(|v| (Geometry::of(v.shape(), v.strides(), axis), MutPtr(v.as_mut_ptr())));
+    let tile = tile.clamp(1, positions);
     let tiles = positions.div_ceil(tile);
     let per_task = per_task.max(1);
     let tasks = tiles.div_ceil(per_task);
@@ -201,16 +250,15 @@ where
             let len = p1 - p0;
             for ((g, p), b) in geos.iter().zip(&mut bufs) {
                 g.offsets(p0, p1, &mut offs);
-                // SAFETY: offsets of positions < N·S and channels < C lie inside the view.
-                unsafe { gather(p.0, c, g.sc, &offs, &mut b[..len * c]) };
+                // SAFETY: offsets of positions < P and channels < C lie inside the view.
+                unsafe { gather(p.0, c, g.sc, &offs, tile, b) };
             }
-            out[..len * c].fill(0.0);
-            f(&mut acc, &bufs, &mut out[..len * c], len);
+            f(&mut acc, &bufs, &mut out, len, tile);
             if let Some((g, p)) = &yg {
                 g.offsets(p0, p1, &mut offs);
                 // SAFETY: in the view; tiles cover disjoint positions and `y` (an
                 // ArrayViewMut) does not overlap itself, so no element is written twice.
-                unsafe { scatter(p.0, c, g.sc, &offs, &out[..len * c]) };
+                unsafe { scatter(p.0, c, g.sc, &offs, tile, &out) };
             }
         }
         acc
@@ -355,7 +403,7 @@ mod tests {
             .unwrap()
             .into_dyn();
         let v = a.view();
-        let g = Geometry::of(v.shape(), v.strides());
+        let g = Geometry::of(v.shape(), v.strides(), 1);
         let mut offs = Vec::new();
         g.offsets(1, 7, &mut offs);
         let base = v.as_ptr();
