@@ -370,6 +370,165 @@ pub(crate) fn row_of<'b, U>(v: &ArrayView<'b, U, IxDyn>, idx: &[usize]) -> Array
     v
 }
 
+/// Walks a view's elements in logical order as runs along its last axis (trailing axes that
+/// are contiguous with each other are merged into one run), for chunked reading and writing
+/// without ndarray's per-element index arithmetic.
+pub(crate) struct Cursor {
+    dims: Vec<usize>,
+    strides: Vec<isize>,
+    idx: Vec<usize>,
+    base: isize,
+    at: usize,
+    done: bool,
+}
+
+impl Cursor {
+    pub fn new(shape: &[usize], strides: &[isize]) -> Self {
+        let mut dims = shape.to_vec();
+        let mut st = strides.to_vec();
+        if dims.is_empty() {
+            dims.push(1);
+            st.push(1);
+        }
+        while dims.len() >= 2 {
+            let n = dims.len();
+            if st[n - 2] != dims[n - 1] as isize * st[n - 1] {
+                break;
+            }
+            dims[n - 2] *= dims[n - 1];
+            st[n - 2] = st[n - 1];
+            dims.pop();
+            st.pop();
+        }
+        let done = dims.contains(&0);
+        let k = dims.len() - 1;
+        Self {
+            dims,
+            strides: st,
+            idx: vec![0; k],
+            base: 0,
+            at: 0,
+            done,
+        }
+    }
+
+    /// The next piece of at most `max` elements: (offset of its first element, length, step).
+    fn next_run(&mut self, max: usize) -> Option<(isize, usize, isize)> {
+        if self.done || max == 0 {
+            return None;
+        }
+        let k = self.idx.len();
+        let (run, step) = (self.dims[k], self.strides[k]);
+        let take = (run - self.at).min(max);
+        let piece = (self.base + self.at as isize * step, take, step);
+        self.at += take;
+        if self.at == run {
+            self.at = 0;
+            let mut i = k;
+            loop {
+                if i == 0 {
+                    self.done = true;
+                    break;
+                }
+                i -= 1;
+                self.idx[i] += 1;
+                self.base += self.strides[i];
+                if self.idx[i] < self.dims[i] {
+                    break;
+                }
+                self.base -= self.dims[i] as isize * self.strides[i];
+                self.idx[i] = 0;
+            }
+        }
+        Some(piece)
+    }
+}
+
+/// Reads the next `buf.len()` (or fewer, at the end) elements in logical order as f64.
+///
+/// # Safety
+/// `ptr` and `cur` must describe one live view.
+pub(crate) unsafe fn read_chunk<T: Scalar>(ptr: *const T, cur: &mut Cursor, buf: &mut [f64]) -> usize {
+    let mut n = 0;
+    while let Some((o, len, step)) = cur.next_run(buf.len() - n) {
+        let dst = &mut buf[n..n + len];
+        if step == 1 {
+            // SAFETY: a run of `len` consecutive elements of the view.
+            let src = unsafe { std::slice::from_raw_parts(ptr.offset(o), len) };
+            for (d, v) in dst.iter_mut().zip(src) {
+                *d = v.to_f64();
+            }
+        } else {
+            for (i, d) in dst.iter_mut().enumerate() {
+                // SAFETY: inside the view.
+                *d = unsafe { *ptr.offset(o + i as isize * step) }.to_f64();
+            }
+        }
+        n += len;
+    }
+    n
+}
+
+/// Writes `buf` (rounded to T) to the next `buf.len()` elements in logical order.
+///
+/// # Safety
+/// `ptr` and `cur` must describe one live view the caller may write exclusively.
+pub(crate) unsafe fn write_chunk<T: Scalar>(ptr: *mut T, cur: &mut Cursor, buf: &[f64]) {
+    let mut n = 0;
+    while let Some((o, len, step)) = cur.next_run(buf.len() - n) {
+        let src = &buf[n..n + len];
+        if step == 1 {
+            // SAFETY: a run of `len` consecutive elements the caller owns.
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr.offset(o), len) };
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = T::from_f64(v);
+            }
+        } else {
+            for (i, &v) in src.iter().enumerate() {
+                // SAFETY: inside the view, owned by the caller.
+                unsafe { *ptr.offset(o + i as isize * step) = T::from_f64(v) };
+            }
+        }
+        n += len;
+    }
+}
+
+/// Values per chunk of the cursor readers: a multiple of the 8 lanes, so the canonical lane of
+/// an element (its logical index mod 8) is its index in the chunk mod 8.
+pub const CHUNK: usize = 4096;
+
+/// Canonical 8-lane sums (see `reduce`) of K quantities, fed chunk by chunk.
+pub(crate) struct Lanes<const K: usize> {
+    acc: [[f64; LANES]; K],
+}
+
+impl<const K: usize> Lanes<K> {
+    pub fn new() -> Self {
+        Self {
+            acc: [[0.0; LANES]; K],
+        }
+    }
+
+    /// Adds `f(i)` for i in 0..n, element i of a chunk that starts at a multiple of 8.
+    #[inline]
+    pub fn add<F: Fn(usize) -> [f64; K]>(&mut self, n: usize, f: F) {
+        for i in 0..n {
+            let v = f(i);
+            for k in 0..K {
+                self.acc[k][i % LANES] += v[k];
+            }
+        }
+    }
+
+    pub fn sums(&self) -> [f64; K] {
+        let mut out = [0.0; K];
+        for (o, a) in out.iter_mut().zip(&self.acc) {
+            *o = tree(a);
+        }
+        out
+    }
+}
+
 /// Checks that a scalar parameter is finite.
 pub(crate) fn check_finite(name: &str, v: f64) -> crate::error::Result<()> {
     if !v.is_finite() {

@@ -10,13 +10,12 @@
 //! in f64, which agrees with ONNX's reference data and does not cancel.
 
 use super::common::{check_eps, check_out};
-use super::mixing::{check_same_shape, row_of, sums2, Rows};
+use super::mixing::{check_same_shape, read_chunk, row_of, write_chunk, Cursor, Lanes, Rows, CHUNK};
 use crate::channel::normalize_axis;
 use crate::error::{NormError, Result};
 use crate::pool;
-use crate::reduce;
 use crate::scalar::Scalar;
-use ndarray::{ArrayView, ArrayViewMut, IxDyn, Zip};
+use ndarray::{ArrayView, ArrayViewMut, IxDyn};
 
 /// Normalizes, sorts and checks the reduced axes.
 pub(crate) fn reduced_axes(axes: &[isize], ndim: usize) -> Result<Vec<usize>> {
@@ -38,10 +37,31 @@ pub(crate) fn reduced_axes(axes: &[isize], ndim: usize) -> Result<Vec<usize>> {
     Ok(v)
 }
 
-fn stats<T: Scalar>(row: &ArrayView<'_, T, IxDyn>, m: f64) -> (f64, f64) {
-    let mean = reduce::sum_view(row, |v| v) / m;
-    let var = reduce::sum_view(row, |v| (v - mean) * (v - mean)) / m;
-    (mean, var.sqrt())
+/// Canonical sums of f over a view, read in chunks through a cursor.
+fn row_sums<T: Scalar, const K: usize, F: Fn(f64) -> [f64; K]>(
+    v: &ArrayView<'_, T, IxDyn>,
+    buf: &mut [f64],
+    f: F,
+) -> [f64; K] {
+    let mut cur = Cursor::new(v.shape(), v.strides());
+    let mut l = Lanes::<K>::new();
+    loop {
+        // SAFETY: the cursor describes `v`.
+        let n = unsafe { read_chunk(v.as_ptr(), &mut cur, buf) };
+        if n == 0 {
+            break;
+        }
+        l.add(n, |i| f(buf[i]));
+    }
+    l.sums()
+}
+
+/// (mean, biased standard deviation) of a row, exact two-pass in f64.
+fn stats<T: Scalar>(row: &ArrayView<'_, T, IxDyn>, m: f64, buf: &mut [f64]) -> (f64, f64) {
+    let [s] = row_sums(row, buf, |v| [v]);
+    let mean = s / m;
+    let [q] = row_sums(row, buf, |v| [(v - mean) * (v - mean)]);
+    (mean, (q / m).sqrt())
 }
 
 fn bytes<T>(x: &ArrayView<'_, T, IxDyn>) -> usize {
@@ -67,15 +87,30 @@ pub fn mean_variance_norm<T: Scalar>(
     let m = rows.features as f64;
     let per = rows.per_task();
     pool::for_each_task(rows.rows.div_ceil(per), parallel, |t| {
+        let mut buf = vec![0.0f64; CHUNK];
         for r in t * per..((t + 1) * per).min(rows.rows) {
             let xr = rows.row(r);
-            let (mean, sd) = stats(&xr, m);
+            let (mean, sd) = stats(&xr, m, &mut buf);
             let den = sd + eps;
             // SAFETY: task t owns rows t·per.. of the output.
             let mut yr = unsafe { yp.sub(&rows.index(r)) };
-            Zip::from(&mut yr)
-                .and(&xr)
-                .for_each(|o, &v| *o = T::from_f64((v.to_f64() - mean) / den));
+            let (mut cx, mut cy) = (
+                Cursor::new(xr.shape(), xr.strides()),
+                Cursor::new(yr.shape(), yr.strides()),
+            );
+            let py = yr.as_mut_ptr();
+            loop {
+                // SAFETY: each cursor describes its view; the output row is this task's.
+                let n = unsafe { read_chunk(xr.as_ptr(), &mut cx, &mut buf) };
+                if n == 0 {
+                    break;
+                }
+                for v in &mut buf[..n] {
+                    *v = (*v - mean) / den;
+                }
+                // SAFETY: as above.
+                unsafe { write_chunk(py, &mut cy, &buf[..n]) };
+            }
         }
     });
     Ok(())
@@ -103,13 +138,35 @@ pub fn mean_variance_norm_backward<T: Scalar>(
     let m = rows.features as f64;
     let per = rows.per_task();
     pool::for_each_task(rows.rows.div_ceil(per), parallel, |t| {
+        let mut bx = vec![0.0f64; CHUNK];
+        let mut bg = vec![0.0f64; CHUNK];
         for r in t * per..((t + 1) * per).min(rows.rows) {
             let idx = rows.index(r);
             let xr = rows.row(r);
             let gr = row_of(&gp, &idx);
-            let (mean, sd) = stats(&xr, m);
+            let (mean, sd) = stats(&xr, m, &mut bx);
             let den = sd + eps;
-            let [sg, sgd] = sums2(&xr, &gr, |v, g| [g, g * (v - mean)]);
+            let chunks = |bx: &mut [f64], bg: &mut [f64], f: &mut dyn FnMut(&mut [f64], &[f64])| {
+                let (mut cx, mut cg) = (
+                    Cursor::new(xr.shape(), xr.strides()),
+                    Cursor::new(gr.shape(), gr.strides()),
+                );
+                loop {
+                    // SAFETY: each cursor describes its view.
+                    let n = unsafe { read_chunk(xr.as_ptr(), &mut cx, bx) };
+                    if n == 0 {
+                        break;
+                    }
+                    // SAFETY: as above; g has x's shape, so the counts agree.
+                    unsafe { read_chunk(gr.as_ptr(), &mut cg, &mut bg[..n]) };
+                    f(&mut bx[..n], &bg[..n]);
+                }
+            };
+            let mut l = Lanes::<2>::new();
+            chunks(&mut bx, &mut bg, &mut |x, g| {
+                l.add(x.len(), |i| [g[i], g[i] * (x[i] - mean)])
+            });
+            let [sg, sgd] = l.sums();
             let gm = sg / m;
             let k = if sd > 0.0 {
                 sgd / (m * sd * den * den)
@@ -118,8 +175,14 @@ pub fn mean_variance_norm_backward<T: Scalar>(
             };
             // SAFETY: task t owns rows t·per.. of dx.
             let mut dr = unsafe { dp.sub(&idx) };
-            Zip::from(&mut dr).and(&xr).and(&gr).for_each(|o, &v, &g| {
-                *o = T::from_f64((g.to_f64() - gm) / den - (v.to_f64() - mean) * k)
+            let mut cd = Cursor::new(dr.shape(), dr.strides());
+            let pd = dr.as_mut_ptr();
+            chunks(&mut bx, &mut bg, &mut |x, g| {
+                for (v, &g) in x.iter_mut().zip(g) {
+                    *v = (g - gm) / den - (*v - mean) * k;
+                }
+                // SAFETY: this task's row of dx, in logical order.
+                unsafe { write_chunk(pd, &mut cd, x) };
             });
         }
     });
