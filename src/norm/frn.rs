@@ -21,10 +21,10 @@
 
 use super::common::{bytes_of, check_eps, check_out};
 use super::mixing::{check_same_shape, sums2};
-use crate::channel::{check_channel_param, ChannelView};
+use crate::channel::{check_channel_param, Access, ChannelView};
 use crate::error::Result;
 use crate::pool;
-use crate::reduce::{self, SharedMut};
+use crate::reduce::{self, tree, SharedMut, LANES};
 use crate::scalar::Scalar;
 use ndarray::{ArrayView, ArrayViewMut, IxDyn, Zip};
 
@@ -133,17 +133,12 @@ impl Affine {
     }
 }
 
-fn plane_affine<T: Scalar>(
-    cv: &ChannelView<'_, T>,
-    p: &FrnParams<'_>,
-    n: usize,
-    c: usize,
-    rstd: Option<&[f64]>,
-) -> Affine {
+/// The per-(n, c) affine from Σx² over the plane (or the given rstd).
+fn affine_of(p: &FrnParams<'_>, c: usize, sumsq: f64, count: usize, rstd: Option<f64>) -> Affine {
     let (s, r) = match rstd {
-        Some(r) => (f64::NAN, r[n * cv.c + c]),
+        Some(r) => (f64::NAN, r),
         None => {
-            let ms = reduce::sum_view(&cv.plane(n, c), |v| v * v) / cv.s as f64;
+            let ms = sumsq / count as f64;
             let e = p.eps + p.learned_eps.map_or(0.0, |l| l[c].abs());
             let s = (ms + e).sqrt();
             (s, 1.0 / s)
@@ -155,6 +150,77 @@ fn plane_affine<T: Scalar>(
         w: p.weight.map(|w| w[c]),
         b: p.bias.map(|b| b[c]),
     }
+}
+
+fn plane_affine<T: Scalar>(
+    cv: &ChannelView<'_, T>,
+    p: &FrnParams<'_>,
+    n: usize,
+    c: usize,
+    rstd: Option<&[f64]>,
+) -> Affine {
+    match rstd {
+        Some(r) => affine_of(p, c, 0.0, cv.s, Some(r[n * cv.c + c])),
+        None => affine_of(
+            p,
+            c,
+            reduce::sum_view(&cv.plane(n, c), |v| v * v),
+            cv.s,
+            None,
+        ),
+    }
+}
+
+/// Sample n of a channel-first output as rows of C values (S·C contiguous), if it is laid out
+/// that way (channels-last).
+///
+/// # Safety
+/// The caller owns sample n of the output.
+unsafe fn out_rows<'a, T>(yp: &SharedMut<'a, T>, n: usize) -> Option<&'a mut [T]> {
+    // SAFETY: forwarded from the caller.
+    let ys = unsafe { yp.sub(&[n]) };
+    let k = ys.ndim();
+    let mut perm: Vec<usize> = (1..k).collect();
+    perm.push(0);
+    ys.permuted_axes(IxDyn(&perm)).into_slice()
+}
+
+/// Channels-last fast path: x (and grad_y) are `Access::Rows` and the output sample is rows
+/// too. Per-channel sums go through `reduce::sum_rows` (or the same lane order by hand), bit
+/// for bit the per-plane canonical sums of the other paths.
+fn rows_path<T: Scalar>(cvs: &[&ChannelView<'_, T>], yp: &SharedMut<'_, T>) -> bool {
+    cvs.iter().all(|v| v.access == Access::Rows)
+        && cvs[0].n > 0
+        // SAFETY: only inspects the layout of sample 0; nothing is written.
+        && unsafe { out_rows(yp, 0) }.is_some()
+}
+
+/// Per-channel canonical sums of K quantities f(x, g, k) over the rows of one sample.
+fn rows_sums<T: Scalar, const K: usize, F: Fn(f64, f64, usize) -> [f64; K]>(
+    xs: &[T],
+    gs: &[T],
+    c: usize,
+    f: F,
+) -> Vec<[f64; K]> {
+    let mut acc = vec![[[0.0f64; LANES]; K]; c];
+    for (r, (xr, gr)) in xs.chunks_exact(c).zip(gs.chunks_exact(c)).enumerate() {
+        let lane = r % LANES;
+        for (k, ((a, x), g)) in acc.iter_mut().zip(xr).zip(gr).enumerate() {
+            let v = f(x.to_f64(), g.to_f64(), k);
+            for q in 0..K {
+                a[q][lane] += v[q];
+            }
+        }
+    }
+    acc.iter()
+        .map(|a| {
+            let mut o = [0.0; K];
+            for q in 0..K {
+                o[q] = tree(&a[q]);
+            }
+            o
+        })
+        .collect()
 }
 
 /// FRN (+ TLU when `p.tau` is given) of `x` into `y`. Returns rstd per (n, c), row-major.
@@ -173,6 +239,27 @@ pub fn filter_response_norm<T: Scalar>(
     check_params(&cv, p, &shape)?;
     let yp = SharedMut::new(cv.permute_out(y));
     let c = cv.c;
+    if rows_path(&[&cv], &yp) {
+        let per_sample = pool::map_tasks(cv.n, parallel, |n| {
+            let mut scratch = Vec::new();
+            let mut sq = vec![0.0f64; c];
+            cv.sample_sums(n, 0..c, |v, _| v * v, &mut scratch, &mut sq);
+            let a: Vec<Affine> = (0..c).map(|k| affine_of(p, k, sq[k], cv.s, None)).collect();
+            // SAFETY: task n owns sample n of the output; `rows_path` checked its layout.
+            let ys = unsafe { out_rows(&yp, n) }.unwrap_or_default();
+            for (yr, xr) in ys
+                .chunks_exact_mut(c)
+                .zip(cv.sample_rows(n).chunks_exact(c))
+            {
+                for (k, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
+                    let z = a[k].z(v.to_f64());
+                    *o = T::from_f64(p.tau.map_or(z, |t| tlu1(z, t[k])));
+                }
+            }
+            a.iter().map(|a| a.rstd).collect::<Vec<f64>>()
+        });
+        return Ok(per_sample.concat());
+    }
     Ok(pool::map_tasks(cv.n * c, parallel, |i| {
         let (n, ch) = (i / c, i % c);
         let a = plane_affine(&cv, p, n, ch, None);
@@ -220,30 +307,83 @@ pub fn filter_response_norm_backward<T: Scalar>(
     }
     let dxp = SharedMut::new(cv.permute_out(dx));
     let count = cv.s as f64;
-    let per_plane = pool::map_tasks(cv.n * c, parallel, |i| {
-        let (n, ch) = (i / c, i % c);
-        let a = plane_affine(&cv, p, n, ch, rstd);
-        let t = p.tau.map(|t| t[ch]);
-        let m = |z: f64| t.map_or(1.0, |t| mask(z, t));
-        let (xp, gp) = (cv.plane(n, ch), gv.plane(n, ch));
-        let [sgx, sgxh, sg, stau] = sums2(&xp, &gp, |v, g| {
-            let gz = g * m(a.z(v));
-            [gz * v, gz * a.xhat(v), gz, g - gz]
+    let per_plane: Vec<[f64; 4]> = if rows_path(&[&cv, &gv], &dxp) {
+        let per_sample = pool::map_tasks(cv.n, parallel, |n| {
+            let a: Vec<Affine> = match rstd {
+                Some(r) => (0..c)
+                    .map(|k| affine_of(p, k, 0.0, cv.s, Some(r[n * c + k])))
+                    .collect(),
+                None => {
+                    let mut scratch = Vec::new();
+                    let mut sq = vec![0.0f64; c];
+                    cv.sample_sums(n, 0..c, |v, _| v * v, &mut scratch, &mut sq);
+                    (0..c).map(|k| affine_of(p, k, sq[k], cv.s, None)).collect()
+                }
+            };
+            let m = |z: f64, k: usize| p.tau.map_or(1.0, |t| mask(z, t[k]));
+            let (xs, gs) = (cv.sample_rows(n), gv.sample_rows(n));
+            let sums = rows_sums(xs, gs, c, |v, g, k| {
+                let gz = g * m(a[k].z(v), k);
+                [gz * v, gz * a[k].xhat(v), gz, g - gz]
+            });
+            let coef: Vec<(f64, f64)> = (0..c)
+                .map(|k| {
+                    let (w, r) = (a[k].w.unwrap_or(1.0), a[k].rstd);
+                    (w * r, w * r * r * r * sums[k][0] / count)
+                })
+                .collect();
+            // SAFETY: task n owns sample n of dx; `rows_path` checked its layout.
+            let ds = unsafe { out_rows(&dxp, n) }.unwrap_or_default();
+            for ((dr, xr), gr) in ds
+                .chunks_exact_mut(c)
+                .zip(xs.chunks_exact(c))
+                .zip(gs.chunks_exact(c))
+            {
+                for (k, ((o, &v), &g)) in dr.iter_mut().zip(xr).zip(gr).enumerate() {
+                    let v = v.to_f64();
+                    let gz = g.to_f64() * m(a[k].z(v), k);
+                    *o = T::from_f64(coef[k].0 * gz - coef[k].1 * v);
+                }
+            }
+            (0..c)
+                .map(|k| {
+                    let (w, r) = (a[k].w.unwrap_or(1.0), a[k].rstd);
+                    [
+                        sums[k][1],
+                        sums[k][2],
+                        sums[k][3],
+                        -0.5 * w * r * r * r * sums[k][0],
+                    ]
+                })
+                .collect::<Vec<_>>()
         });
-        let w = a.w.unwrap_or(1.0);
-        let r = a.rstd;
-        let k1 = w * r;
-        let k2 = w * r * r * r * sgx / count;
-        // SAFETY: task i owns plane (n, ch) of dx.
-        let mut dv = unsafe { dxp.sub(&[n, ch]) };
-        Zip::from(&mut dv).and(&xp).and(&gp).for_each(|o, &v, &g| {
-            let v = v.to_f64();
-            let gz = g.to_f64() * m(a.z(v));
-            *o = T::from_f64(k1 * gz - k2 * v);
-        });
-        let dle = -0.5 * w * r * r * r * sgx;
-        [sgxh, sg, stau, dle]
-    });
+        per_sample.concat()
+    } else {
+        pool::map_tasks(cv.n * c, parallel, |i| {
+            let (n, ch) = (i / c, i % c);
+            let a = plane_affine(&cv, p, n, ch, rstd);
+            let t = p.tau.map(|t| t[ch]);
+            let m = |z: f64| t.map_or(1.0, |t| mask(z, t));
+            let (xp, gp) = (cv.plane(n, ch), gv.plane(n, ch));
+            let [sgx, sgxh, sg, stau] = sums2(&xp, &gp, |v, g| {
+                let gz = g * m(a.z(v));
+                [gz * v, gz * a.xhat(v), gz, g - gz]
+            });
+            let w = a.w.unwrap_or(1.0);
+            let r = a.rstd;
+            let k1 = w * r;
+            let k2 = w * r * r * r * sgx / count;
+            // SAFETY: task i owns plane (n, ch) of dx.
+            let mut dv = unsafe { dxp.sub(&[n, ch]) };
+            Zip::from(&mut dv).and(&xp).and(&gp).for_each(|o, &v, &g| {
+                let v = v.to_f64();
+                let gz = g.to_f64() * m(a.z(v));
+                *o = T::from_f64(k1 * gz - k2 * v);
+            });
+            let dle = -0.5 * w * r * r * r * sgx;
+            [sgxh, sg, stau, dle]
+        })
+    };
     let fold = |k: usize, scale: &dyn Fn(usize) -> f64| -> Vec<f64> {
         let mut acc = vec![0.0f64; c];
         for (i, v) in per_plane.iter().enumerate() {
@@ -291,6 +431,21 @@ pub fn tlu<T: Scalar>(
     check_channel_param("tau", Some(tau.len()), cv.c, &shape)?;
     let yp = SharedMut::new(cv.permute_out(y));
     let c = cv.c;
+    if rows_path(&[&cv], &yp) {
+        pool::for_each_task(cv.n, parallel, |n| {
+            // SAFETY: task n owns sample n of the output; `rows_path` checked its layout.
+            let ys = unsafe { out_rows(&yp, n) }.unwrap_or_default();
+            for (yr, xr) in ys
+                .chunks_exact_mut(c)
+                .zip(cv.sample_rows(n).chunks_exact(c))
+            {
+                for ((o, &v), &t) in yr.iter_mut().zip(xr).zip(tau) {
+                    *o = T::from_f64(tlu1(v.to_f64(), t));
+                }
+            }
+        });
+        return Ok(());
+    }
     pool::for_each_task(cv.n * c, parallel, |i| {
         let (n, ch) = (i / c, i % c);
         // SAFETY: task i owns plane (n, ch) of the output.
@@ -323,6 +478,29 @@ pub fn tlu_backward<T: Scalar>(
     check_channel_param("tau", Some(tau.len()), cv.c, &shape)?;
     let dxp = SharedMut::new(cv.permute_out(dx));
     let c = cv.c;
+    if rows_path(&[&cv, &gv], &dxp) {
+        let per_sample = pool::map_tasks(cv.n, parallel, |n| {
+            let (xs, gs) = (cv.sample_rows(n), gv.sample_rows(n));
+            let sums = rows_sums(xs, gs, c, |v, g, k| [g - g * mask(v, tau[k])]);
+            // SAFETY: task n owns sample n of dx; `rows_path` checked its layout.
+            let ds = unsafe { out_rows(&dxp, n) }.unwrap_or_default();
+            for ((dr, xr), gr) in ds
+                .chunks_exact_mut(c)
+                .zip(xs.chunks_exact(c))
+                .zip(gs.chunks_exact(c))
+            {
+                for (((o, &v), &g), &t) in dr.iter_mut().zip(xr).zip(gr).zip(tau) {
+                    *o = T::from_f64(g.to_f64() * mask(v.to_f64(), t));
+                }
+            }
+            sums.iter().map(|s| s[0]).collect::<Vec<f64>>()
+        });
+        let mut acc = vec![0.0f64; c];
+        for (i, v) in per_sample.concat().iter().enumerate() {
+            acc[i % c] += v;
+        }
+        return Ok(acc);
+    }
     let per_plane = pool::map_tasks(cv.n * c, parallel, |i| {
         let (n, ch) = (i / c, i % c);
         let t = tau[ch];

@@ -240,7 +240,12 @@ pub fn gdn_backward<T: Scalar>(
             for k in 0..c {
                 let r = k * ld..k * ld + len;
                 let mut sum = 0.0;
-                for (((q, &d), &v), &g) in q[r.clone()].iter_mut().zip(&d[r.clone()]).zip(&x[r.clone()]).zip(&g[r]) {
+                for (((q, &d), &v), &g) in q[r.clone()]
+                    .iter_mut()
+                    .zip(&d[r.clone()])
+                    .zip(&x[r.clone()])
+                    .zip(&g[r])
+                {
                     *q = g * v * dfactor(var, inv, d);
                     sum += *q;
                 }
@@ -285,7 +290,12 @@ pub fn gdn_backward<T: Scalar>(
             }
             for k in 0..c {
                 let r = k * ld..k * ld + len;
-                for (((o, &v), &g), &d) in out[r.clone()].iter_mut().zip(&x[r.clone()]).zip(&g[r.clone()]).zip(&d[r]) {
+                for (((o, &v), &g), &d) in out[r.clone()]
+                    .iter_mut()
+                    .zip(&x[r.clone()])
+                    .zip(&g[r.clone()])
+                    .zip(&d[r])
+                {
                     *o = g * factor(var, inv, d) + du(var, v) * *o;
                 }
             }

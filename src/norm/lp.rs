@@ -64,7 +64,13 @@ fn norms(x: &[f64], c: usize, len: usize, ld: usize, p: f64) -> (Vec<f64>, Vec<f
     }
     let scale: Vec<f64> = m
         .iter()
-        .map(|&m| if m > 0.0 && m.is_finite() { pow2_floor(m) } else { 1.0 })
+        .map(|&m| {
+            if m > 0.0 && m.is_finite() {
+                pow2_floor(m)
+            } else {
+                1.0
+            }
+        })
         .collect();
     let mut acc = vec![0.0f64; len];
     if p.is_finite() {

@@ -187,7 +187,15 @@ impl Windows {
     }
 
     /// Row-wise over `len` positions of channel-major buffers (leading dimension `ld`).
-    fn sums(&self, v: &[f64], len: usize, ld: usize, pre: &mut [f64], suf: &mut [f64], out: &mut [f64]) {
+    fn sums(
+        &self,
+        v: &[f64],
+        len: usize,
+        ld: usize,
+        pre: &mut [f64],
+        suf: &mut [f64],
+        out: &mut [f64],
+    ) {
         let c = self.plan.len();
         let row = |k: usize| k * ld..k * ld + len;
         for start in (0..c).step_by(self.b) {
@@ -202,7 +210,11 @@ impl Windows {
             suf[row(end - 1)].copy_from_slice(&v[row(end - 1)]);
             for k in (start..end - 1).rev() {
                 let (cur, done) = suf.split_at_mut((k + 1) * ld);
-                for ((p, &q), &x) in cur[k * ld..k * ld + len].iter_mut().zip(&done[..len]).zip(&v[row(k)]) {
+                for ((p, &q), &x) in cur[k * ld..k * ld + len]
+                    .iter_mut()
+                    .zip(&done[..len])
+                    .zip(&v[row(k)])
+                {
                     *p = q + x;
                 }
             }
@@ -378,7 +390,11 @@ mod tests {
             let v: Vec<f64> = (0..c).map(|i| (i * 7 % 5) as f64 + 0.5).collect();
             for lo in 0..6 {
                 for hi in 0..6 {
-                    assert_eq!(sums(&v, lo, hi), direct(&v, lo, hi), "c={c} lo={lo} hi={hi}");
+                    assert_eq!(
+                        sums(&v, lo, hi),
+                        direct(&v, lo, hi),
+                        "c={c} lo={lo} hi={hi}"
+                    );
                 }
             }
         }

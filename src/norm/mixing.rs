@@ -177,8 +177,7 @@ unsafe fn scatter<T: Scalar>(
         match step {
             Some(1) => {
                 // SAFETY: `len` consecutive elements owned by this task start here.
-                let dst =
-                    unsafe { std::slice::from_raw_parts_mut(ptr.offset(offs[0] + ck), len) };
+                let dst = unsafe { std::slice::from_raw_parts_mut(ptr.offset(offs[0] + ck), len) };
                 for (d, &v) in dst.iter_mut().zip(row) {
                     *d = T::from_f64(v);
                 }
@@ -229,12 +228,20 @@ where
     }
     let geos: Vec<(Geometry, ConstPtr<T>)> = ins
         .iter()
-        .map(|v| (Geometry::of(v.shape(), v.strides(), axis), ConstPtr(v.as_ptr())))
+        .map(|v| {
+            (
+                Geometry::of(v.shape(), v.strides(), axis),
+                ConstPtr(v.as_ptr()),
+            )
+        })
         .collect();
     let mut y = y;
-    let yg = y
-        .as_mut()
-        .map(|v| (Geometry::of(v.shape(), v.strides(), axis), MutPtr(v.as_mut_ptr())));
+    let yg = y.as_mut().map(|v| {
+        (
+            Geometry::of(v.shape(), v.strides(), axis),
+            MutPtr(v.as_mut_ptr()),
+        )
+    });
     let tile = tile.clamp(1, positions);
     let tiles = positions.div_ceil(tile);
     let per_task = per_task.max(1);
@@ -448,7 +455,11 @@ impl Cursor {
 ///
 /// # Safety
 /// `ptr` and `cur` must describe one live view.
-pub(crate) unsafe fn read_chunk<T: Scalar>(ptr: *const T, cur: &mut Cursor, buf: &mut [f64]) -> usize {
+pub(crate) unsafe fn read_chunk<T: Scalar>(
+    ptr: *const T,
+    cur: &mut Cursor,
+    buf: &mut [f64],
+) -> usize {
     let mut n = 0;
     while let Some((o, len, step)) = cur.next_run(buf.len() - n) {
         let dst = &mut buf[n..n + len];

@@ -10,7 +10,9 @@
 //! in f64, which agrees with ONNX's reference data and does not cancel.
 
 use super::common::{check_eps, check_out};
-use super::mixing::{check_same_shape, read_chunk, row_of, write_chunk, Cursor, Lanes, Rows, CHUNK};
+use super::mixing::{
+    check_same_shape, read_chunk, row_of, write_chunk, Cursor, Lanes, Rows, CHUNK,
+};
 use crate::channel::normalize_axis;
 use crate::error::{NormError, Result};
 use crate::pool;

@@ -127,6 +127,9 @@ def layouts(x, axis=1):
     yield "negative", np.flip(rev, 0)
     perm = tuple(range(x.ndim))[::-1]
     yield "transposed", np.ascontiguousarray(x.transpose(perm)).transpose(perm)
+    if x.ndim >= 3:
+        yield "channels_last", np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+        yield "channels_first", np.moveaxis(np.ascontiguousarray(np.moveaxis(x, -1, 1)), 1, -1)
     ro = x.copy()
     ro.flags.writeable = False
     yield "readonly", ro

@@ -237,3 +237,17 @@ def test_backward_dtypes(rng, dtype):
         if b is not None:
             assert a.dtype == dtype
             np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_out_any_layout(rng, axis):
+    x = _chlast(rng.standard_normal((2, 3, 4, 5)).astype(np.float32), axis)
+    p = _params(rng, 3, "wbt")
+    want = rn.filter_response_norm(x, axis=axis, **p)
+    for out in (np.empty_like(x), np.empty_like(x, order="F"),
+                np.empty(x.shape[::-1], np.float32).T):
+        r = rn.filter_response_norm(x, axis=axis, out=out, **p)
+        assert r is out
+        ref.assert_bitwise(out, want)
+        r = rn.tlu(x, p["tau"], axis=axis, out=out)
+        ref.assert_bitwise(out, rn.tlu(x, p["tau"], axis=axis))
