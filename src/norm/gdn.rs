@@ -19,7 +19,7 @@
 //! ∂γ and ∂β are per-task partials (tasks cut from the shape alone) merged in task order.
 
 use super::common::{bytes_of, check_out};
-use super::mixing::{check_same_shape, for_tiles, tile_len};
+use super::mixing::{check_same_shape, for_tiles, tile_len, zip_apply};
 use crate::channel::{check_channel_param, ChannelView};
 use crate::error::{fmt_shape, NormError, Result};
 use crate::pool;
@@ -73,14 +73,6 @@ fn check<T: Scalar>(cv: &ChannelView<'_, T>, p: &GdnParams<'_>, shape: &[usize])
     Ok(())
 }
 
-#[inline(always)]
-fn u_of(v: GdnVariant, x: f64) -> f64 {
-    match v {
-        GdnVariant::Gdn => x * x,
-        GdnVariant::Gdn1 => x.abs(),
-    }
-}
-
 /// The factor y/x as a function of D.
 #[inline(always)]
 fn factor(v: GdnVariant, inverse: bool, d: f64) -> f64 {
@@ -117,6 +109,24 @@ fn du(v: GdnVariant, x: f64) -> f64 {
                 0.0
             }
         }
+    }
+}
+
+/// u = x² or |x|, element-wise (AVX2 where available; the same bits either way).
+fn fill_u(u: &mut [f64], x: &[f64], var: GdnVariant) {
+    match var {
+        GdnVariant::Gdn => zip_apply(u, x, |_, v| v * v),
+        GdnVariant::Gdn1 => zip_apply(u, x, |_, v| v.abs()),
+    }
+}
+
+/// d ← x·factor(d), with the variant chosen once outside the loop so it vectorizes.
+fn apply_factor(d: &mut [f64], x: &[f64], var: GdnVariant, inv: bool) {
+    match (var, inv) {
+        (GdnVariant::Gdn, false) => zip_apply(d, x, |d, v| v / d.sqrt()),
+        (GdnVariant::Gdn, true) => zip_apply(d, x, |d, v| v * d.sqrt()),
+        (GdnVariant::Gdn1, false) => zip_apply(d, x, |d, v| v / d),
+        (GdnVariant::Gdn1, true) => zip_apply(d, x, |d, v| v * d),
     }
 }
 
@@ -177,13 +187,12 @@ pub fn gdn<T: Scalar>(
         || (),
         |_, ins, out, len, ld| {
             let x = &ins[0];
-            let u: Vec<f64> = x.iter().map(|&v| u_of(var, v)).collect();
+            let mut u = vec![0.0f64; c * ld];
+            fill_u(&mut u, x, var);
             divisor(&u, p.gamma, p.beta, c, len, ld, out);
             for k in 0..c {
                 let r = k * ld..k * ld + len;
-                for (o, &v) in out[r.clone()].iter_mut().zip(&x[r]) {
-                    *o = v * factor(var, inv, *o);
-                }
+                apply_factor(&mut out[r.clone()], &x[r], var, inv);
             }
         },
     );
@@ -233,7 +242,8 @@ pub fn gdn_backward<T: Scalar>(
         || (vec![0.0f64; c], vec![0.0f64; c * c]),
         |acc, ins, out, len, ld| {
             let (x, g) = (&ins[0], &ins[1]);
-            let u: Vec<f64> = x.iter().map(|&v| u_of(var, v)).collect();
+            let mut u = vec![0.0f64; c * ld];
+            fill_u(&mut u, x, var);
             let mut d = vec![0.0f64; c * ld];
             divisor(&u, p.gamma, p.beta, c, len, ld, &mut d);
             let mut q = vec![0.0f64; c * ld];

@@ -401,6 +401,22 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_powers_are_bitwise_the_baseline() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let v: Vec<f64> = (1..2000).map(|i| 1.0 + (i as f64) * 0.37).collect();
+        for beta in [0.75, 0.5, 1.0, 0.3] {
+            let (mut a, mut b) = (v.clone(), v.clone());
+            super::pow_neg_slice(&mut a, beta);
+            // SAFETY: AVX2 was just detected.
+            unsafe { super::pow_neg_slice_avx2(&mut b, beta) };
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+    }
+
+    #[test]
     fn no_drift_after_a_huge_value() {
         let mut v = vec![1.0; 40];
         v[3] = 1e300;

@@ -197,6 +197,35 @@ pub fn tile_len(c: usize, elems: usize) -> usize {
     (elems / c.max(1)).max(1)
 }
 
+/// out[i] = f(out[i], x[i]) for an element-wise f64 map, compiled for AVX2 where the CPU has
+/// it (4 lanes instead of SSE2's 2). Callers pass only correctly rounded operations (add, mul,
+/// div, sqrt) and Rust never contracts them into FMAs, so both builds give the same bits.
+#[inline]
+pub(crate) fn zip_apply<F: Fn(f64, f64) -> f64>(out: &mut [f64], x: &[f64], f: F) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was just detected.
+        unsafe { zip_apply_avx2(out, x, f) };
+        return;
+    }
+    zip_apply_base(out, x, f);
+}
+
+#[inline(always)]
+fn zip_apply_base<F: Fn(f64, f64) -> f64>(out: &mut [f64], x: &[f64], f: F) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = f(*o, v);
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn zip_apply_avx2<F: Fn(f64, f64) -> f64>(out: &mut [f64], x: &[f64], f: F) {
+    zip_apply_base(out, x, f);
+}
+
 /// Runs `f(acc, inputs, out, len, ld)` over tiles of `tile` positions of views that share
 /// one shape, seen as positions × channels along `axis`: `inputs[i][k·ld + j]` is input i at
 /// channel k and the tile's j-th position (f64, channel-major, ld = `tile`); `f` must write
@@ -566,6 +595,44 @@ pub(crate) fn check_same_shape(name: &str, a: &[usize], x: &[usize]) -> crate::e
 mod tests {
     use super::*;
     use ndarray::{Array, ShapeBuilder};
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_maps_are_bitwise_the_baseline() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let x: Vec<f64> = (0..1001).map(|i| (i as f64 * 0.731).sin() * 3.0).collect();
+        let d: Vec<f64> = (0..1001).map(|i| 1.0 + i as f64 * 0.013).collect();
+        let f = |d: f64, v: f64| v / d.sqrt() + v * v;
+        let (mut a, mut b) = (d.clone(), d.clone());
+        zip_apply_base(&mut a, &x, f);
+        // SAFETY: AVX2 was just detected.
+        unsafe { zip_apply_avx2(&mut b, &x, f) };
+        assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+    }
+
+    #[test]
+    fn cursor_walks_logical_order() {
+        let a = Array::from_shape_vec((3, 4, 5).f(), (0..60).map(|v| v as f64).collect())
+            .unwrap()
+            .into_dyn();
+        let v = a.view();
+        let v = v.slice(ndarray::s![.., 1..3, ..;2]).into_dyn();
+        let want: Vec<f64> = v.iter().copied().collect();
+        let mut cur = Cursor::new(v.shape(), v.strides());
+        let mut got = Vec::new();
+        let mut buf = [0.0f64; 5];
+        loop {
+            // SAFETY: the cursor describes `v`.
+            let n = unsafe { read_chunk(v.as_ptr(), &mut cur, &mut buf) };
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, want);
+    }
 
     #[test]
     fn offsets_match_logical_order() {
