@@ -207,16 +207,16 @@ fn rows_sums<T: Scalar, const K: usize, F: Fn(f64, f64, usize) -> [f64; K]>(
         let lane = r % LANES;
         for (k, ((a, x), g)) in acc.iter_mut().zip(xr).zip(gr).enumerate() {
             let v = f(x.to_f64(), g.to_f64(), k);
-            for q in 0..K {
-                a[q][lane] += v[q];
+            for (aq, vq) in a.iter_mut().zip(v) {
+                aq[lane] += vq;
             }
         }
     }
     acc.iter()
         .map(|a| {
             let mut o = [0.0; K];
-            for q in 0..K {
-                o[q] = tree(&a[q]);
+            for (o, aq) in o.iter_mut().zip(a) {
+                *o = tree(aq);
             }
             o
         })

@@ -327,8 +327,8 @@ pub(crate) fn sums2<T: Scalar, const K: usize, F: Fn(f64, f64) -> [f64; K]>(
         }
     }
     let mut out = [0.0; K];
-    for k in 0..K {
-        out[k] = tree(&acc[k]);
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = tree(a);
     }
     out
 }
@@ -553,9 +553,8 @@ impl<const K: usize> Lanes<K> {
     #[inline]
     pub fn add<F: Fn(usize) -> [f64; K]>(&mut self, n: usize, f: F) {
         for i in 0..n {
-            let v = f(i);
-            for k in 0..K {
-                self.acc[k][i % LANES] += v[k];
+            for (a, v) in self.acc.iter_mut().zip(f(i)) {
+                a[i % LANES] += v;
             }
         }
     }
