@@ -49,14 +49,31 @@ fn learned_eps(obj: Option<&Bound<'_, PyAny>>, c: usize) -> PyResult<LearnedEps>
     )))
 }
 
-fn stats_rstd(stats: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<f64>>> {
+/// `stats.rstd` as (N·C) values, checked to have shape (N, C).
+fn stats_rstd(
+    stats: Option<&Bound<'_, PyAny>>,
+    shape: &[usize],
+    axis: isize,
+) -> PyResult<Option<Vec<f64>>> {
     let Some(s) = stats.filter(|o| !o.is_none()) else {
         return Ok(None);
     };
     let r = s
         .getattr("rstd")
         .map_err(|_| type_error("stats must be the Stats returned by return_stats=True".into()))?;
-    Ok(read_param(Some(&r), "stats.rstd")?.map(|p| p.values))
+    let Some(p) = read_param(Some(&r), "stats.rstd")? else {
+        return Ok(None);
+    };
+    let want = [shape.first().copied().unwrap_or(0), channels(shape, axis)?];
+    if p.shape != want {
+        return Err(shape_error(format!(
+            "stats.rstd must have shape {} for an input of shape {}, got {}",
+            fmt_shape(&want),
+            fmt_shape(shape),
+            fmt_shape(&p.shape)
+        )));
+    }
+    Ok(Some(p.values))
 }
 
 /// Filter response normalization (Singh & Krishnan 2019) with the TLU fused when ``tau``
@@ -147,9 +164,9 @@ pub fn _filter_response_norm_backward<'py>(
     let w = read_vec(weight, "weight")?;
     let b = read_vec(bias, "bias")?;
     let t = read_vec(tau, "tau")?;
-    let rstd = stats_rstd(stats)?;
     dispatch_pair!(xa, ga, xt, gt => {
         let shape = xt.shape().to_vec();
+        let rstd = stats_rstd(stats, &shape, axis)?;
         let le = learned_eps_for(learned_eps, &shape, axis)?;
         let p = FrnParams {
             weight: w.as_deref(),

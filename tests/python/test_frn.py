@@ -111,6 +111,8 @@ def test_errors(rng):
         rn.filter_response_norm_backward(x.astype(np.float16), x)
     with pytest.raises(ValueError, match="rstd"):
         rn.filter_response_norm_backward(x, x, stats=rn.Stats(None, np.ones((2, 2))))
+    with pytest.raises(ValueError, match=r"rstd must have shape \(2, 3\)"):
+        rn.filter_response_norm_backward(x, x, stats=rn.Stats(None, np.ones((3, 2))))
 
 
 @pytest.mark.parametrize("axis", [1, -1])
