@@ -55,6 +55,13 @@ from ._rsnorm import (
     tlu,
 )
 from ._types import Moments, Stats
+from .whitening import (
+    IterNormGrads,
+    IterNormStats,
+    Whitening,
+    iter_norm,
+    iter_norm_backward,
+)
 
 __version__: str = _rsnorm.__version__
 
@@ -71,17 +78,20 @@ def moments(x, axis: int = 1) -> Moments:
 
 
 def __getattr__(name: str):
-    # `rsnorm.gpu` imports wgpu; load it only when asked for, so `import rsnorm` stays light.
-    if name == "gpu":
+    # The optional front ends import wgpu, mpi4py or dask: load them only when asked for, so
+    # `import rsnorm` stays light and works without those extras.
+    if name in ("gpu", "dask", "distributed"):
         import importlib
 
-        return importlib.import_module(".gpu", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'rsnorm' has no attribute {name!r}")
 
 
 __all__ = [
     "FilterResponseNormGrads",
     "GDNGrads",
+    "IterNormGrads",
+    "IterNormStats",
     "LocalResponseNormGrads",
     "MeanVarianceNormGrads",
     "Moments",
@@ -90,6 +100,7 @@ __all__ = [
     "ShapeError",
     "Stats",
     "TLUGrads",
+    "Whitening",
     "__version__",
     "batch_norm",
     "build_info",
@@ -104,6 +115,8 @@ __all__ = [
     "get_num_threads",
     "group_norm",
     "instance_norm",
+    "iter_norm",
+    "iter_norm_backward",
     "layer_norm",
     "local_response_norm",
     "local_response_norm_backward",

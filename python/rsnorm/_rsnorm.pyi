@@ -116,6 +116,64 @@ def instance_norm(
 def moments(x: _Arr, axis: int = 1) -> tuple[int, NDArray[np.float64], NDArray[np.float64]]:
     """Per-channel (count, mean, M2) over every axis but ``axis``, float64."""
 
+def covariance_moments(
+    x: _Arr, num_groups: int = 1, *, axis: int = 1
+) -> tuple[int, NDArray[np.float64], NDArray[np.float64]]:
+    """Per-channel mean and per-group co-moment of x: (count, mean (C,), comoment (G, C/G, C/G)),
+    float64, two-pass, deterministic."""
+
+def whitening_matrix(
+    cov: _Arr, method: str = "zca", eps: float = 1e-5
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Whitening matrix of a (d, d) covariance: (W, W_inv, eigenvalues descending), float64."""
+
+def group_whiten_apply(
+    x: _Arr,
+    mats: _Arr,
+    sub: _Arr,
+    add: Optional[_Arr] = None,
+    *,
+    axis: int = 1,
+    out: Optional[_Arr] = None,
+) -> _Arr:
+    """y[p, g] = A_g (x[p, g] − sub_g) + add_g per group of channels; y has x's dtype."""
+
+def group_cross_moments(
+    a: _Arr, b: _Arr, mean_b: _Arr, num_groups: int = 1, *, axis: int = 1
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Per-channel sums of a and per-group cross co-moments Σ_p a_p (b_p − mean_b)ᵀ:
+    (sum (C,), cross (G, C/G, C/G)), float64, deterministic."""
+
+def group_whiten_apply2(
+    a: _Arr,
+    b: _Arr,
+    mats_a: _Arr,
+    mats_b: _Arr,
+    offset: _Arr,
+    *,
+    axis: int = 1,
+    out: Optional[_Arr] = None,
+) -> _Arr:
+    """y[p, g] = A_g a[p, g] + B_g b[p, g] + offset_g per group of channels; y has a's dtype."""
+
+def iter_norm(
+    x: _Arr,
+    running_mean: Optional[_Arr] = None,
+    running_wm: Optional[_Arr] = None,
+    num_groups: int = 1,
+    T: int = 5,
+    eps: float = 1e-5,
+    training: bool = True,
+    momentum: float = 0.1,
+    *,
+    axis: int = 1,
+    out: Optional[_Arr] = None,
+    return_stats: bool = False,
+) -> Any:
+    """Iterative normalization (forward). Returns y, or (y, (mean, sigma, wm)) with
+    `return_stats=True`: mean (G, C/G), sigma = Σ + eps·I (G, C/G, C/G) (None in eval), wm
+    (G, C/G, C/G); float64 for float64 x, else float32."""
+
 def set_num_threads(n: int) -> None:
     """Threads for the kernels (0: default, RAYON_NUM_THREADS or the CPU count)."""
 

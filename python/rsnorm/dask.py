@@ -12,7 +12,7 @@ the array is rechunked along those axes (``rechunk=True``, the default) or a ``V
 the axes (``rechunk=False``).
 
 Everything stays lazy and runs on any Dask scheduler: threads, processes, synchronous or a
-``dask.distributed`` cluster. Arguments, defaults and errors follow the NumPy functions of the
+``dask.distributed`` cluster. Arguments, defaults and errors follow the rsnorm functions of the
 same names. NumPy inputs are accepted and wrapped as one-chunk Dask arrays.
 
 Larger-than-memory arrays: a lazy ``y`` whose graph also holds the statistics keeps every chunk of
@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import uuid
 
 import dask
 import dask.array as da
@@ -37,6 +38,11 @@ import numpy as np
 
 import rsnorm as _rn
 from rsnorm._types import Moments, Stats
+from rsnorm.distributed import (  # mpi4py is imported there only when a communicator is needed
+    _check_running,
+    _local_moments,
+    _update_running,
+)
 
 __all__ = [
     "batch_norm",
@@ -153,7 +159,7 @@ def _flatten(parts):
 def _moments_chunk(x, axis=None, keepdims=None, *, ax, computing_meta=False):
     if computing_meta:
         return x
-    m = _rn.moments(x, ax)
+    m = _local_moments(x, ax)
     return {"count": int(m.count), "mean": m.mean, "m2": m.m2}
 
 
@@ -176,10 +182,15 @@ def _moments_aggregate(parts, axis=None, keepdims=None, computing_meta=False):
 
 def _moments_array(x: da.Array, ax: int, split_every=None) -> da.Array:
     red = tuple(i for i in range(x.ndim) if i != ax)
+    # Keys unique to this call: the same statistics submitted again inside another graph (e.g.
+    # computed now for the running statistics, after a lazy y that held them) would otherwise
+    # reach a dask.distributed scheduler under the same keys with differently fused tasks, which
+    # it warns "can cause failures and deadlocks" (dask/dask#9888).
+    name = f"rsnorm-moments-{uuid.uuid4().hex[:12]}"
     return da.reduction(
         x, functools.partial(_moments_chunk, ax=ax), _moments_aggregate, axis=red,
         combine=_moments_combine, concatenate=False, dtype=_MOMENTS_DTYPE,
-        meta=np.empty((0,), _MOMENTS_DTYPE), split_every=split_every, name="rsnorm-moments",
+        meta=np.empty((0,), _MOMENTS_DTYPE), split_every=split_every, name=name,
     )
 
 
@@ -267,24 +278,24 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
             if not isinstance(v, np.ndarray):
                 raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place)")
             _vector(v, name, c)
+    if training:
+        _check_running(running_mean, running_var, num_batches_tracked, momentum)
     update = training and running_mean is not None
-    if update and momentum is None and num_batches_tracked is None:
-        raise _rn.RsnormError("momentum=None (cumulative average) needs num_batches_tracked=")
 
     if training or running_mean is None:
         m = moments(x, ax, split_every=split_every)
-        if training and m.count <= 1:
+        if training and m.count == 1:
             raise _rn.RsnormError(
                 "Expected more than 1 value per channel when training, got input size "
                 f"{tuple(x.shape)}"
             )
+        # An empty x: empty output, running statistics untouched, as rsnorm.batch_norm does.
+        update = update and m.count > 0
         mean, m2 = m.mean, m.m2
         if update or compute_stats:
             mean, m2 = dask.compute(mean, m2)
         var = m2 / m.count if m.count > 0 else m2 * np.nan
         if update:
-            from rsnorm.distributed import _update_running
-
             _update_running(running_mean, running_var, Moments(m.count, mean, m2), momentum,
                             num_batches_tracked, momentum_convention)
     else:
@@ -404,11 +415,11 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, rechunk=True):
     return _map(fn, x, token="rsnorm-rms-norm")
 
 
-def _group_block(xb, *params, groups_per_channel, eps, ax, has_weight, has_bias):
+def _group_block(xb, *params, channels_per_group, eps, ax, has_weight, has_bias):
     it = iter(params)
     w = next(it).ravel() if has_weight else None
     b = next(it).ravel() if has_bias else None
-    g = xb.shape[ax] // groups_per_channel if xb.shape[ax] else 1
+    g = xb.shape[ax] // channels_per_group if xb.shape[ax] else 1
     return _rn.group_norm(xb, g, w, b, eps, axis=ax)
 
 
@@ -439,7 +450,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, rechu
         spatial.append(ax)  # chunks that cut a group: make the channel axis whole too
     x = _whole(x, spatial, rechunk, "group_norm")
     params = [_per_channel(v, x, ax) for v in (weight, bias)]
-    fn = functools.partial(_group_block, groups_per_channel=per_group, eps=eps, ax=ax,
+    fn = functools.partial(_group_block, channels_per_group=per_group, eps=eps, ax=ax,
                            has_weight=weight is not None, has_bias=bias is not None)
     return _map(fn, x, *[p for p in params if p is not None], token="rsnorm-group-norm")
 

@@ -151,16 +151,48 @@ def _bshape(ndim, ax):
     return tuple(shape)
 
 
-def _global_moments(x, axis, comm, params=()) -> Moments:
+def _local_moments(x, ax) -> Moments:
+    """``rsnorm.moments(x, ax)``."""
+    if x.ndim == 2 and ax == 1:
+        # A (rows, C) table seen as one (1, rows, C) channels-last sample: the same statistics
+        # (to rounding), but the core's 2-D path is ~15x slower today (2026-11).
+        return _rn.moments(x[None], -1)
+    return _rn.moments(x, ax)
+
+
+def _check_running(running_mean, running_var, num_batches_tracked, momentum):
+    """The checks of ``rsnorm.batch_norm`` on what a training call updates in place."""
+    if momentum is not None and not (isinstance(momentum, (int, float, np.floating))
+                                     and 0 <= momentum <= 1):
+        raise _rn.RsnormError(f"momentum must be in [0, 1], got {momentum!r}")
+    if running_mean is None:
+        return
+    if momentum is None and num_batches_tracked is None:
+        raise _rn.RsnormError("momentum=None (cumulative average) needs num_batches_tracked=")
+    for name, v in (("running_mean", running_mean), ("running_var", running_var),
+                    ("num_batches_tracked", num_batches_tracked)):
+        if isinstance(v, np.ndarray) and not v.flags.writeable:
+            raise _rn.RsnormError(f"{name} is read-only")
+    if num_batches_tracked is not None and not (
+            isinstance(num_batches_tracked, np.ndarray) and num_batches_tracked.shape == ()
+            and num_batches_tracked.dtype.kind == "i"):
+        raise TypeError("num_batches_tracked must be a 0-d integer numpy array (updated in "
+                        "place)")
+
+
+def _global_moments(x, axis, comm, params=(), check=None) -> Moments:
     """Moments of the batch spread over ``comm``, merged in rank order (bitwise equal on every
-    rank). ``params``: (name, array) pairs checked locally before the exchange."""
+    rank). ``params``: (name, array) pairs, and ``check()``, checked locally before the
+    exchange."""
 
     def local():
         _check_x(x)
         ax = _channel_axis(x, axis)
         for name, v in params:
             _check_vec(v, name, x.shape[ax])
-        m = _rn.moments(x, ax)
+        if check is not None:
+            check()
+        m = _local_moments(x, ax)
         return (int(m.count), np.asarray(m.mean, _F64), np.asarray(m.m2, _F64))
 
     parts = _collective(comm, local)
@@ -203,9 +235,10 @@ def sync_batch_norm(x, running_mean=None, running_var=None, weight=None, bias=No
 
     Training: the running statistics (if given) are updated in place on every rank, identically,
     with the global unbiased variance (PyTorch's ``new = (1−m)·old + m·batch``; ``momentum=None``
-    is the cumulative average and needs ``num_batches_tracked``). Fewer than two values per channel
-    over all ranks raises the ``ValueError`` of ``batch_norm``. Ranks may hold any number of
-    samples, zero included.
+    is the cumulative average and needs ``num_batches_tracked``). One value per channel over all
+    ranks raises the ``ValueError`` of ``batch_norm``; an empty batch on every rank gives empty
+    outputs and leaves the running statistics alone. Ranks may hold any number of samples, zero
+    included.
 
     Eval: normalizes with the running statistics and does no communication; with no running
     statistics the local batch statistics are used, as ``torch.nn.SyncBatchNorm`` does.
@@ -237,15 +270,21 @@ def sync_batch_norm(x, running_mean=None, running_var=None, weight=None, bias=No
 
     comm = _default_comm(comm)
     _check_eps(eps)
-    if running_mean is not None and momentum is None and num_batches_tracked is None:
-        raise _rn.RsnormError("momentum=None (cumulative average) needs num_batches_tracked=")
-    g = _global_moments(x, axis, comm, (("running_mean", running_mean),
-                                        ("running_var", running_var),
-                                        ("weight", weight), ("bias", bias)))
-    if g.count <= 1:
+    g = _global_moments(
+        x, axis, comm,
+        (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+         ("bias", bias)),
+        lambda: _check_running(running_mean, running_var, num_batches_tracked, momentum))
+    if g.count == 0:
+        # An empty batch on every rank: an empty output and untouched running statistics, as
+        # batch_norm does.
+        y = _rn.batch_norm(x, None, None, weight, bias, True, eps=eps, axis=axis, out=out)
+        nan = np.full(np.shape(g.mean), np.nan)
+        return (y, Stats(nan, nan.copy())) if return_stats else y
+    if g.count == 1:
         raise _rn.RsnormError(
             "Expected more than 1 value per channel when training, got input size "
-            f"{tuple(x.shape)} on this rank and {g.count} value(s) per channel over all ranks"
+            f"{tuple(x.shape)} on this rank and {g.count} value per channel over all ranks"
         )
     var = g.m2 / g.count
     if x.ndim == 2 and axis % 2 == 1:
@@ -297,7 +336,7 @@ def sync_batch_norm_backward(grad_y, x, weight=None, bias=None, *, stats=None, c
             raise _rn.RsnormError("eval-mode backward needs stats= (the running statistics used)")
         _check_eps(eps)
         g = _global_moments(x, ax, comm)
-        mean, rstd = g.mean, 1.0 / np.sqrt(g.m2 / g.count + eps)
+        mean, rstd = g.mean, 1.0 / np.sqrt(g.m2 / max(g.count, 1) + eps)
     else:
         mean = np.asarray(stats[0], _F64).reshape(-1)
         rstd = np.asarray(stats[1], _F64).reshape(-1)
@@ -334,6 +373,7 @@ def sync_batch_norm_backward(grad_y, x, weight=None, bias=None, *, stats=None, c
     else:
         mine = local()
         n, sum_dy, sum_dy_xhat = mine
+    n = max(n, 1)  # no values anywhere: dx is empty and the sums are 0
     if training:
         # dx = w·rstd·(dy − Σdy/N − x̂·Σ(dy·x̂)/N), reusing x̂'s buffer.
         dx = xhat
@@ -420,8 +460,8 @@ class SyncBatchNorm:
             self._saved = (x, st, False, _SELF)
         else:
             # Eval without running statistics: local batch statistics, as PyTorch does.
-            y, st = sync_batch_norm(x, None, None, self.weight, self.bias, True, eps=self.eps,
-                                    comm=_SELF, axis=self.axis, return_stats=True)
+            y, st = sync_batch_norm(x, None, None, self.weight, self.bias, False, eps=self.eps,
+                                    axis=self.axis, return_stats=True)
             self._saved = (x, st, True, _SELF)
         return y
 

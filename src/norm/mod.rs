@@ -7,6 +7,7 @@ pub mod frn;
 pub mod gdn;
 pub mod group;
 pub mod instance;
+pub mod iternorm;
 pub mod layer;
 pub mod lp;
 pub mod lrn;
@@ -14,6 +15,7 @@ pub mod mixing;
 pub mod moments;
 pub mod mvn;
 pub mod rms;
+pub mod whiten;
 
 pub use batch::{batch_norm, BatchNormOutput, BatchNormParams, MomentumConvention};
 pub use common::GroupStats;

@@ -13,6 +13,7 @@ mod lp;
 mod lrn;
 pub mod mixing;
 mod mvn;
+mod whiten;
 
 use pyo3::prelude::*;
 
@@ -108,6 +109,12 @@ fn _rsnorm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(mvn::_mean_variance_norm_backward, m)?)?;
     m.add_function(wrap_pyfunction!(lp::normalize, m)?)?;
     m.add_function(wrap_pyfunction!(lp::_normalize_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(whiten::covariance_moments, m)?)?;
+    m.add_function(wrap_pyfunction!(whiten::whitening_matrix, m)?)?;
+    m.add_function(wrap_pyfunction!(whiten::group_whiten_apply, m)?)?;
+    m.add_function(wrap_pyfunction!(whiten::iter_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(whiten::group_cross_moments, m)?)?;
+    m.add_function(wrap_pyfunction!(whiten::group_whiten_apply2, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;

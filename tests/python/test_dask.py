@@ -133,6 +133,14 @@ def test_batch_norm_channels_last_and_2d(rng, scheduler):
     close(y.compute(), rn.batch_norm(t, training=True))
 
 
+def test_batch_norm_empty_batch():
+    rm, rv, nbt = np.zeros(3), np.ones(3), np.array(2, np.int64)
+    y = rd.batch_norm(da.zeros((0, 3, 4), chunks=(1, 2, 4)), rm, rv, training=True,
+                      num_batches_tracked=nbt)
+    assert y.compute().shape == (0, 3, 4)
+    assert not rm.any() and np.array_equal(rv, np.ones(3)) and int(nbt) == 2
+
+
 def test_batch_norm_momentum_none_and_onnx(rng):
     x = data(rng)
     xd = da.from_array(x, chunks=CHUNKINGS["all"])
@@ -340,6 +348,12 @@ def test_errors(rng):
         rd.layer_norm(xd, (4, 5))
     with pytest.raises(ValueError, match="ddof"):
         rd.standardize(xd, ddof=-1)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
+        rd.batch_norm(xd, training=True, momentum=1.5)
+    ro = np.zeros(6)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="running_mean is read-only"):
+        rd.batch_norm(xd, ro, np.ones(6), training=True)
     with pytest.raises(ValueError, match="compute_chunk_sizes"):
         rd.standardize(xd[xd[:, 0, 0, 0] > 0])
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import threading
 from pathlib import Path
 
@@ -195,6 +196,63 @@ def test_one_value_per_channel_raises_on_every_rank():
     assert all(not rm.any() for rm in rms)
 
 
+def test_read_only_running_stats_on_one_rank():
+    rms = [np.zeros(2) for _ in range(3)]
+    rms[1].flags.writeable = False
+
+    def rank_fn(comm):
+        return sync_batch_norm(np.ones((2, 2)) * comm.rank, rms[comm.rank], np.ones(2),
+                               training=True, comm=comm)
+
+    res = run_ranks(3, rank_fn)
+    assert isinstance(res[1], ValueError) and "running_mean is read-only" in str(res[1])
+    assert all(isinstance(r, ValueError) and "rank(s) 1" in str(r) for r in (res[0], res[2]))
+    assert not rms[0].any() and not rms[2].any()
+
+
+def test_empty_batch_on_every_rank(rng):
+    state = [(np.zeros(3), np.ones(3), np.array(2, np.int64)) for _ in range(2)]
+    dy = np.zeros((0, 3, 4))
+
+    def rank_fn(comm):
+        rm, rv, nbt = state[comm.rank]
+        x = np.zeros((0, 3, 4))
+        y, st = sync_batch_norm(x, rm, rv, np.ones(3), np.zeros(3), True, comm=comm,
+                                return_stats=True, num_batches_tracked=nbt)
+        g = sync_batch_norm_backward(dy, x, np.ones(3), np.zeros(3), stats=st, comm=comm)
+        return y, st, g
+
+    for (y, st, g), (rm, rv, nbt) in zip(run_ranks(2, rank_fn), state):
+        assert y.shape == (0, 3, 4) and g.x.shape == (0, 3, 4)
+        assert np.isnan(st.mean).all()
+        assert np.array_equal(g.weight, np.zeros(3)) and np.array_equal(g.bias, np.zeros(3))
+        assert not rm.any() and np.array_equal(rv, np.ones(3)) and int(nbt) == 2
+
+
+def test_nan_stays_in_its_channel(rng):
+    xg = rng.standard_normal((6, 3, 4))
+    clean = xg.copy()
+    xg[4, 1, 2] = np.nan  # on rank 1
+    counts = [3, 3]
+    sl = slices(counts)
+    state = [(np.zeros(3), np.ones(3)) for _ in counts]
+
+    def run(data):
+        def rank_fn(comm):
+            rm, rv = state[comm.rank]
+            rm[:], rv[:] = 0, 1
+            return sync_batch_norm(data[sl[comm.rank]], rm, rv, training=True, comm=comm)
+        return run_ranks(2, rank_fn)
+
+    want = np.concatenate(run(clean))
+    got = np.concatenate(run(xg))
+    assert np.isnan(got[:, 1]).all()
+    np.testing.assert_array_equal(got[:, [0, 2]], want[:, [0, 2]])
+    for rm, rv in state:
+        assert np.isnan(rm[1]) and np.isnan(rv[1])
+        assert np.isfinite(rm[[0, 2]]).all() and np.isfinite(rv[[0, 2]]).all()
+
+
 def test_error_on_one_rank_reaches_all_ranks():
     def rank_fn(comm):
         x = np.ones((3, 2), dtype=np.int64 if comm.rank == 2 else F64)
@@ -212,9 +270,13 @@ def test_bad_parameters():
     assert isinstance(err, ValueError) and "weight" in str(err) and "(2,)" in str(err)
     with pytest.raises(ValueError, match="together"):
         sync_batch_norm(np.ones((3, 2)), np.zeros(2), None, training=True, comm=object())
-    with pytest.raises(ValueError, match="num_batches_tracked"):
-        sync_batch_norm(np.ones((3, 2)), np.zeros(2), np.ones(2), training=True, momentum=None,
-                        comm=object())
+    (err,) = run_ranks(1, lambda c: sync_batch_norm(np.ones((3, 2)), np.zeros(2), np.ones(2),
+                                                     training=True, momentum=None, comm=c))
+    assert isinstance(err, ValueError) and "num_batches_tracked" in str(err)
+    for m in (float("nan"), 1.5, -0.1):
+        (err,) = run_ranks(1, lambda c, m=m: sync_batch_norm(np.ones((3, 2)), training=True,
+                                                             momentum=m, comm=c))
+        assert isinstance(err, ValueError) and "momentum must be in [0, 1]" in str(err)
     with pytest.raises(ValueError, match="eps"):
         sync_batch_norm(np.ones((3, 2)), training=True, eps=-1.0, comm=object())
     with pytest.raises(ValueError, match="param_grads"):
@@ -336,9 +398,10 @@ def test_convert_sync_batchnorm():
 def _mpiexec():
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py is not installed (pip install 'rsnorm[distributed]': mpi4py mpich)")
-    exe = shutil.which("mpiexec")
+    # The mpich wheel installs mpiexec beside the interpreter's scripts, which may not be on PATH.
+    exe = shutil.which("mpiexec") or shutil.which("mpiexec", path=sysconfig.get_path("scripts"))
     if exe is None:
-        pytest.skip("mpiexec is not on PATH (pip install mpich provides it)")
+        pytest.skip("mpiexec is not installed (pip install mpich provides it)")
     return exe
 
 

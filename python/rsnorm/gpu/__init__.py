@@ -23,8 +23,19 @@ Device and arrays
 
 The adapter is wgpu's high-performance choice; set ``RSNORM_GPU_ADAPTER`` to a substring of an
 adapter's name (e.g. ``nvidia``) to pick one. No adapter (or no wgpu) -> ``RuntimeError`` with
-an explanation. A lost device is replaced on
-the next call; arrays of the lost device then raise ``RuntimeError`` ("upload again").
+an explanation. A lost device is replaced on the next call; arrays of the lost device then raise
+``RuntimeError`` ("upload again").
+
+Example::
+
+    import numpy as np
+    from rsnorm import gpu
+
+    x = np.random.default_rng(0).standard_normal((32, 64, 56, 56), dtype=np.float32)
+    y = gpu.batch_norm(x, training=True)             # NumPy in, NumPy out
+    xd = gpu.asarray(x)                              # or keep the data on the device:
+    h = gpu.group_norm(gpu.layer_norm(xd, (56, 56)), 8)
+    h.numpy()                                        # the only readback
 
 Ops
 ---
@@ -88,8 +99,9 @@ mean like 1e4 (0.5 ulp = 5e-4) never reaches the output. Groups of up to 4 chunk
 rows up to 16384, most group/instance/FRN groups) are normalized by one fused kernel (x read
 from memory once, y written once), groups of up to 16 elements by one invocation each; longer
 groups take a statistics pass and an apply pass. All three give the same bits. Channels-last
-reductions (batch norm over NHWC, layer-norm parameter gradients) use column kernels in which
-consecutive invocations read consecutive channels (coalesced), 256 rows per partial.
+per-channel reductions (batch and instance norm over NHWC, layer-norm parameter gradients) use
+column kernels instead, in which consecutive invocations read consecutive channels (coalesced),
+256 rows per partial.
 The reduction order depends only on the group length, so results are bitwise identical run to
 run and whether or not an input is split across bindings. Values are scaled by a power of two
 when |x| >= 2^47, so statistics of data up to 3.4e38 stay finite. A NaN or infinity makes its
@@ -112,14 +124,23 @@ Benchmark
 kernel time from timestamp queries, wall time, NumPy round trip, GB/s against a same-run buffer
 copy and nominal HBM, and PyTorch CUDA on the same device when installed.
 
+Threads and processes
+---------------------
+Ops may be called from several threads; GPU work is serialized on one lock (wgpu-native aborts
+when threads encode at once). wgpu does not survive ``fork()``: in a child forked after the
+parent used the GPU, calls raise ``RuntimeError`` (use the ``spawn`` start method). A call is not
+interrupted by Ctrl-C while it waits for the GPU (as NumPy ufuncs are not); the interrupt is
+raised when it returns.
+
 Large inputs
 ------------
 Inputs larger than one storage binding (``max-storage-buffer-binding-size``, 128 MiB by default)
 are processed in windows bound at aligned offsets, split on reduction-chunk and row boundaries
-(bitwise equal to an unsplit run); outputs are recycled buffers (see ``empty_cache``); more than 65 535 workgroups use a 2-D grid or a grid-stride
-loop. Limits: fewer than 2^32 - 2^26 elements (32-bit indices), one array within the device's
-``max-buffer-size``; LRN and GDN need one sample slice x[o] (all channels of one outer index) to fit
-in one binding, and a channels-last reduction needs 256 rows of C channels to fit in one binding.
+(bitwise equal to an unsplit run); more than 65 535 workgroups use a 2-D grid or a grid-stride
+loop. Outputs are recycled buffers (see ``empty_cache``). Limits: fewer than 2^32 - 2^26
+elements (32-bit indices), one array within the device's ``max-buffer-size``; LRN and GDN need
+one slice x[o] (all channels of one outer index) to fit in one binding, and a channels-last
+reduction needs 256 rows of C channels to fit in one binding.
 """
 
 from __future__ import annotations

@@ -26,13 +26,25 @@ def value_error(msg: str) -> Exception:
     return _error_class()(msg)
 
 
+def shape_error(msg: str) -> Exception:
+    """``rsnorm.ShapeError`` (a ``RsnormError``, so a ``ValueError``) for shape mismatches, as
+    the CPU path raises."""
+    try:
+        import rsnorm
+
+        cls = getattr(rsnorm, "ShapeError", None)
+    except ImportError:  # pragma: no cover
+        cls = None
+    return (cls or _error_class())(msg)
+
+
 class GPUArray:
     """A C-contiguous float32/float16 array in one wgpu storage buffer.
 
     ``shape``, ``dtype``, ``size``, ``ndim``, ``nbytes``, ``numpy()`` (read back to the host) and
-    ``reshape``. Arrays made by :func:`asarray` or returned by GPU ops stay on the device, so a chain
-    of ops makes no round trips. On adapters without ``shader-f16`` a float16 array is stored as
-    float32 (``dtype`` stays float16; ``numpy()`` rounds to float16).
+    ``reshape``. Arrays made by :func:`asarray` or returned by GPU ops stay on the device, so a
+    chain of ops makes no round trips. On adapters without ``shader-f16`` a float16 array is
+    stored as float32 (``dtype`` stays float16; ``numpy()`` rounds to float16).
     """
 
     __slots__ = ("__weakref__", "_dtype", "_gen", "_owner", "_shape", "_storage")
@@ -102,7 +114,7 @@ class GPUArray:
             rest = math.prod(s for s in shape if s != -1)
             shape[shape.index(-1)] = self.size // rest if rest else 0
         if math.prod(shape) != self.size:
-            raise value_error(f"cannot reshape a device array of shape {self._shape} into {shape}")
+            raise shape_error(f"cannot reshape a device array of shape {self._shape} into {shape}")
         return GPUArray(self._owner, shape, self._dtype, self._storage, self._gen)
 
     def __len__(self) -> int:
@@ -154,10 +166,8 @@ def asarray(a, dtype=None) -> GPUArray:
 def _upload_checked(ctx, arr: np.ndarray) -> GPUArray:
     storage = storage_for(ctx, arr.dtype)
     host = np.ascontiguousarray(arr, dtype=np.float16 if storage == "f16" else np.float32)
-    buf = _device.upload(ctx, host)
-    nb = _device._bucket(host.nbytes)
-    owner = _device.Block(buf, ctx.generation, nb) if buf.size == nb else buf
-    return GPUArray(owner, arr.shape, arr.dtype.newbyteorder("="), storage, ctx.generation)
+    block = _device.upload_block(ctx, host)
+    return GPUArray(block, arr.shape, arr.dtype.newbyteorder("="), storage, ctx.generation)
 
 
 def empty(ctx, shape, dtype, storage=None) -> GPUArray:

@@ -7,7 +7,10 @@ With ``g = dy * weight`` and ``xhat = (x - mean) * rstd`` per normalization grou
     dx      = g * rstd                                              (BN eval: an affine map)
     dweight = sum over all but the channel/feature axes of dy * xhat;  dbias = sum of dy
 
-All sums are float32 workgroup trees in a fixed order (bitwise reproducible).
+All sums are float32 workgroup trees in a fixed order (bitwise reproducible). For groups the
+fused forward kernel takes (up to 4 chunks), the group sums and dx come from one kernel
+(grad_fused.wgsl) with the same bits as the separate passes; dweight/dbias are column sums
+(coalesced column kernels for layer norm and channels-last layouts).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _device
-from ._array import GPUArray, asarray, value_error
+from ._array import GPUArray, asarray, shape_error, value_error
 from ._engine import (
     Data,
     check_eps,
@@ -26,6 +29,7 @@ from ._engine import (
     check_x,
     collect,
     grad_apply_pass,
+    grad_fused_pass,
     map_channels,
     map_grouped,
     map_rows,
@@ -37,6 +41,7 @@ from ._engine import (
     running_stats_pass,
     stats_pass,
     sum_pass,
+    use_fused,
 )
 from ._ops import _grouped_dims, _prod, _rows, _run, rms_eps
 
@@ -55,7 +60,7 @@ def _prep(grad_y, x):
     if check_x(grad_y, "grad_y") != host:
         raise TypeError("grad_y and x must both be NumPy arrays or both device arrays")
     if tuple(grad_y.shape) != tuple(x.shape):
-        raise value_error(
+        raise shape_error(
             f"grad_y must have the shape of x {tuple(x.shape)}, got {tuple(grad_y.shape)}")
     if np.dtype(grad_y.dtype) != np.dtype(x.dtype):
         raise TypeError(f"grad_y has dtype {grad_y.dtype} but x has dtype {x.dtype}")
@@ -133,15 +138,18 @@ def _rowwise_backward(grad_y, x, normalized_shape, weight, bias, eps, stats, rms
             mean = lo = None
         wb = param_buffer(ctx, weight)
         gmap = map_rows(F)
-        sums, _, _ = sum_pass(enc, data, dy, red_rows(R, F), gmap, mean, rstd, wb, not rms,
-                              lo=lo)
+        red = red_rows(R, F)
         gw = gb = None
         if weight is not None or bias is not None:
             # Column sums over the rows: the (R, F, 1) view reduced per "channel" = feature.
             _, gw, gb = sum_pass(enc, data, dy, red_channels(R, F, 1), gmap, mean, rstd, None,
                                  not rms, grads_shape=(F,), lo=lo)
         dx = data.like()
-        grad_apply_pass(enc, data, dy, dx, gmap, mean, rstd, sums, wb, int(rms), F, lo=lo)
+        if use_fused(red):
+            grad_fused_pass(enc, data, dy, dx, red, gmap, mean, rstd, wb, not rms, F, lo=lo)
+        else:
+            sums, _, _ = sum_pass(enc, data, dy, red, gmap, mean, rstd, wb, not rms, lo=lo)
+            grad_apply_pass(enc, data, dy, dx, gmap, mean, rstd, sums, wb, int(rms), F, lo=lo)
         enc.submit()
         return _result(ctx, host, dx, gw, gb, weight, bias, ns)
 
@@ -166,7 +174,7 @@ def group_norm_backward(grad_y, x, num_groups, weight=None, bias=None, eps=1e-5,
     """Gradients of :func:`rsnorm.gpu.group_norm`: ``Grads(x, weight, bias)``."""
     host = _prep(grad_y, x)
     if x.ndim < 2:
-        raise value_error(f"group_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
+        raise shape_error(f"group_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
     N, S1, C, I = _grouped_dims(x, ax)
     if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool):
@@ -196,14 +204,17 @@ def group_norm_backward(grad_y, x, num_groups, weight=None, bias=None, eps=1e-5,
             mean, rstd = _stats_arrays(ctx, stats, True)
         wb = param_buffer(ctx, weight)
         gmap = map_grouped(S1, C, I, G)
-        sums, _, _ = sum_pass(enc, data, dy, red, gmap, mean, rstd, wb, True, lo=lo)
         gw = gb = None
         if weight is not None or bias is not None:
             _, gw, gb = sum_pass(enc, data, dy, red_channels(N * S1, C, I), gmap, mean, rstd,
                                  None, True, grads_shape=(C,), lo=lo)
         dx = data.like()
-        grad_apply_pass(enc, data, dy, dx, gmap, mean, rstd, sums, wb, 0, S1 * (C // G) * I,
-                        lo=lo)
+        n = S1 * (C // G) * I
+        if use_fused(red):
+            grad_fused_pass(enc, data, dy, dx, red, gmap, mean, rstd, wb, True, n, lo=lo)
+        else:
+            sums, _, _ = sum_pass(enc, data, dy, red, gmap, mean, rstd, wb, True, lo=lo)
+            grad_apply_pass(enc, data, dy, dx, gmap, mean, rstd, sums, wb, 0, n, lo=lo)
         enc.submit()
         return _result(ctx, host, dx, gw, gb, weight, bias, (C,))
 
@@ -220,7 +231,7 @@ def batch_norm_backward(grad_y, x, running_mean=None, running_var=None, weight=N
     del momentum, momentum_convention, num_batches_tracked
     host = _prep(grad_y, x)
     if x.ndim < 2:
-        raise value_error(f"batch_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
+        raise shape_error(f"batch_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
     C = int(x.shape[ax])
     O = _prod(x.shape[:ax])

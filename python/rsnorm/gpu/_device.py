@@ -5,7 +5,8 @@ wgpu is imported lazily here, never at ``import rsnorm``. The device is wgpu-py'
 device (configured before creation with ``shader-f16`` and ``timestamp-query`` when the adapter
 has them, and with the adapter's binding and buffer size limits), so rsnorm cooperates with other
 wgpu users in the process. After a device loss a fresh device is requested from the adapter on the
-next call; device arrays of the lost device then raise ``RuntimeError``.
+next call; device arrays of the lost device then raise ``RuntimeError``. All GPU work holds one
+lock (wgpu-native aborts when several threads encode at once).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import numpy as np
 
 from .shaders import shader_source
 
-# Bytes per uniform/storage binding kind: "u" uniform, "r" read-only storage, "w" storage.
-# One entry per shader, in binding order (must match the shader header comments).
+# Bind-group layout of each shader, one letter per binding in order: "u" uniform, "r" read-only
+# storage, "w" read-write storage (checked against the shader headers and declarations by
+# test_gpu.py::test_every_shader_compiles_and_headers_match_layouts).
 BINDINGS = {
     "stats_partial": "urw",
     "stats_finalize": "urwwwww",
@@ -34,6 +36,7 @@ BINDINGS = {
     "sum_partial": "urrrrrwr",
     "sum_finalize": "urwww",
     "grad_apply": "urrwrrrrr",
+    "grad_fused": "urrwrrrr",
     "col_stats": "urw",
     "col_sums": "urrrrrwr",
     "lrn": "urw",
@@ -159,10 +162,14 @@ def _create() -> Context:
     wgpu = _wgpu()
     device = None
     adapter = None
+    wdev = None
     if not _configured and not _lost:
         _configured = True
-        from wgpu.utils import device as wdev
-
+        try:
+            from wgpu.utils import device as wdev
+        except ImportError:  # an older wgpu-py without the shared-device helpers
+            wdev = None
+    if wdev is not None and hasattr(wdev, "preconfigure_default_device"):
         adapter = _request_adapter(wgpu)
         feats, limits = _wanted(adapter)
         try:
@@ -179,12 +186,16 @@ def _create() -> Context:
             raise RuntimeError(f"{_NO_ADAPTER} ({type(exc).__name__}: {exc})") from exc
         adapter = getattr(device, "adapter", adapter)
     else:
-        # After a loss the default device is dead: ask the adapter for a fresh one.
+        # After a loss the default device is dead (and older wgpu-py cannot preconfigure it):
+        # ask the adapter for a device of our own.
         adapter = _request_adapter(wgpu)
         feats, limits = _wanted(adapter)
-        device = adapter.request_device_sync(
-            required_features=sorted(feats), required_limits=limits, label="rsnorm.gpu"
-        )
+        try:
+            device = adapter.request_device_sync(
+                required_features=sorted(feats), required_limits=limits, label="rsnorm.gpu"
+            )
+        except Exception as exc:
+            raise RuntimeError(f"{_NO_ADAPTER} ({type(exc).__name__}: {exc})") from exc
     _generation += 1
     _lost = False
     _pool.clear()
@@ -201,12 +212,22 @@ def _create() -> Context:
     return ctx
 
 
+_pid = os.getpid()
+
+
 def context() -> Context:
     """The live context, created on first use and re-created after a device loss."""
     global _ctx
+    if _ctx is not None and os.getpid() != _pid:
+        # wgpu-native's instance and threads do not survive fork(): using them in the child hangs.
+        raise RuntimeError(
+            "rsnorm.gpu was initialized in the parent of this forked process and cannot be used "
+            "here; start worker processes with the 'spawn' or 'forkserver' method"
+        )
     with _lock:
         if _ctx is None or _lost:
             _ctx = _create()
+            globals()["_pid"] = os.getpid()
         return _ctx
 
 
@@ -260,6 +281,7 @@ def new_buffer(ctx: Context, nbytes: int):
 # back to the pool when the last device array using it dies, and is reused for the next output of
 # the same size (queue order makes the reuse safe). Bounded by _POOL_CAP bytes.
 _POOL_CAP = 2 * 2**30
+_POOL_PER_SIZE = 4
 _pool: dict = {}
 _pool_bytes = 0
 
@@ -288,16 +310,17 @@ class Block:
 def _release(block: Block) -> None:
     global _pool_bytes
     buf = block.buffer
-    if buf is None:
+    if buf is None or os.getpid() != _pid:
         return
     block.buffer = None
     with _lock:
         if (_ctx is not None and not _lost and block.gen == _ctx.generation
-                and _pool_bytes + block.size <= _POOL_CAP):
+                and _pool_bytes + block.size <= _POOL_CAP
+                and len(_pool.get(block.size, ())) < _POOL_PER_SIZE):
             _pool.setdefault(block.size, []).append(buf)
             _pool_bytes += block.size
             return
-    buf.destroy()
+        buf.destroy()
 
 
 def alloc(ctx: Context, nbytes: int) -> Block:
@@ -319,8 +342,21 @@ def empty_cache() -> None:
         bufs = [b for lst in _pool.values() for b in lst]
         _pool.clear()
         _pool_bytes = 0
-    for b in bufs:
-        b.destroy()
+        for b in bufs:
+            b.destroy()
+
+
+def upload_block(ctx: Context, arr: np.ndarray) -> Block:
+    """A recycled (or new) storage buffer holding the bytes of a C-contiguous array."""
+    data = arr.tobytes()
+    if len(data) % 4:
+        data += b"\0" * (-len(data) % 4)
+    with _lock:
+        block = alloc(ctx, len(data))
+        if data:
+            COUNTERS["uploads"] += 1
+            ctx.device.queue.write_buffer(block.buffer, 0, data)
+    return block
 
 
 def upload(ctx: Context, arr: np.ndarray):
@@ -339,6 +375,11 @@ def upload(ctx: Context, arr: np.ndarray):
 
 def download(ctx: Context, items) -> list[bytes]:
     """Copy several ``(buffer, nbytes)`` into one staging buffer in one submit and map it once."""
+    with _lock:
+        return _download(ctx, items)
+
+
+def _download(ctx: Context, items) -> list[bytes]:
     wgpu = _wgpu()
     offs = []
     total = 0
@@ -447,7 +488,10 @@ class Encoder:
             entries.append({"binding": i, "resource": {"buffer": buf, "offset": off, "size": size}})
         bg = ctx.device.create_bind_group(layout=bgl, entries=entries)
         tw = _timing.next_writes() if _timing is not None else None
-        cp = self.enc.begin_compute_pass(timestamp_writes=tw) if tw else self.enc.begin_compute_pass()
+        if tw:
+            cp = self.enc.begin_compute_pass(timestamp_writes=tw)
+        else:
+            cp = self.enc.begin_compute_pass()
         cp.set_pipeline(pipe)
         cp.set_bind_group(0, bg)
         cp.dispatch_workgroups(int(grid[0]), int(grid[1]), 1)

@@ -22,7 +22,14 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _device
-from ._array import GPUArray, _upload_checked, check_dtype, empty, storage_for, value_error
+from ._array import (
+    GPUArray,
+    _upload_checked,
+    check_dtype,
+    empty,
+    shape_error,
+    value_error,
+)
 from ._device import APPLY_WG, PER, SMALL_WG, pack
 
 # Global element indices are u32 in the shaders; grid-stride loops need some headroom.
@@ -169,7 +176,7 @@ def check_param(p, shape: tuple, name: str):
     else:
         raise TypeError(f"{name} must be a NumPy array or a device array, got {type(p).__name__}")
     if tuple(p.shape) != tuple(shape):
-        raise value_error(f"{name} must have shape {tuple(shape)}, got {tuple(p.shape)}")
+        raise shape_error(f"{name} must have shape {tuple(shape)}, got {tuple(p.shape)}")
     return p
 
 
@@ -187,21 +194,22 @@ def check_out(out, x, host: bool):
     if host:
         if not isinstance(out, np.ndarray):
             raise TypeError(f"out must be a NumPy array for NumPy input, got {type(out).__name__}")
-        if out.shape != x.shape or out.dtype != x.dtype:
-            raise value_error(
-                f"out must have shape {x.shape} and dtype {x.dtype}, got {out.shape} {out.dtype}"
-            )
+        if out.shape != x.shape:
+            raise shape_error(f"out must have the input's shape {x.shape}, got {out.shape}")
+        if out.dtype != x.dtype:
+            raise TypeError(f"out must have the input's dtype {x.dtype}, got {out.dtype}")
         if not out.flags.writeable:
             raise value_error("out is read-only")
         if np.shares_memory(out, x):
             raise value_error("out overlaps the input x")
     else:
         if not isinstance(out, GPUArray):
-            raise TypeError(f"out must be a device array for device input, got {type(out).__name__}")
-        if out.shape != x.shape or out.dtype != x.dtype:
-            raise value_error(
-                f"out must have shape {x.shape} and dtype {x.dtype}, got {out.shape} {out.dtype}"
-            )
+            raise TypeError(
+                f"out must be a device array for device input, got {type(out).__name__}")
+        if out.shape != x.shape:
+            raise shape_error(f"out must have the input's shape {x.shape}, got {out.shape}")
+        if out.dtype != x.dtype:
+            raise TypeError(f"out must have the input's dtype {x.dtype}, got {out.dtype}")
         if out._buffer is x._buffer:
             raise value_error("out overlaps the input x")
     return out
@@ -487,7 +495,9 @@ def normalize(enc, data: Data, y: GPUArray, red: Reduction, gmap: GroupMap, mode
     """Normalize with statistics of the data: the fused kernel for groups of at most
     FUSED_CHUNKS chunks, else the two statistics passes and the apply pass (same bits either
     way). Returns (mean, rstd) device arrays."""
-    if red.n_chunks <= _device._overrides.get("fused_chunks", FUSED_CHUNKS):
+    # Channels-last per-channel groups (instance norm over NHWC) would have each invocation of the
+    # fused kernel read one element per row, C apart; the column kernels read whole rows instead.
+    if use_fused(red):
         return fused_pass(enc, data, y, red, gmap, mode, eps, w, b, tau)
     st = stats_pass(enc, data, red, mode, eps)
     apply_pass(enc, data, y, gmap, st.gstat, mode, w, b, tau)
@@ -505,16 +515,28 @@ def running_stats_pass(enc, ctx, rm_buf, rv_buf, C: int, eps: float):
     return GroupStats(gstat, mean, rstd, None, None)
 
 
+def apply_grid(ctx, count: int, gmap: GroupMap):
+    """(workgroups, FIXED_C) of an elementwise pass over ``count`` elements. When the groups are
+    channels, the workgroup count is made a multiple of the channel period I * C / gcd(I * C, WG)
+    so that every invocation stays on one channel (no integer division per element)."""
+    want = min(math.ceil(count / APPLY_WG), ctx.max_wg)
+    if gmap.mode == 0 and _device._overrides.get("fixed_c", True):
+        period = gmap.I * gmap.C // math.gcd(gmap.I * gmap.C, APPLY_WG)
+        if period <= ctx.max_wg:
+            return max(want // period, 1) * period, 1
+    return max(want, 1), 0
+
+
 def apply_pass(enc, data: Data, y: GPUArray, gmap: GroupMap, gstat, mode: int,
                w=None, b=None, tau=None):
     ctx = data.ctx
     d = ctx.dummy
-    consts = {"WG": APPLY_WG, "MODE": mode, "HAS_W": int(w is not None),
-              "HAS_B": int(b is not None), "HAS_TAU": int(tau is not None)}
     for first, count, ws, off, size in _device.element_windows(ctx, data.size, data.itemsize):
         params = pack([(first, "u"), (count, "u"), (ws, "u"), *gmap.fields(),
                        (0, "u"), (0, "u"), (0, "u")])
-        nwg = min(math.ceil(count / APPLY_WG), ctx.max_wg)
+        nwg, fixed = apply_grid(ctx, count, gmap)
+        consts = {"WG": APPLY_WG, "MODE": mode, "HAS_W": int(w is not None), "FIXED_C": fixed,
+                  "HAS_B": int(b is not None), "HAS_TAU": int(tau is not None)}
         enc.dispatch("norm_apply", data.storage, consts, params,
                      [(data.buffer, off, size), (y._buffer, off, size), gstat or d, w or d,
                       b or d, tau or d], (nwg, 1))
@@ -566,16 +588,46 @@ def sum_pass(enc, data: Data, dy: Data, red: Reduction, gmap: GroupMap, mean, rs
     return sums, gw, gb
 
 
+def use_fused(red: Reduction) -> bool:
+    """Whether the fused kernels take this reduction (see ``normalize``)."""
+    col = column_shape(red) if _device._overrides.get("columns", True) else None
+    strided = col is not None and col[2] > 1 and red.length > PER
+    return not strided and red.n_chunks <= _device._overrides.get("fused_chunks", FUSED_CHUNKS)
+
+
+def grad_fused_pass(enc, data: Data, dy: Data, dx: GPUArray, red: Reduction, gmap: GroupMap,
+                    mean, rstd, w, center: bool, n: int, lo=None):
+    """dx of layer/RMS/group norm in one kernel per group (bitwise equal to sum_pass +
+    grad_apply_pass)."""
+    ctx = data.ctx
+    d = ctx.dummy
+    isz = data.itemsize
+    consts = {"WG": red.wg, "USE_W": int(w is not None), "CENTER": int(center),
+              "HAS_LO": int(lo is not None)}
+    for q0, q1, _, _, wlo, whi in plan_blocks(ctx, red, isz):
+        off, size = _window(ctx, wlo, whi, isz)
+        params = pack([
+            (red.n_g, "u"), (red.outer_stride, "u"), (red.g_stride, "u"), (red.run_len, "u"),
+            (red.run_stride, "u"), (red.length, "u"), (q0, "u"), (q1 - q0, "u"),
+            (off // isz, "u"), (gmap.I, "u"), (gmap.C, "u"), (red.n_chunks, "u"),
+            (float(n), "f"), (0, "u"), (0, "u"), (0, "u"),
+        ])
+        enc.dispatch("grad_fused", data.storage, consts, params,
+                     [(data.buffer, off, size), (dy.buffer, off, size), (dx._buffer, off, size),
+                      mean._buffer if mean is not None else d, rstd._buffer, w or d,
+                      lo._buffer if lo is not None else d], _device.grid2d(ctx, q1 - q0))
+
+
 def grad_apply_pass(enc, data: Data, dy: Data, dx: GPUArray, gmap: GroupMap, mean, rstd, sums,
                     w, mode: int, n: int, w_on_sums: bool = False, lo=None):
     ctx = data.ctx
     d = ctx.dummy
-    consts = {"WG": APPLY_WG, "MODE": mode, "HAS_W": int(w is not None),
-              "W_ON_SUMS": int(w_on_sums), "HAS_LO": int(lo is not None)}
     for first, count, ws, off, size in _device.element_windows(ctx, data.size, data.itemsize):
         params = pack([(first, "u"), (count, "u"), (ws, "u"), *gmap.fields(), (float(n), "f"),
                        (0, "u"), (0, "u")])
-        nwg = min(math.ceil(count / APPLY_WG), ctx.max_wg)
+        nwg, fixed = apply_grid(ctx, count, gmap)
+        consts = {"WG": APPLY_WG, "MODE": mode, "HAS_W": int(w is not None), "FIXED_C": fixed,
+                  "W_ON_SUMS": int(w_on_sums), "HAS_LO": int(lo is not None)}
         enc.dispatch("grad_apply", data.storage, consts, params,
                      [(data.buffer, off, size), (dy.buffer, off, size), (dx._buffer, off, size),
                       mean._buffer if mean is not None else d, rstd._buffer, sums or d, w or d,
@@ -594,10 +646,6 @@ def gstat_host(raw: bytes, n_groups: int):
     return rec["n"].astype(np.int64), mean, m2
 
 
-def is_host_like(*args) -> bool:
-    return any(isinstance(a, np.ndarray) for a in args)
-
-
 __all__ = [
     "Data",
     "GroupMap",
@@ -610,12 +658,15 @@ __all__ = [
     "check_x",
     "collect",
     "f32_array",
+    "fused_pass",
     "grad_apply_pass",
+    "grad_fused_pass",
     "gstat_host",
     "map_channels",
     "map_grouped",
     "map_rows",
     "norm_axis",
+    "normalize",
     "param_buffer",
     "plan_blocks",
     "red_channels",
@@ -623,6 +674,6 @@ __all__ = [
     "red_rows",
     "running_stats_pass",
     "stats_pass",
-    "storage_for",
     "sum_pass",
+    "use_fused",
 ]
