@@ -101,6 +101,14 @@ pub fn affine<T: Scalar>(x: T, m: f64, a: f64, b: f64) -> T {
     T::from_f64((x.to_f64() - m) * a + b)
 }
 
+/// acc[k] += f(row[k], k) for every k: one row of a channels-last block.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+pub fn accumulate_row<T: Scalar, F: Fn(f64, usize) -> f64>(acc: &mut [f64], row: &[T], f: F) {
+    for (k, (a, x)) in acc.iter_mut().zip(row).enumerate() {
+        *a += f(x.to_f64(), k);
+    }
+}
+
 /// y = (x − m)·a + b over slices; `w`, `bias` (if given) make a and b per element:
 /// a_j = a·w_j, b_j = bias_j. One loop per combination, so each vectorizes.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
