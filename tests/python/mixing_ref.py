@@ -182,3 +182,9 @@ def check_threads(rn, fn, x):
         if u is not None:
             assert_bitwise(u, v)
             assert_bitwise(u, w)
+
+
+def max_ulp(got, want):
+    """Largest error of float32 `got` against the float64 `want`, in float32 ulps."""
+    want32 = np.abs(want).astype(np.float32)
+    return float((np.abs(got.astype(np.float64) - want) / np.spacing(want32)).max())

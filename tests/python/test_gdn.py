@@ -217,3 +217,13 @@ def test_backward_dtypes(rng, dtype):
     for a, b in zip(got, want):
         assert a.dtype == dtype
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+def test_float32_correctly_rounded(rng):
+    # f64 GEMM inside: the float32 output is the float64 result rounded once (<= 0.5 ulp + the
+    # reference's own rounding), even with 192 channels.
+    x = (rng.standard_normal((2, 192, 6, 6)) * 3).astype(np.float32)
+    beta, gamma = _params(rng, 192)
+    for variant, inverse in VARIANTS:
+        y = rn.gdn(x, beta, gamma, inverse=inverse, variant=variant)
+        assert ref.max_ulp(y, ref.gdn(x, beta, gamma, inverse, variant)) <= 0.501

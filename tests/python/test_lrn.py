@@ -185,3 +185,10 @@ def test_backward_dtypes(rng, dtype):
     assert got.dtype == dtype
     np.testing.assert_allclose(got, want, rtol=5e-3 if dtype == np.float16 else 1e-5,
                                atol=5e-3 if dtype == np.float16 else 1e-6)
+
+
+def test_float32_correctly_rounded(rng):
+    x = (rng.standard_normal((2, 96, 5, 5)) * 4).astype(np.float32)
+    for size in (2, 5, 13):
+        y = rn.local_response_norm(x, size, alpha=0.9, beta=0.75, k=1.0)
+        assert ref.max_ulp(y, ref.lrn(x, size, alpha=0.9)) <= 0.501
