@@ -186,8 +186,44 @@ impl Windows {
         Self { b, plan }
     }
 
-    /// Row-wise over `len` positions of channel-major buffers (leading dimension `ld`).
+    /// Row-wise over `len` positions of channel-major buffers (leading dimension `ld`); AVX2
+    /// where the CPU has it (additions only: the same bits either way).
     fn sums(
+        &self,
+        v: &[f64],
+        len: usize,
+        ld: usize,
+        pre: &mut [f64],
+        suf: &mut [f64],
+        out: &mut [f64],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 was just detected.
+            unsafe { self.sums_avx2(v, len, ld, pre, suf, out) };
+            return;
+        }
+        self.sums_impl(v, len, ld, pre, suf, out);
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn sums_avx2(
+        &self,
+        v: &[f64],
+        len: usize,
+        ld: usize,
+        pre: &mut [f64],
+        suf: &mut [f64],
+        out: &mut [f64],
+    ) {
+        self.sums_impl(v, len, ld, pre, suf, out);
+    }
+
+    #[inline(always)]
+    fn sums_impl(
         &self,
         v: &[f64],
         len: usize,

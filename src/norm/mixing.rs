@@ -103,11 +103,49 @@ fn uniform_step(offs: &[isize]) -> Option<isize> {
     offs.windows(2).all(|w| w[1] - w[0] == d).then_some(d)
 }
 
-/// Channel-major gather: buf[k·ld + j] = x[offs[j] + k·sc].
+/// Channel-major gather: buf[k·ld + j] = x[offs[j] + k·sc]; AVX2 where the CPU has it (exact
+/// conversions to f64: the same values either way).
 ///
 /// # Safety
 /// Every offset (plus k·sc, k < C) must address an element of the view `ptr` came from.
 unsafe fn gather<T: Scalar>(
+    ptr: *const T,
+    c: usize,
+    sc: isize,
+    offs: &[isize],
+    ld: usize,
+    buf: &mut [f64],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was just detected; the rest is forwarded from the caller.
+        unsafe { gather_avx2(ptr, c, sc, offs, ld, buf) };
+        return;
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { gather_impl(ptr, c, sc, offs, ld, buf) };
+}
+
+/// # Safety
+/// As [`gather`], and the CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gather_avx2<T: Scalar>(
+    ptr: *const T,
+    c: usize,
+    sc: isize,
+    offs: &[isize],
+    ld: usize,
+    buf: &mut [f64],
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { gather_impl(ptr, c, sc, offs, ld, buf) };
+}
+
+/// # Safety
+/// As [`gather`].
+#[inline(always)]
+unsafe fn gather_impl<T: Scalar>(
     ptr: *const T,
     c: usize,
     sc: isize,
@@ -148,11 +186,49 @@ unsafe fn gather<T: Scalar>(
     }
 }
 
-/// Channel-major scatter: y[offs[j] + k·sc] = buf[k·ld + j], rounded once to T.
+/// Channel-major scatter: y[offs[j] + k·sc] = buf[k·ld + j], rounded once to T; AVX2 where
+/// the CPU has it (rounding to nearest either way: the same bits).
 ///
 /// # Safety
 /// As [`gather`], and no other thread touches these elements.
 unsafe fn scatter<T: Scalar>(
+    ptr: *mut T,
+    c: usize,
+    sc: isize,
+    offs: &[isize],
+    ld: usize,
+    buf: &[f64],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was just detected; the rest is forwarded from the caller.
+        unsafe { scatter_avx2(ptr, c, sc, offs, ld, buf) };
+        return;
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { scatter_impl(ptr, c, sc, offs, ld, buf) };
+}
+
+/// # Safety
+/// As [`scatter`], and the CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn scatter_avx2<T: Scalar>(
+    ptr: *mut T,
+    c: usize,
+    sc: isize,
+    offs: &[isize],
+    ld: usize,
+    buf: &[f64],
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { scatter_impl(ptr, c, sc, offs, ld, buf) };
+}
+
+/// # Safety
+/// As [`scatter`].
+#[inline(always)]
+unsafe fn scatter_impl<T: Scalar>(
     ptr: *mut T,
     c: usize,
     sc: isize,
