@@ -688,6 +688,42 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_gather_scatter_are_bitwise_the_baseline() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let vals: Vec<half::f16> = (0..240)
+            .map(|i| half::f16::from_f64((i as f64 * 0.37).sin() * 100.0))
+            .collect();
+        let (c, ld) = (6, 40);
+        for (sc, offs) in [
+            (1isize, (0..40).map(|j| j * 6).collect::<Vec<isize>>()),
+            (40, (0..40).collect()),
+        ] {
+            let (mut a, mut b) = (vec![0.0; c * ld], vec![0.0; c * ld]);
+            // SAFETY: every offset + k·sc < 240; AVX2 was detected.
+            unsafe {
+                gather_impl(vals.as_ptr(), c, sc, &offs, ld, &mut a);
+                gather_avx2(vals.as_ptr(), c, sc, &offs, ld, &mut b);
+            }
+            assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+            let src: Vec<f64> = a.iter().map(|v| v * 1.000_123_4).collect();
+            let (mut ya, mut yb) = (vec![half::f16::ZERO; 240], vec![half::f16::ZERO; 240]);
+            let (mut fa, mut fb) = (vec![0.0f32; 240], vec![0.0f32; 240]);
+            // SAFETY: as above, on output buffers of the same size.
+            unsafe {
+                scatter_impl(ya.as_mut_ptr(), c, sc, &offs, ld, &src);
+                scatter_avx2(yb.as_mut_ptr(), c, sc, &offs, ld, &src);
+                scatter_impl(fa.as_mut_ptr(), c, sc, &offs, ld, &src);
+                scatter_avx2(fb.as_mut_ptr(), c, sc, &offs, ld, &src);
+            }
+            assert!(ya.iter().zip(&yb).all(|(p, q)| p.to_bits() == q.to_bits()));
+            assert!(fa.iter().zip(&fb).all(|(p, q)| p.to_bits() == q.to_bits()));
+        }
+    }
+
+    #[test]
     fn cursor_walks_logical_order() {
         let a = Array::from_shape_vec((3, 4, 5).f(), (0..60).map(|v| v as f64).collect())
             .unwrap()
