@@ -19,7 +19,7 @@
 //! ∂γ and ∂β are per-task partials (tasks cut from the shape alone) merged in task order.
 
 use super::common::{bytes_of, check_out};
-use super::mixing::{check_same_shape, for_tiles, tile_len, zip_apply};
+use super::mixing::{check_same_shape, for_tiles, tile_len, zip3_apply, zip_apply};
 use crate::channel::{check_channel_param, ChannelView};
 use crate::error::{fmt_shape, NormError, Result};
 use crate::pool;
@@ -71,28 +71,6 @@ fn check<T: Scalar>(cv: &ChannelView<'_, T>, p: &GdnParams<'_>, shape: &[usize])
         )));
     }
     Ok(())
-}
-
-/// The factor y/x as a function of D.
-#[inline(always)]
-fn factor(v: GdnVariant, inverse: bool, d: f64) -> f64 {
-    match (v, inverse) {
-        (GdnVariant::Gdn, false) => 1.0 / d.sqrt(),
-        (GdnVariant::Gdn, true) => d.sqrt(),
-        (GdnVariant::Gdn1, false) => 1.0 / d,
-        (GdnVariant::Gdn1, true) => d,
-    }
-}
-
-/// ∂(y/x)/∂D.
-#[inline(always)]
-fn dfactor(v: GdnVariant, inverse: bool, d: f64) -> f64 {
-    match (v, inverse) {
-        (GdnVariant::Gdn, false) => -0.5 / (d * d.sqrt()),
-        (GdnVariant::Gdn, true) => 0.5 / d.sqrt(),
-        (GdnVariant::Gdn1, false) => -1.0 / (d * d),
-        (GdnVariant::Gdn1, true) => 1.0,
-    }
 }
 
 /// ∂u/∂x.
@@ -249,17 +227,22 @@ pub fn gdn_backward<T: Scalar>(
             let mut q = vec![0.0f64; c * ld];
             for k in 0..c {
                 let r = k * ld..k * ld + len;
-                let mut sum = 0.0;
-                for (((q, &d), &v), &g) in q[r.clone()]
-                    .iter_mut()
-                    .zip(&d[r.clone()])
-                    .zip(&x[r.clone()])
-                    .zip(&g[r])
-                {
-                    *q = g * v * dfactor(var, inv, d);
-                    sum += *q;
+                let qr = &mut q[r.clone()];
+                let (dr, xr, gr) = (&d[r.clone()], &x[r.clone()], &g[r]);
+                match (var, inv) {
+                    (GdnVariant::Gdn, false) => {
+                        zip3_apply(qr, dr, xr, gr, |_, d, v, g| g * v * (-0.5 / (d * d.sqrt())))
+                    }
+                    (GdnVariant::Gdn, true) => {
+                        zip3_apply(qr, dr, xr, gr, |_, d, v, g| g * v * (0.5 / d.sqrt()))
+                    }
+                    (GdnVariant::Gdn1, false) => {
+                        zip3_apply(qr, dr, xr, gr, |_, d, v, g| g * v * (-1.0 / (d * d)))
+                    }
+                    (GdnVariant::Gdn1, true) => zip3_apply(qr, dr, xr, gr, |_, _, v, g| g * v),
                 }
-                acc.0[k] += sum;
+                // ∂β in position order, whatever the vector width above.
+                acc.0[k] += qr.iter().fold(0.0, |a, &v| a + v);
             }
             // SAFETY (both calls): q, u, out hold C rows of ld ≥ len values, gamma and acc.1
             // C·C row-major; the strides describe exactly those shapes (Uᵀ and γᵀ are read
@@ -300,13 +283,21 @@ pub fn gdn_backward<T: Scalar>(
             }
             for k in 0..c {
                 let r = k * ld..k * ld + len;
-                for (((o, &v), &g), &d) in out[r.clone()]
-                    .iter_mut()
-                    .zip(&x[r.clone()])
-                    .zip(&g[r.clone()])
-                    .zip(&d[r])
-                {
-                    *o = g * factor(var, inv, d) + du(var, v) * *o;
+                let o = &mut out[r.clone()];
+                let (xr, gr, dr) = (&x[r.clone()], &g[r.clone()], &d[r]);
+                match (var, inv) {
+                    (GdnVariant::Gdn, false) => {
+                        zip3_apply(o, xr, gr, dr, |s, v, g, d| g / d.sqrt() + 2.0 * v * s)
+                    }
+                    (GdnVariant::Gdn, true) => {
+                        zip3_apply(o, xr, gr, dr, |s, v, g, d| g * d.sqrt() + 2.0 * v * s)
+                    }
+                    (GdnVariant::Gdn1, false) => {
+                        zip3_apply(o, xr, gr, dr, |s, v, g, d| g / d + du(var, v) * s)
+                    }
+                    (GdnVariant::Gdn1, true) => {
+                        zip3_apply(o, xr, gr, dr, |s, v, g, d| g * d + du(var, v) * s)
+                    }
                 }
             }
         },

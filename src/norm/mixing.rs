@@ -302,6 +302,53 @@ unsafe fn zip_apply_avx2<F: Fn(f64, f64) -> f64>(out: &mut [f64], x: &[f64], f: 
     zip_apply_base(out, x, f);
 }
 
+/// out[i] = f(out[i], a[i], b[i], c[i]); AVX2 where the CPU has it, as [`zip_apply`].
+#[inline]
+pub(crate) fn zip3_apply<F: Fn(f64, f64, f64, f64) -> f64>(
+    out: &mut [f64],
+    a: &[f64],
+    b: &[f64],
+    c: &[f64],
+    f: F,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was just detected.
+        unsafe { zip3_apply_avx2(out, a, b, c, f) };
+        return;
+    }
+    zip3_apply_base(out, a, b, c, f);
+}
+
+#[inline(always)]
+fn zip3_apply_base<F: Fn(f64, f64, f64, f64) -> f64>(
+    out: &mut [f64],
+    a: &[f64],
+    b: &[f64],
+    c: &[f64],
+    f: F,
+) {
+    let n = out.len().min(a.len()).min(b.len()).min(c.len());
+    let (out, a, b, c) = (&mut out[..n], &a[..n], &b[..n], &c[..n]);
+    for i in 0..n {
+        out[i] = f(out[i], a[i], b[i], c[i]);
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn zip3_apply_avx2<F: Fn(f64, f64, f64, f64) -> f64>(
+    out: &mut [f64],
+    a: &[f64],
+    b: &[f64],
+    c: &[f64],
+    f: F,
+) {
+    zip3_apply_base(out, a, b, c, f);
+}
+
 /// Runs `f(acc, inputs, out, len, ld)` over tiles of `tile` positions of views that share
 /// one shape, seen as positions × channels along `axis`: `inputs[i][k·ld + j]` is input i at
 /// channel k and the tile's j-th position (f64, channel-major, ld = `tile`); `f` must write
@@ -684,6 +731,11 @@ mod tests {
         zip_apply_base(&mut a, &x, f);
         // SAFETY: AVX2 was just detected.
         unsafe { zip_apply_avx2(&mut b, &x, f) };
+        assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+        let f3 = |s: f64, v: f64, g: f64, d: f64| g / d.sqrt() + 2.0 * v * s - g * v / (d * d);
+        zip3_apply_base(&mut a, &x, &d, &d, f3);
+        // SAFETY: AVX2 was just detected.
+        unsafe { zip3_apply_avx2(&mut b, &x, &d, &d, f3) };
         assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
     }
 
