@@ -63,7 +63,7 @@ def test_26_non_finite_poisons_only_its_group(op, dtype, bad):
     ref.assert_bitwise_equal(y[~m], clean[~m], f"{op}: outside the poisoned group")
     if op == "tlu":
         tau = np.linspace(-1, 1, 6)[POS[1]]  # as in registry.SIMPLE
-        assert np.isnan(y[POS]) if np.isnan(bad) else y[POS] == max(bad, tau)
+        assert np.isnan(y[POS]) if np.isnan(bad) else y[POS] == dtype(max(bad, tau))
     elif np.isnan(bad):
         assert np.isnan(y[m]).all(), f"{op}: the group of a NaN must be NaN"
     elif op in ("batch_norm", "layer_norm", "group_norm", "instance_norm", "iter_norm",
