@@ -20,14 +20,20 @@ from ._rsnorm import (
     RsnormError,
     ShapeError,
     batch_norm,
+    batch_norm_backward,
     build_info,
     get_num_threads,
     group_norm,
+    group_norm_backward,
     instance_norm,
+    instance_norm_backward,
     layer_norm,
+    layer_norm_backward,
     rms_norm,
+    rms_norm_backward,
     set_num_threads,
 )
+from ._grads import Grads
 from ._types import Moments, Stats
 
 __version__: str = _rsnorm.__version__
@@ -50,22 +56,32 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module(".gpu", __name__)
+    if name in ("nn", "demo_train"):
+        import importlib
+
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'rsnorm' has no attribute {name!r}")
 
 
 __all__ = [
+    "Grads",
     "Moments",
     "RsnormError",
     "ShapeError",
     "Stats",
     "__version__",
     "batch_norm",
+    "batch_norm_backward",
     "build_info",
     "get_num_threads",
     "group_norm",
+    "group_norm_backward",
     "instance_norm",
+    "instance_norm_backward",
     "layer_norm",
+    "layer_norm_backward",
     "moments",
     "rms_norm",
+    "rms_norm_backward",
     "set_num_threads",
 ]

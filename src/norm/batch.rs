@@ -216,3 +216,152 @@ fn channel_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy + Sync>(
     });
     parts.concat()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+/// Parameters of [`batch_norm_backward`]: the forward's, plus the forward's statistics.
+#[derive(Clone, Debug, Default)]
+pub struct BatchNormBackwardParams<'a> {
+    pub running_mean: Option<&'a [f64]>,
+    pub running_var: Option<&'a [f64]>,
+    pub weight: Option<&'a [f64]>,
+    /// Only whether it was given matters (dbias is returned for it).
+    pub bias: Option<&'a [f64]>,
+    pub training: bool,
+    /// Checked as in the forward, otherwise unused.
+    pub momentum: Option<f64>,
+    pub eps: f64,
+    pub axis: isize,
+    /// (mean, rstd) per channel from `return_stats=True`: skips recomputing them.
+    pub stats: Option<super::grad::StatsIn<'a>>,
+}
+
+/// Gradients of [`batch_norm`]: writes dx into `dx`, returns dweight/dbias for the parameters
+/// that were given.
+///
+/// ```text
+/// training (or no running stats), per channel c over its n values, d = x − mean_c:
+///   dx      = w_c·rstd_c · (dy − Σdy/n − d·rstd_c²·Σdy·d/n)
+/// eval with running stats (an affine map):
+///   dx      = w_c·rstd_c · dy
+/// dweight_c = rstd_c · Σ dy·d        dbias_c = Σ dy
+/// ```
+/// Σdy and Σdy·d are canonical plane sums folded in batch order (the forward's order), so the
+/// result is bitwise independent of layout and threads. An empty batch gives zero gradients.
+///
+/// # Errors
+/// As the forward: bad eps/momentum/axis, parameter or stats shapes, training with one value
+/// per channel; grad_y not of x's shape.
+pub fn batch_norm_backward<T: Scalar>(
+    dy: ArrayView<'_, T, IxDyn>,
+    x: ArrayView<'_, T, IxDyn>,
+    dx: ArrayViewMut<'_, T, IxDyn>,
+    p: &BatchNormBackwardParams<'_>,
+) -> Result<super::grad::ParamGrads> {
+    use super::grad::{check_grad_shapes, check_stats, ChannelPair, Coef, ParamGrads};
+    check_grad_shapes(&dy, &x, &dx)?;
+    check_eps(p.eps)?;
+    if let Some(m) = p.momentum {
+        check_momentum(m)?;
+    }
+    let shape = x.shape().to_vec();
+    let parallel = pool::worth_parallel(bytes_of(&x).saturating_mul(2));
+    let cv = ChannelView::new(x, p.axis, "batch_norm", 2)?;
+    let c = cv.c;
+    for (name, v) in [
+        ("running_mean", p.running_mean),
+        ("running_var", p.running_var),
+        ("weight", p.weight),
+        ("bias", p.bias),
+    ] {
+        check_channel_param(name, v.map(|v| v.len()), c, &shape)?;
+    }
+    let running = match (p.running_mean, p.running_var) {
+        (Some(m), Some(v)) => Some((m, v)),
+        (None, None) => None,
+        _ => {
+            return Err(NormError::Param(
+                "running_mean and running_var must both be given or both be None".into(),
+            ))
+        }
+    };
+    check_stats(p.stats, c, &[c], true)?;
+    let count = cv.n * cv.s;
+    let use_batch = p.training || running.is_none();
+    if p.training && count == 1 {
+        return Err(NormError::TooFewValues(format!(
+            "Expected more than 1 value per channel when training, got input size {}",
+            fmt_shape(&shape)
+        )));
+    }
+    let pair = ChannelPair::new(&cv, dy, p.axis, "batch_norm")?;
+
+    let (mean, rs): (Vec<f64>, Vec<f64>) = match (p.stats, use_batch) {
+        (Some(s), _) => (s.mean.unwrap_or_default().to_vec(), s.rstd.to_vec()),
+        (None, true) => {
+            let (mean, m2) = channel_moments(&cv, parallel);
+            let rs = m2.iter().map(|&s| rstd(s / count as f64, p.eps)).collect();
+            (mean, rs)
+        }
+        (None, false) => {
+            let (rm, rv) = running.expect("checked above");
+            (rm.to_vec(), rv.iter().map(|&v| rstd(v, p.eps)).collect())
+        }
+    };
+
+    // [Σdy, Σdy·(x − mean)] per channel: channel chunks as tasks, planes folded in batch order.
+    let chunk = if cv.access == crate::channel::Access::Rows {
+        ROW_CHANNEL_CHUNK
+    } else {
+        1
+    };
+    let parts = pool::map_tasks(c.div_ceil(chunk), parallel, |t| {
+        let cs = t * chunk..((t + 1) * chunk).min(c);
+        let mut scratch = Vec::new();
+        let mut part = vec![[0.0f64; 2]; cs.len()];
+        let mut acc = vec![[0.0f64; 2]; cs.len()];
+        for n in 0..cv.n {
+            pair.sample_sums(n, cs.clone(), |k| mean[k], &mut scratch, &mut part);
+            for (a, q) in acc.iter_mut().zip(&part) {
+                a[0] += q[0];
+                a[1] += q[1];
+            }
+        }
+        acc
+    });
+    let sums: Vec<[f64; 2]> = parts.concat();
+
+    let nf = count as f64;
+    let coef: Vec<Coef> = (0..c)
+        .map(|k| {
+            let r = rs[k] * p.weight.map_or(1.0, |w| w[k]);
+            let (mu, kk) = if use_batch {
+                (sums[k][0] / nf, rs[k] * rs[k] * sums[k][1] / nf)
+            } else {
+                (0.0, 0.0)
+            };
+            Coef {
+                m: mean[k],
+                r,
+                s: 1.0,
+                mu,
+                k: kk,
+            }
+        })
+        .collect();
+    let dxp = SharedMut::new(cv.permute_out(dx));
+    // Each task writes sample n of dx only.
+    pool::for_each_task(cv.n, parallel, |n| pair.apply_sample(n, &dxp, &coef));
+
+    let empty = count == 0;
+    Ok(ParamGrads {
+        weight: p.weight.map(|_| {
+            (0..c)
+                .map(|k| if empty { 0.0 } else { rs[k] * sums[k][1] })
+                .collect()
+        }),
+        bias: p.bias.map(|_| sums.iter().map(|s| s[0]).collect()),
+    })
+}

@@ -127,3 +127,195 @@ fn fold_groups(sums: &[f64], cpg: usize, groups: usize) -> Vec<f64> {
         .map(|ch| ch.iter().fold(0.0, |a, &v| a + v))
         .collect()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+/// Gradients of [`group_norm`]: writes dx into `dx`, returns dweight/dbias (shape (C,)) for the
+/// parameters that were given.
+///
+/// ```text
+/// per (n, g) over its n_g = C/G·S values, d = x − mean[n,g], g_v = w_c·dy:
+///   dx        = rstd[n,g] · (g_v − Σg_v/n_g − d·rstd[n,g]²·Σg_v·d/n_g)
+///   dweight_c = Σ_n rstd[n,g]·Σ dy·d       dbias_c = Σ_n Σ dy
+/// ```
+/// Per-plane sums are canonical, folded into groups in channel order and into parameter
+/// gradients in batch order, whatever the layout: channels-last gives bitwise the NCHW result
+/// (PyTorch's channels-last weight gradient is wrong, pytorch#140913). One value per group:
+/// dx = 0 and dweight = 0 exactly.
+///
+/// # Errors
+/// As the forward; grad_y not of x's shape; stats not of shape (N, G).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_backward<T: Scalar>(
+    dy: ArrayView<'_, T, IxDyn>,
+    x: ArrayView<'_, T, IxDyn>,
+    dx: ArrayViewMut<'_, T, IxDyn>,
+    num_groups: i64,
+    weight: Option<&[f64]>,
+    bias: Option<&[f64]>,
+    eps: f64,
+    axis: isize,
+    stats: Option<super::grad::StatsIn<'_>>,
+) -> Result<super::grad::ParamGrads> {
+    super::grad::check_grad_shapes(&dy, &x, &dx)?;
+    check_eps(eps)?;
+    let shape = x.shape().to_vec();
+    let parallel = pool::worth_parallel(bytes_of(&x).saturating_mul(2));
+    let cv = ChannelView::new(x, axis, "group_norm", 2)?;
+    if num_groups <= 0 {
+        return Err(NormError::Param(format!(
+            "num_groups must be positive, got {num_groups}"
+        )));
+    }
+    let g = num_groups as usize;
+    if cv.c % g != 0 {
+        return Err(NormError::Param(format!(
+            "num_groups must divide the number of channels: C={} is not divisible by num_groups={g}",
+            cv.c
+        )));
+    }
+    check_channel_param("weight", weight.map(|w| w.len()), cv.c, &shape)?;
+    check_channel_param("bias", bias.map(|w| w.len()), cv.c, &shape)?;
+    super::grad::check_stats(stats, cv.n * g, &[cv.n, g], true)?;
+    grouped_backward(
+        &cv,
+        dy,
+        dx,
+        GroupedBackward {
+            groups: g,
+            weight,
+            want_bias: bias.is_some(),
+            eps,
+            axis,
+            parallel,
+            stats,
+            fixed: None,
+        },
+    )
+}
+
+/// What [`grouped_backward`] needs besides the arrays.
+pub(crate) struct GroupedBackward<'a> {
+    pub groups: usize,
+    pub weight: Option<&'a [f64]>,
+    pub want_bias: bool,
+    pub eps: f64,
+    pub axis: isize,
+    pub parallel: bool,
+    /// (mean, rstd) per (n, group), row-major.
+    pub stats: Option<super::grad::StatsIn<'a>>,
+    /// Per-channel (mean, rstd) of fixed statistics: instance norm in eval mode, where the
+    /// backward is the affine map `dx = w·rstd·dy`.
+    pub fixed: Option<(&'a [f64], &'a [f64])>,
+}
+
+/// Backward of group norm and instance norm (G = C), one task per sample.
+pub(crate) fn grouped_backward<'a, T: Scalar>(
+    cv: &ChannelView<'a, T>,
+    dy: ArrayView<'a, T, IxDyn>,
+    dx: ArrayViewMut<'_, T, IxDyn>,
+    p: GroupedBackward<'_>,
+) -> Result<super::grad::ParamGrads> {
+    use super::grad::{ChannelPair, Coef, ParamGrads};
+    let pair = ChannelPair::new(cv, dy, p.axis, "group_norm")?;
+    let c = cv.c;
+    let groups = p.groups;
+    let cpg = if groups == 0 { 0 } else { c / groups };
+    let count = (cpg * cv.s) as f64;
+    let dxp = SharedMut::new(cv.permute_out(dx));
+    let per_sample = pool::map_tasks(cv.n, p.parallel, |n| {
+        let mut scratch = Vec::new();
+        // Per-channel (mean, rstd) of the group each channel belongs to.
+        let (mc, rc): (Vec<f64>, Vec<f64>) = match (p.fixed, p.stats) {
+            (Some((fm, fr)), _) => (fm.to_vec(), fr.to_vec()),
+            (None, Some(s)) => {
+                let m = s.mean.unwrap_or_default();
+                (
+                    (0..c).map(|k| m[n * groups + k / cpg]).collect(),
+                    (0..c).map(|k| s.rstd[n * groups + k / cpg]).collect(),
+                )
+            }
+            (None, None) => {
+                // The forward's sums, in its order: bitwise its statistics.
+                let mut sums = vec![0.0f64; c];
+                cv.sample_sums(n, 0..c, |v, _| v, &mut scratch, &mut sums);
+                let gmean: Vec<f64> = fold_groups(&sums, cpg, groups)
+                    .iter()
+                    .map(|&s| s / count)
+                    .collect();
+                cv.sample_sums(
+                    n,
+                    0..c,
+                    |v, k| {
+                        let d = v - gmean[k / cpg];
+                        d * d
+                    },
+                    &mut scratch,
+                    &mut sums,
+                );
+                let grstd: Vec<f64> = fold_groups(&sums, cpg, groups)
+                    .iter()
+                    .map(|&s| rstd(s / count, p.eps))
+                    .collect();
+                (
+                    (0..c).map(|k| gmean[k / cpg]).collect(),
+                    (0..c).map(|k| grstd[k / cpg]).collect(),
+                )
+            }
+        };
+        let mut sums = vec![[0.0f64; 2]; c];
+        pair.sample_sums(n, 0..c, |k| mc[k], &mut scratch, &mut sums);
+        let wk = |k: usize| p.weight.map_or(1.0, |w| w[k]);
+        let coef: Vec<Coef> = if p.fixed.is_some() {
+            (0..c)
+                .map(|k| Coef {
+                    m: mc[k],
+                    r: rc[k],
+                    s: wk(k),
+                    mu: 0.0,
+                    k: 0.0,
+                })
+                .collect()
+        } else {
+            // Σ g and Σ g·d per group, folded in channel order.
+            let mut gs = vec![[0.0f64; 2]; groups];
+            for (k, s) in sums.iter().enumerate() {
+                let w = wk(k);
+                gs[k / cpg][0] += w * s[0];
+                gs[k / cpg][1] += w * s[1];
+            }
+            (0..c)
+                .map(|k| {
+                    let r = rc[k];
+                    let gsum = gs[k / cpg];
+                    Coef {
+                        m: mc[k],
+                        r,
+                        s: wk(k),
+                        mu: gsum[0] / count,
+                        k: r * r * gsum[1] / count,
+                    }
+                })
+                .collect()
+        };
+        // Task n owns sample n of dx.
+        pair.apply_sample(n, &dxp, &coef);
+        // Per-channel contributions to dweight (rstd·Σdy·d) and dbias (Σdy).
+        let contrib: Vec<[f64; 2]> = (0..c).map(|k| [rc[k] * sums[k][1], sums[k][0]]).collect();
+        contrib
+    });
+    let mut dw = vec![0.0f64; c];
+    let mut db = vec![0.0f64; c];
+    for part in &per_sample {
+        for k in 0..c {
+            dw[k] += part[k][0];
+            db[k] += part[k][1];
+        }
+    }
+    Ok(ParamGrads {
+        weight: p.weight.map(|_| dw),
+        bias: p.want_bias.then_some(db),
+    })
+}

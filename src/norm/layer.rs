@@ -51,3 +51,143 @@ pub fn layer_norm<T: Scalar>(
     let (mean, rstd) = parts.into_iter().flatten().unzip();
     Ok(GroupStats { mean, rstd })
 }
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+/// Gradients of [`layer_norm`]: writes dx into `dx`, returns dweight/dbias (shape
+/// `normalized_shape`, flattened) for the parameters that were given.
+///
+/// ```text
+/// per row of F values, d = x − mean, g = w·dy:
+///   dx      = rstd · (g − Σg/F − d·rstd²·Σg·d/F)
+///   dweight = Σ_rows dy·d·rstd        dbias = Σ_rows dy
+/// ```
+/// Over one element (F = 1) d is exactly 0 and Σg/F is exactly g: dx = 0, dweight = 0 exactly,
+/// dbias = Σdy. Row sums are canonical; parameter gradients are summed row by row within
+/// fixed blocks of rows, blocks folded in order.
+///
+/// # Errors
+/// As the forward; grad_y not of x's shape; stats not of shape x.shape[:-k].
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_backward<T: Scalar>(
+    dy: ArrayView<'_, T, IxDyn>,
+    x: ArrayView<'_, T, IxDyn>,
+    dx: ArrayViewMut<'_, T, IxDyn>,
+    normalized_shape: &[usize],
+    weight: Option<(&[f64], &[usize])>,
+    bias: Option<(&[f64], &[usize])>,
+    eps: f64,
+    stats: Option<super::grad::StatsIn<'_>>,
+) -> Result<super::grad::ParamGrads> {
+    super::grad::check_grad_shapes(&dy, &x, &dx)?;
+    check_eps(eps)?;
+    check_normalized_shape(x.shape(), normalized_shape)?;
+    check_row_param("weight", weight.map(|w| w.1), normalized_shape)?;
+    check_row_param("bias", bias.map(|w| w.1), normalized_shape)?;
+    let k = normalized_shape.len();
+    let lead = &x.shape()[..x.ndim() - k];
+    super::grad::check_stats(stats, lead.iter().product(), lead, true)?;
+    Ok(row_backward(
+        dy,
+        x,
+        dx,
+        k,
+        weight.map(|w| w.0),
+        bias.is_some(),
+        RowKind::Layer(eps),
+        stats,
+    ))
+}
+
+/// Layer or RMS norm, for the shared row backward.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum RowKind {
+    Layer(f64),
+    Rms(f64),
+}
+
+/// The row ops' backward (layer norm: centred; RMS norm: d = x, no μ term).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn row_backward<T: Scalar>(
+    dy: ArrayView<'_, T, IxDyn>,
+    x: ArrayView<'_, T, IxDyn>,
+    dx: ArrayViewMut<'_, T, IxDyn>,
+    k: usize,
+    w: Option<&[f64]>,
+    want_bias: bool,
+    kind: RowKind,
+    stats: Option<super::grad::StatsIn<'_>>,
+) -> super::grad::ParamGrads {
+    use super::grad::{
+        fold_parts, grad_rows_per_block, unravel, visit_pairs, GradRows, ParamGrads,
+    };
+    use crate::reduce::{sum_view, tree, LANES};
+    let parallel = pool::worth_parallel(bytes_of(&x).saturating_mul(2));
+    let xr = GradRows::new(x, k);
+    let gr = GradRows::new(dy, k);
+    let (rows, f) = (xr.rows, xr.features);
+    let ff = f as f64;
+    let want_w = w.is_some();
+    let dxp = shared_out(dx);
+    let per = grad_rows_per_block(f, std::mem::size_of::<T>());
+    let centred = matches!(kind, RowKind::Layer(_));
+    let parts = pool::map_tasks(rows.div_ceil(per), parallel, |t| {
+        let mut pw = want_w.then(|| vec![0.0f64; f]);
+        let mut pb = want_bias.then(|| vec![0.0f64; f]);
+        for r in t * per..((t + 1) * per).min(rows) {
+            let xv = xr.row(r);
+            let gv = gr.row(r);
+            // The forward's statistics, recomputed bitwise as it does, unless given.
+            let (m, rs) = match (stats, kind) {
+                (Some(s), _) => (s.mean.map_or(0.0, |m| m[r]), s.rstd[r]),
+                (None, RowKind::Layer(eps)) => {
+                    let m = sum_view(&xv, |v| v) / ff;
+                    let var = sum_view(&xv, |v| (v - m) * (v - m)) / ff;
+                    (m, rstd(var, eps))
+                }
+                (None, RowKind::Rms(eps)) => (0.0, rstd(sum_view(&xv, |v| v * v) / ff, eps)),
+            };
+            let m = if centred { m } else { 0.0 };
+            let mut sg = [0.0f64; LANES];
+            let mut sgd = [0.0f64; LANES];
+            visit_pairs(&gv, &xv, |j, l, g0, v| {
+                let d = v - m;
+                let g = w.map_or(g0, |w| w[j] * g0);
+                sg[l] += g;
+                sgd[l] += g * d;
+                if let Some(pw) = pw.as_mut() {
+                    pw[j] += g0 * d * rs;
+                }
+                if let Some(pb) = pb.as_mut() {
+                    pb[j] += g0;
+                }
+            });
+            let mu = if centred { tree(&sg) / ff } else { 0.0 };
+            let kk = rs * rs * tree(&sgd) / ff;
+            let dxv = |j: usize, g0: T, v: T| {
+                let g = w.map_or(g0.to_f64(), |w| w[j] * g0.to_f64());
+                T::from_f64(rs * (g - mu - (v.to_f64() - m) * kk))
+            };
+            // SAFETY: row r belongs to this task only.
+            let mut dr = unsafe { dxp.sub(&unravel(xr.lead(), r)) };
+            if let (Some(o), Some(gs), Some(xs)) = (dr.as_slice_mut(), gv.as_slice(), xv.as_slice())
+            {
+                for (j, ((o, &g0), &v)) in o.iter_mut().zip(gs).zip(xs).enumerate() {
+                    *o = dxv(j, g0, v);
+                }
+            } else {
+                for (j, ((o, &g0), &v)) in dr.iter_mut().zip(gv.iter()).zip(xv.iter()).enumerate() {
+                    *o = dxv(j, g0, v);
+                }
+            }
+        }
+        (pw, pb)
+    });
+    let (pws, pbs): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+    ParamGrads {
+        weight: want_w.then(|| fold_parts(pws.into_iter(), f)),
+        bias: want_bias.then(|| fold_parts(pbs.into_iter(), f)),
+    }
+}
