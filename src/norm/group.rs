@@ -169,7 +169,7 @@ pub fn group_norm_backward<T: Scalar>(
             "num_groups must be positive, got {num_groups}"
         )));
     }
-    let g = num_groups as usize;
+    let g = usize::try_from(num_groups).unwrap_or(usize::MAX);
     if cv.c % g != 0 {
         return Err(NormError::Param(format!(
             "num_groups must divide the number of channels: C={} is not divisible by num_groups={g}",
@@ -222,7 +222,7 @@ pub(crate) fn grouped_backward<'a, T: Scalar>(
     let pair = ChannelPair::new(cv, dy, p.axis, "group_norm")?;
     let c = cv.c;
     let groups = p.groups;
-    let cpg = if groups == 0 { 0 } else { c / groups };
+    let cpg = c.checked_div(groups).unwrap_or(0);
     let count = (cpg * cv.s) as f64;
     let dxp = SharedMut::new(cv.permute_out(dx));
     let per_sample = pool::map_tasks(cv.n, p.parallel, |n| {
