@@ -312,11 +312,7 @@ pub fn batch_norm_backward<T: Scalar>(
     };
 
     // [Σdy, Σdy·(x − mean)] per channel: channel chunks as tasks, planes folded in batch order.
-    let chunk = if cv.access == crate::channel::Access::Rows {
-        ROW_CHANNEL_CHUNK
-    } else {
-        1
-    };
+    let chunk = if pair.rows() { ROW_CHANNEL_CHUNK } else { 1 };
     let parts = pool::map_tasks(c.div_ceil(chunk), parallel, |t| {
         let cs = t * chunk..((t + 1) * chunk).min(c);
         let mut scratch = Vec::new();

@@ -163,6 +163,24 @@ impl Coef {
 pub struct ChannelPair<'a, 'b, T> {
     pub x: &'b ChannelView<'a, T>,
     pub dy: ChannelView<'a, T>,
+    rows: bool,
+}
+
+/// Is every sample of `cv` contiguous when read as (S…, C) (rows of C values)? True for
+/// channels-last arrays and for (N, C) arrays, where the plane path would visit one value per
+/// plane.
+fn rows_contiguous<T: Scalar>(cv: &ChannelView<'_, T>) -> bool {
+    if cv.n == 0 || cv.c == 0 || cv.s == 0 {
+        return false;
+    }
+    if cv.access == Access::Rows {
+        return true;
+    }
+    let sample = cv.x.index_axis(Axis(0), 0);
+    let k = sample.ndim();
+    let mut perm: Vec<usize> = (1..k).collect();
+    perm.push(0);
+    sample.permuted_axes(IxDyn(&perm)).as_slice().is_some()
 }
 
 impl<'a, 'b, T: Scalar> ChannelPair<'a, 'b, T> {
@@ -172,14 +190,15 @@ impl<'a, 'b, T: Scalar> ChannelPair<'a, 'b, T> {
         axis: isize,
         op: &str,
     ) -> Result<Self> {
-        Ok(Self {
-            x,
-            dy: ChannelView::new(dy, axis, op, 2)?,
-        })
+        let dy = ChannelView::new(dy, axis, op, 2)?;
+        // The rows path gives bitwise the plane path's sums (lane = spatial index mod 8).
+        let rows = rows_contiguous(x) && rows_contiguous(&dy);
+        Ok(Self { x, dy, rows })
     }
 
-    fn rows(&self) -> bool {
-        self.x.access == Access::Rows && self.dy.access == Access::Rows
+    /// Whether planes are read as columns of contiguous rows (channels-last, or (N, C)).
+    pub fn rows(&self) -> bool {
+        self.rows
     }
 
     /// `[Σdy, Σdy·(x − m_c)]` over each plane (n, c) for c in `cs`, into `out`; `m(c)` is the
