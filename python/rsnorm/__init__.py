@@ -16,6 +16,7 @@ The GPU path is ``rsnorm.gpu`` (optional extra ``rsnorm[gpu]``), imported on fir
 from __future__ import annotations
 
 from . import _rsnorm
+from ._grads import Grads
 from ._rsnorm import (
     RsnormError,
     ShapeError,
@@ -33,7 +34,6 @@ from ._rsnorm import (
     rms_norm_backward,
     set_num_threads,
 )
-from ._grads import Grads
 from ._types import Moments, Stats
 
 __version__: str = _rsnorm.__version__

@@ -11,7 +11,7 @@ its name (``getattr(grads, name)``).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,5 +23,5 @@ class Grads(NamedTuple):
     (``None`` otherwise)."""
 
     x: np.ndarray
-    weight: Optional[np.ndarray] = None
-    bias: Optional[np.ndarray] = None
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None

@@ -23,13 +23,12 @@ call it.
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import numpy as np
 
 from . import nn
 
-__all__ = ["run", "make_data", "VARIANTS"]
+__all__ = ["VARIANTS", "make_data", "run"]
 
 VARIANTS = ("plain", "batchnorm", "layernorm", "groupnorm")
 
@@ -177,7 +176,7 @@ def _train_one(variant, x, y, *, steps, lr, batch, depth, width, classes, seed):
     return losses, final_loss, acc
 
 
-def run(steps: int = 300, seed: int = 0, plot: Optional[str] = None, *,
+def run(steps: int = 300, seed: int = 0, plot: str | None = None, *,
         variants=VARIANTS, lr: float = 0.1, batch: int = 128, depth: int = 6,
         width: int = 64, verbose: bool = True) -> dict:
     """Trains the MLP once per variant and returns::
@@ -227,7 +226,7 @@ def _print_table(out) -> None:
     print("secs".rjust(6) + "".join(f"{out['variants'][n]['seconds']:12.2f}" for n in names))
 
 
-def _plot(out, path) -> Optional[str]:
+def _plot(out, path) -> str | None:
     try:
         import matplotlib
 

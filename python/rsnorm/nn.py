@@ -32,7 +32,7 @@ parameters (``x`` first), as the ``rsnorm`` ``*_backward`` functions return.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -40,16 +40,16 @@ from . import _rsnorm
 from ._rsnorm import RsnormError
 
 __all__ = [
-    "Module",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
-    "LayerNorm",
-    "RMSNorm",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
+    "LayerNorm",
+    "Module",
+    "RMSNorm",
 ]
 
 
@@ -65,16 +65,16 @@ class Module:
 
     def __init__(self) -> None:
         self.training = True
-        self._params: "OrderedDict[str, Optional[np.ndarray]]" = OrderedDict()
-        self._buffers: "OrderedDict[str, Optional[np.ndarray]]" = OrderedDict()
+        self._params: OrderedDict[str, np.ndarray | None] = OrderedDict()
+        self._buffers: OrderedDict[str, np.ndarray | None] = OrderedDict()
         self._grads: dict[str, np.ndarray] = {}
         self._ctx: Any = None
 
     # -- registration ------------------------------------------------------------------------
-    def _param(self, name: str, value: Optional[np.ndarray]) -> None:
+    def _param(self, name: str, value: np.ndarray | None) -> None:
         self._params[name] = value
 
-    def _buffer(self, name: str, value: Optional[np.ndarray]) -> None:
+    def _buffer(self, name: str, value: np.ndarray | None) -> None:
         self._buffers[name] = value
 
     def __getattr__(self, name: str):
@@ -96,11 +96,11 @@ class Module:
         object.__setattr__(self, name, value)
 
     # -- mode --------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "Module":
+    def train(self, mode: bool = True) -> Module:
         self.training = bool(mode)
         return self
 
-    def eval(self) -> "Module":
+    def eval(self) -> Module:
         return self.train(False)
 
     # -- forward / backward ------------------------------------------------------------------
@@ -154,9 +154,9 @@ class Module:
         self._grads.clear()
 
     # -- state -------------------------------------------------------------------------------
-    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+    def state_dict(self) -> OrderedDict[str, np.ndarray]:
         """Copies of the parameters then the buffers, under PyTorch's keys."""
-        out: "OrderedDict[str, np.ndarray]" = OrderedDict()
+        out: OrderedDict[str, np.ndarray] = OrderedDict()
         for store in (self._params, self._buffers):
             for k, v in store.items():
                 if v is not None:
@@ -215,7 +215,7 @@ class Module:
 class _BatchNorm(Module):
     _ndims: tuple[int, ...] = ()
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None,
                  dtype=None, *, axis: int = 1) -> None:
         super().__init__()
@@ -432,7 +432,7 @@ class RMSNorm(Module):
     """RMS norm over the trailing ``normalized_shape`` dims (PyTorch's ``RMSNorm``;
     ``eps=None`` is the machine epsilon of the input's statistics type)."""
 
-    def __init__(self, normalized_shape, eps: Optional[float] = None,
+    def __init__(self, normalized_shape, eps: float | None = None,
                  elementwise_affine: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         if device not in (None, "cpu"):
