@@ -209,7 +209,7 @@ def test_low_precision_against_float64_formula(rng, dtype):
     gy = rng.standard_normal(x.shape).astype(dtype)
     w = rng.uniform(0.5, 1.5, 6)
     wc = w.reshape(1, 6, 1, 1)
-    tol = dict(rtol=2e-3, atol=2e-3) if dtype == np.float16 else dict(rtol=1e-5, atol=1e-5)
+    tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == np.float16 else {"rtol": 1e-5, "atol": 1e-5}
     cases = [
         (rn.batch_norm_backward(gy, x, None, None, w, w, True), (0, 2, 3), (1,)),
         (rn.group_norm_backward(gy, x, 3, w, w), None, (1,)),
@@ -406,7 +406,7 @@ def test_grads_namedtuple():
     assert isinstance(g, rn.Grads) and g._fields == ("x", "weight", "bias")
     assert g.bias is None and g.weight.shape == (4,)
     dx, dw, db = g
-    assert dx is g.x
+    assert dx is g.x and dw is g.weight and db is None
 
 
 # ---------------------------------------------------------------------------------------------
