@@ -7,6 +7,7 @@
 //! * `Planes`: a plane is contiguous (NCHW);
 //! * `Rows`: a sample is contiguous with the channel last (NHWC): rows of C values;
 //! * `Strided`: anything else, read in logical order through the view.
+//!
 //! The three paths perform identical f64 operations in identical order.
 
 use crate::error::{fmt_shape, NormError, Result};
@@ -98,19 +99,22 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
     }
 
     fn access_of<U>(xp: &ArrayView<'_, U, IxDyn>) -> Access {
-        if xp.shape().iter().any(|&d| d == 0) {
+        if xp.shape().contains(&0) {
             return Access::Strided;
         }
-        // Every plane has the shape and strides of the first one.
-        let plane = xp.index_axis(Axis(0), 0).index_axis_move(Axis(0), 0);
-        if plane.as_slice().is_some() {
-            return Access::Planes;
-        }
         let sample = xp.index_axis(Axis(0), 0);
-        if Self::rows_contig(&sample) {
-            return Access::Rows;
+        let rows = Self::rows_contig(&sample);
+        // Every plane has the shape and strides of the first one.
+        let plane = sample.index_axis(Axis(0), 0);
+        let planes = plane.as_slice().is_some();
+        // With a single spatial element a plane is one value: rows of C (NC input) is the
+        // faster walk. Both paths perform the same arithmetic, so the choice is free.
+        match (planes, rows) {
+            (true, true) if plane.len() == 1 => Access::Rows,
+            (true, _) => Access::Planes,
+            (false, true) => Access::Rows,
+            _ => Access::Strided,
         }
-        Access::Strided
     }
 
     /// Is a (C, S…) sample contiguous when read as (S…, C)?
@@ -125,6 +129,22 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
             .is_some()
     }
 
+    /// Offset (in elements) of the first value of plane (n, c).
+    #[inline]
+    fn offset(&self, n: usize, c: usize) -> isize {
+        let st = self.x.strides();
+        n as isize * st[0] + c as isize * st[1]
+    }
+
+    /// Plane (n, c) as a slice (only for `Access::Planes`).
+    #[inline]
+    pub fn plane_slice(&self, n: usize, c: usize) -> &'a [T] {
+        debug_assert_eq!(self.access, Access::Planes);
+        // SAFETY: with Access::Planes every plane is a contiguous, standard-layout block of
+        // `s` elements starting at its first logical element, inside x's memory.
+        unsafe { std::slice::from_raw_parts(self.x.as_ptr().offset(self.offset(n, c)), self.s) }
+    }
+
     /// The plane (n, c) as a view of rank ndim−2.
     pub fn plane(&self, n: usize, c: usize) -> ArrayView<'a, T, IxDyn> {
         self.x
@@ -134,14 +154,14 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
     }
 
     /// Sample n as a slice of S·C values with the channel last (only for `Access::Rows`).
+    #[inline]
     pub fn sample_rows(&self, n: usize) -> &'a [T] {
-        let sample = self.x.clone().index_axis_move(Axis(0), n);
-        let k = sample.ndim();
-        let mut perm: Vec<usize> = (1..k).collect();
-        perm.push(0);
-        let v = sample.permuted_axes(IxDyn(&perm));
-        // Access::Rows guarantees contiguity; fall back to an empty slice never happens.
-        v.to_slice().unwrap_or(&[])
+        debug_assert_eq!(self.access, Access::Rows);
+        // SAFETY: with Access::Rows every sample, read as (S…, C), is one contiguous block of
+        // s·c elements whose first element is (n, c=0, s=0), inside x's memory.
+        unsafe {
+            std::slice::from_raw_parts(self.x.as_ptr().offset(self.offset(n, 0)), self.s * self.c)
+        }
     }
 
     /// Permutes an output of the caller's logical shape the same way as the input.
@@ -160,10 +180,13 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
         out: &mut [f64],
     ) {
         match self.access {
-            Access::Rows => {
-                reduce::sum_rows(self.sample_rows(n), self.c, cs, f, scratch, out);
+            Access::Rows => reduce::sum_rows(self.sample_rows(n), self.c, cs, f, scratch, out),
+            Access::Planes => {
+                for (o, c) in out.iter_mut().zip(cs) {
+                    *o = reduce::sum_slice(self.plane_slice(n, c), |v| f(v, c));
+                }
             }
-            _ => {
+            Access::Strided => {
                 for (o, c) in out.iter_mut().zip(cs) {
                     *o = reduce::sum_view(&self.plane(n, c), |v| f(v, c));
                 }
@@ -171,32 +194,83 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
         }
     }
 
+    /// Prepares an output of the caller's logical shape for [`Self::apply_sample`].
+    pub fn output<'b>(&self, y: ArrayViewMut<'b, T, IxDyn>) -> ChannelOut<'b, T> {
+        let yp = self.permute_out(y);
+        let access = Self::access_of(&yp.view());
+        // The fast paths need x and y read the same way.
+        let access = if access == self.access {
+            access
+        } else {
+            Access::Strided
+        };
+        ChannelOut {
+            shared: SharedMut::new(yp),
+            access,
+        }
+    }
+
     /// Writes y = (x − m_c)·a_c + b_c for every plane of sample n, (m, a, b) given per channel.
-    pub fn apply_sample(&self, n: usize, yp: &SharedMut<'_, T>, m: &[f64], a: &[f64], b: &[f64]) {
-        // SAFETY (both arms): a task owns sample n of the output exclusively.
-        let mut ys = unsafe { yp.sub(&[n]) };
-        if self.access == Access::Rows {
-            let xs = self.sample_rows(n);
-            let k = ys.ndim();
-            let mut perm: Vec<usize> = (1..k).collect();
-            perm.push(0);
-            let mut yv = ys.view_mut().permuted_axes(IxDyn(&perm));
-            if let Some(yr) = yv.as_slice_mut() {
+    ///
+    /// Tasks calling this for distinct n write disjoint memory.
+    pub fn apply_sample(&self, n: usize, y: &ChannelOut<'_, T>, m: &[f64], a: &[f64], b: &[f64]) {
+        match y.access {
+            Access::Rows => {
+                let xs = self.sample_rows(n);
+                // SAFETY: y has Rows access like x, so sample n of y is this contiguous block;
+                // the task for n owns it.
+                let ys = unsafe {
+                    y.shared
+                        .block_mut(self.offset_in(&y.shared, n, 0), xs.len())
+                };
                 let c = self.c;
-                for (yrow, xrow) in yr.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+                for (yrow, xrow) in ys.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
                     for k in 0..c {
                         yrow[k] = reduce::affine(xrow[k], m[k], a[k], b[k]);
                     }
                 }
-                return;
+            }
+            Access::Planes => {
+                for c in 0..self.c {
+                    let xs = self.plane_slice(n, c);
+                    // SAFETY: as above, plane (n, c) of y is contiguous and owned by this task.
+                    let ys = unsafe {
+                        y.shared
+                            .block_mut(self.offset_in(&y.shared, n, c), xs.len())
+                    };
+                    let (mc, ac, bc) = (m[c], a[c], b[c]);
+                    for (o, &v) in ys.iter_mut().zip(xs) {
+                        *o = reduce::affine(v, mc, ac, bc);
+                    }
+                }
+            }
+            Access::Strided => {
+                // SAFETY: the task for n owns sample n of y.
+                let mut ys = unsafe { y.shared.sub(&[n]) };
+                for c in 0..self.c {
+                    let xpl = self.plane(n, c);
+                    let mut ypl = ys.index_axis_mut(Axis(0), c);
+                    reduce::apply_view(&xpl, &mut ypl, m[c], a[c], b[c]);
+                }
             }
         }
-        for c in 0..self.c {
-            let xpl = self.plane(n, c);
-            let mut ypl = ys.index_axis_mut(Axis(0), c);
-            reduce::apply_view(&xpl, &mut ypl, m[c], a[c], b[c]);
-        }
     }
+
+    fn offset_in(&self, y: &SharedMut<'_, T>, n: usize, c: usize) -> isize {
+        let st = y.strides();
+        n as isize * st[0] + c as isize * st[1]
+    }
+
+    /// Samples per task when applying: about 64 KiB of input per task.
+    pub fn samples_per_task(&self) -> usize {
+        (64 * 1024 / (self.c * self.s * std::mem::size_of::<T>()).max(1)).max(1)
+    }
+}
+
+/// An output permuted like its input, with the access path both share.
+pub struct ChannelOut<'b, T> {
+    shared: SharedMut<'b, T>,
+    access: Access,
 }
 
 /// Checks that a per-channel parameter has shape (C,).

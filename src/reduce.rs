@@ -146,4 +146,18 @@ impl<'a, T> SharedMut<'a, T> {
     pub fn shape(&self) -> &[usize] {
         self.raw.shape()
     }
+
+    pub fn strides(&self) -> &[isize] {
+        self.raw.strides()
+    }
+
+    /// The contiguous block of `len` elements starting `offset` elements from the first one.
+    ///
+    /// # Safety
+    /// The block must lie inside the array, be contiguous in it, and be owned by the caller
+    /// exclusively while the slice lives.
+    pub unsafe fn block_mut(&self, offset: isize, len: usize) -> &'a mut [T] {
+        // SAFETY: forwarded from the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.raw.as_ptr().cast_mut().offset(offset), len) }
+    }
 }

@@ -27,6 +27,7 @@ impl Scalar for f32 {
         self as f64
     }
     #[inline(always)]
+    #[allow(clippy::cast_possible_truncation)] // rounding f64 → f32 is the point
     fn from_f64(v: f64) -> Self {
         v as f32
     }

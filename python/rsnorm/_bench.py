@@ -57,6 +57,20 @@ class Workload:
     def axis(self) -> int:
         return -1 if self.layout == "NHWC" else 1
 
+    @property
+    def backward(self) -> bool:
+        return "backward" in self.variant
+
+    @property
+    def function(self) -> str:
+        """The rsnorm function this workload times."""
+        return f"{self.op}_backward" if self.backward else self.op
+
+    @property
+    def traffic_arrays(self) -> int:
+        """Arrays of x's size moved per call: forward reads x, writes y; backward also reads dy."""
+        return 3 if self.backward else 2
+
     def name(self, shape: tuple[int, ...] | None = None) -> str:
         shape = self.shape if shape is None else shape
         parts = [self.op]
@@ -99,6 +113,11 @@ WORKLOADS: list[Workload] = [
     _wl("filter_response_norm", (32, 64, 56, 56), variant="+tlu", layout="NCHW", quick=True),
     _wl("gdn", (8, 192, 64, 64), layout="NCHW", quick=True),
     _wl("mean_variance_norm", (32, 64, 56, 56), layout="NCHW"),
+    # Backward (issue "Backward"): dx (+ parameter gradients) from dy, x and the saved stats.
+    _wl("batch_norm", (32, 64, 56, 56), variant="train backward", layout="NCHW", quick=True),
+    _wl("layer_norm", (8192, 1024), variant="backward", quick=True),
+    _wl("group_norm", (16, 256, 32, 32), variant="backward", layout="NCHW", groups=32),
+    _wl("rms_norm", (8192, 1024), variant="backward"),
     # Per-call overhead (SPEC §8: <= 2 us).
     _wl("layer_norm", (4, 16), variant="tiny", quick=True),
     _wl("batch_norm", (2, 4, 3, 3), variant="tiny train", layout="NCHW", quick=True),
@@ -490,6 +509,99 @@ def build_mvn(env: Env, wl: Workload, x: np.ndarray, rng) -> dict[str, Impl]:
     return impls
 
 
+def _grad_x(g):
+    """The input gradient of a backward result (a named tuple with field ``x``)."""
+    return np.asarray(g.x if hasattr(g, "x") else g[0])
+
+
+def build_backward(env: Env, wl: Workload, x: np.ndarray, rng) -> dict[str, Impl]:
+    """Backward of BN (training), LN, GN and RMS norm: rsnorm gets the statistics saved by its
+    forward (``return_stats=True``), as a training step would; PyTorch runs autograd on a graph
+    built once (``retain_graph``); NumPy uses the textbook formulas."""
+    rn, op = env.rn, wl.op
+    fn = getattr(rn, wl.function)
+    gy = _make_x(rng, x.shape, x.dtype)
+    groups = wl.params.get("groups", 32)
+    if op in ("layer_norm", "rms_norm"):
+        ns = x.shape[-1:]
+        c = ns
+        red_stats = (x.ndim - 1,)  # statistics over the last axis
+        red_param = tuple(range(x.ndim - 1))
+        vs = ns
+    else:
+        c = x.shape[1]
+        vs = _vec(x.ndim, 1)
+        red_param = tuple(i for i in range(x.ndim) if i != 1)
+        red_stats = red_param if op == "batch_norm" else tuple(range(2, x.ndim))
+    w, b = _params(rng, c, x.dtype)
+    impls: dict[str, Impl] = {}
+    if op == "batch_norm":
+        _, st = rn.batch_norm(x, None, None, w, b, True, MOMENTUM, EPS, return_stats=True)
+        impls["rsnorm"] = Impl(lambda: fn(gy, x, weight=w, bias=b, training=True, eps=EPS,
+                                          stats=st), _grad_x)
+    elif op == "layer_norm":
+        _, st = rn.layer_norm(x, ns, w, b, EPS, return_stats=True)
+        impls["rsnorm"] = Impl(lambda: fn(gy, x, ns, weight=w, bias=b, eps=EPS, stats=st),
+                               _grad_x)
+    elif op == "rms_norm":
+        _, st = rn.rms_norm(x, ns, w, RMS_EPS, return_stats=True)
+        impls["rsnorm"] = Impl(lambda: fn(gy, x, ns, weight=w, eps=RMS_EPS, stats=st), _grad_x)
+    else:
+        _, st = rn.group_norm(x, groups, w, b, EPS, return_stats=True)
+        impls["rsnorm"] = Impl(lambda: fn(gy, x, groups, weight=w, bias=b, eps=EPS, stats=st),
+                               _grad_x)
+    if env.use_numpy:
+        def np_bwd():
+            if op == "group_norm":
+                xs = x.reshape(x.shape[0], groups, -1)
+                gs = (gy * w.reshape(vs)).reshape(xs.shape)
+                red = (2,)
+            else:
+                xs, gs, red = x, gy * w.reshape(vs), red_stats
+            if op == "rms_norm":
+                r = 1.0 / np.sqrt(np.mean(xs * xs, axis=red, keepdims=True) + RMS_EPS)
+                xhat = xs * r
+                dx = r * (gs - xhat * np.mean(gs * xhat, axis=red, keepdims=True))
+            else:
+                m = xs.mean(axis=red, keepdims=True)
+                r = 1.0 / np.sqrt(xs.var(axis=red, keepdims=True) + EPS)
+                xhat = (xs - m) * r
+                dx = r * (gs - gs.mean(axis=red, keepdims=True)
+                          - xhat * np.mean(gs * xhat, axis=red, keepdims=True))
+            xhat = xhat.reshape(x.shape)
+            dw = (gy * xhat).sum(axis=red_param)
+            db = gy.sum(axis=red_param)
+            return dx.reshape(x.shape), dw, db
+        impls["numpy"] = Impl(np_bwd, lambda g: g[0])
+    if env.torch is not None:
+        tch = env.torch
+        F = tch.nn.functional
+        xt = tch.from_numpy(x.copy()).requires_grad_()
+        tw = tch.from_numpy(w.copy()).requires_grad_()
+        tb = tch.from_numpy(b.copy()).requires_grad_()
+        tgy = tch.from_numpy(gy)
+        if op == "batch_norm":
+            yt = F.batch_norm(xt, None, None, tw, tb, True, MOMENTUM, EPS)
+        elif op == "layer_norm":
+            yt = F.layer_norm(xt, ns, tw, tb, EPS)
+        elif op == "rms_norm":
+            yt = F.rms_norm(xt, ns, tw, RMS_EPS) if hasattr(F, "rms_norm") else None
+        else:
+            yt = F.group_norm(xt, groups, tw, tb, EPS)
+        if yt is not None:
+            inputs = (xt, tw) if op == "rms_norm" else (xt, tw, tb)
+            impls["torch"] = Impl(
+                lambda: tch.autograd.grad(yt, inputs, tgy, retain_graph=True),
+                lambda g: g[0].numpy(), note="autograd")
+    return impls
+
+
+def build_workload(env: Env, wl: Workload, x: np.ndarray, rng) -> dict[str, Impl]:
+    if wl.backward:
+        return build_backward(env, wl, x, rng)
+    return BUILDERS[wl.op](env, wl, x, rng)
+
+
 BUILDERS: dict[str, Callable[..., dict[str, Impl]]] = {
     "batch_norm": build_batch_norm,
     "layer_norm": _rowwise("layer_norm"),
@@ -513,6 +625,15 @@ class Timing:
     median_s: float
     min_s: float
     calls: int
+    faults_per_call: float | None = None  # minor page faults (fresh output memory), all threads
+
+
+def _minflt() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def measure(fn: Callable[[], Any], context=contextlib.nullcontext, *, min_time=0.2,
@@ -527,6 +648,7 @@ def measure(fn: Callable[[], Any], context=contextlib.nullcontext, *, min_time=0
         one = time.perf_counter() - t0
         number = max(1, min(10_000, int(2e-4 / max(one, 1e-9))))
         samples: list[float] = []
+        flt0 = _minflt()
         start = time.perf_counter()
         while len(samples) < min_samples or (time.perf_counter() - start < min_time
                                              and len(samples) < max_samples):
@@ -534,7 +656,10 @@ def measure(fn: Callable[[], Any], context=contextlib.nullcontext, *, min_time=0
             for _ in range(number):
                 fn()
             samples.append((time.perf_counter() - t0) / number)
-    return Timing(float(np.median(samples)), float(np.min(samples)), number * len(samples))
+        flt1 = _minflt()
+    calls = number * len(samples)
+    faults = None if flt0 is None or flt1 is None else (flt1 - flt0) / calls
+    return Timing(float(np.median(samples)), float(np.min(samples)), calls, faults)
 
 
 class CopyRef:
@@ -600,8 +725,10 @@ def _diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run(workloads: Sequence[Workload], env: Env, *, min_time: float, min_samples: int,
-        max_elements: int | None = None, progress=None, seed: int = 0) -> list[dict]:
-    """Runs each workload, returns one result dict per workload (the JSON ``results``)."""
+        max_elements: int | None = None, progress=None, seed: int = 0,
+        scaling: bool = False) -> list[dict]:
+    """Runs each workload, returns one result dict per workload (the JSON ``results``).
+    With ``scaling``, rsnorm is timed again on one thread (``thread_scaling`` = t1 / tN)."""
     copier = CopyRef(env.threads)
     results = []
     kw = {"min_time": min_time, "min_samples": min_samples}
@@ -612,31 +739,33 @@ def run(workloads: Sequence[Workload], env: Env, *, min_time: float, min_samples
             if max_elements:
                 keep = [wl.axis] if wl.op in ("group_norm", "gdn", "local_response_norm") else []
                 shape = shrink(shape, max_elements, keep)
-            res: dict[str, Any] = {"workload": wl.name(shape), "op": wl.op, "variant": wl.variant,
+            res: dict[str, Any] = {"workload": wl.name(shape), "op": wl.op,
+                                   "function": wl.function, "variant": wl.variant,
                                    "layout": wl.layout or None, "shape": list(shape),
                                    "dtype": wl.dtype, "impls": {}, "skipped": {},
                                    "ratios": {}, "ratios_out": {}}
             results.append(res)
-            if not hasattr(env.rn, wl.op):
-                res["skipped"]["rsnorm"] = f"rsnorm.{wl.op} not implemented yet"
+            if not hasattr(env.rn, wl.function):
+                res["skipped"]["rsnorm"] = f"rsnorm.{wl.function} not implemented yet"
                 if progress:
                     progress(wl, "skipped", len(IMPL_ORDER) + 1)
                 continue
             x = _make_x(rng, shape, wl.dtype)
-            res["bytes"] = 2 * x.nbytes
+            res["bytes"] = wl.traffic_arrays * x.nbytes
+            copy_bytes = 2 * x.nbytes
             if progress:
                 progress(wl, "copy", 0)
             cp = copier.measure(x, **kw)
             best = cp[cp["best"]]
             res["copy"] = {"method": cp["best"], "median_s": best.median_s,
-                           "min_s": best.min_s, "gbps": res["bytes"] / best.median_s / 1e9,
+                           "min_s": best.min_s, "gbps": copy_bytes / best.median_s / 1e9,
                            **{f"{k}_median_s": v.median_s for k, v in cp.items()
                               if isinstance(v, Timing)}}
             if progress:
                 progress(wl, "copy", 1)
             impls: dict[str, Impl] = {}
             try:
-                impls = BUILDERS[wl.op](env, wl, x, rng)
+                impls = build_workload(env, wl, x, rng)
             except Exception as exc:  # noqa: BLE001 - a peer cannot build: note, go on
                 res["skipped"]["setup"] = f"{type(exc).__name__}: {exc}"
             for peer, why in env.skipped_peers.items():
@@ -659,6 +788,14 @@ def run(workloads: Sequence[Workload], env: Env, *, min_time: float, min_samples
                     if name == "rsnorm":
                         reference = np.array(y, copy=True)
                     t = measure(impl.fn, impl.context, **kw)
+                    if scaling and name == "rsnorm" and env.threads > 1:
+                        env.rn.set_num_threads(1)
+                        try:
+                            t1 = measure(impl.fn, impl.context, **kw)
+                        finally:
+                            env.rn.set_num_threads(env.threads)
+                        res["rsnorm_1thread_median_s"] = t1.median_s
+                        res["thread_scaling"] = t1.median_s / t.median_s
                 except Exception as exc:  # noqa: BLE001 - reported, not hidden
                     res["skipped"][name] = f"{type(exc).__name__}: {str(exc)[:200]}"
                     if progress:
@@ -673,7 +810,9 @@ def run(workloads: Sequence[Workload], env: Env, *, min_time: float, min_samples
                 gbps = res["bytes"] / t.median_s / 1e9
                 res["impls"][name] = {
                     "median_s": t.median_s, "min_s": t.min_s, "calls": t.calls, "gbps": gbps,
-                    "pct_copy": 100.0 * res["copy"]["median_s"] / t.median_s,
+                    "faults_per_call": t.faults_per_call,
+                    # As bandwidth: a backward moves 3 arrays where the copy moves 2.
+                    "pct_copy": 100.0 * gbps / res["copy"]["gbps"],
                     "max_abs_diff_vs_rsnorm": diff, "note": note}
                 if progress:
                     progress(wl, name, 1)
@@ -710,6 +849,10 @@ def summarize(results: Sequence[dict]) -> dict[str, Any]:
                 summ[f"{key}.{peer}.median"] = med(vals)
                 summ[f"{key}.{peer}.min"] = float(min(vals))
                 summ[f"{key}.{peer}.count"] = len(vals)
+    scal = [r["thread_scaling"] for r in results if "thread_scaling" in r]
+    if scal:
+        summ["thread_scaling.median"] = med(scal)
+        summ["thread_scaling.min"] = float(min(scal))
     pct = [r["impls"]["rsnorm"]["pct_copy"] for r in results if "rsnorm" in r["impls"]]
     if pct:
         summ["rsnorm.pct_copy.median"] = med(pct)
@@ -736,31 +879,37 @@ def _x_ratio(v) -> str:
 def print_results(results: Sequence[dict], summary: dict, header: str, verbose: bool) -> None:
     from .cli import print_table
 
-    cols = ["workload", "impl", "median", "min", "GB/s", "% copy", "rsnorm speed-up",
-            "max|diff|"]
+    cols = ["workload", "impl", "median", "min", "GB/s", "% copy", "faults/call",
+            "rsnorm speed-up", "max|diff|"]
     rows = []
     for r in results:
+        if "rsnorm" in r["skipped"] and not r["impls"]:
+            rows.append([r["workload"], "rsnorm", "-", "-", "-", "-", "-", "-",
+                         r["skipped"]["rsnorm"]])
+            continue
         if "copy" in r:
             c = r["copy"]
             rows.append([r["workload"], f"copy ({c['method']})", _t(c["median_s"]),
-                         _t(c["min_s"]), f"{c['gbps']:.1f}", "100", "", ""])
+                         _t(c["min_s"]), f"{c['gbps']:.1f}", "100", "", "", ""])
         for name in IMPL_ORDER:
             if name in r["impls"]:
                 i = r["impls"][name]
                 ratio = r["ratios"].get(name) if name in PEERS else None
                 label = name + (f" ({i['note']})" if i.get("note") else "")
+                flt = i.get("faults_per_call")
                 rows.append(["", label, _t(i["median_s"]), _t(i["min_s"]),
-                             f"{i['gbps']:.1f}", f"{i['pct_copy']:.0f}", _x_ratio(ratio),
+                             f"{i['gbps']:.1f}", f"{i['pct_copy']:.0f}",
+                             "-" if flt is None else f"{flt:.0f}", _x_ratio(ratio),
                              "" if name == "rsnorm" else f"{i['max_abs_diff_vs_rsnorm']:.1e}"])
             elif verbose and name in r["skipped"]:
-                rows.append(["", name, "-", "-", "-", "-", "-", r["skipped"][name][:60]])
-        if "rsnorm" in r["skipped"]:
-            rows.append([r["workload"], "rsnorm", "-", "-", "-", "-", "-",
-                         r["skipped"]["rsnorm"]])
+                rows.append(["", name, "-", "-", "-", "-", "-", "-", r["skipped"][name][:60]])
     print_table(header, cols, rows)
     # The compact view: one line per workload, ratio = peer time / rsnorm time.
     cols2 = ["workload", "rsnorm", "% copy", "out= % copy", "vs numpy", "vs torch",
              "vs onnxruntime", "vs peer", "vs peer (out=)"]
+    with_scaling = any("thread_scaling" in r for r in results)
+    if with_scaling:
+        cols2.append("N threads vs 1")
     rows2 = []
     for r in results:
         if "rsnorm" not in r["impls"]:
@@ -770,7 +919,8 @@ def print_results(results: Sequence[dict], summary: dict, header: str, verbose: 
         rows2.append([r["workload"], _t(i["median_s"]), f"{i['pct_copy']:.0f}",
                       "-" if o is None else f"{o['pct_copy']:.0f}",
                       *(_x_ratio(r["ratios"].get(p)) for p in (*PEERS, "peer")),
-                      _x_ratio(r["ratios_out"].get("peer"))])
+                      _x_ratio(r["ratios_out"].get("peer")),
+                      *([_x_ratio(r.get("thread_scaling"))] if with_scaling else [])])
     print_table("ratios (peer time / rsnorm time; > 1 means rsnorm is faster; peer = the faster "
                 "of torch and onnxruntime)", cols2, rows2)
     parts = []
@@ -778,6 +928,7 @@ def print_results(results: Sequence[dict], summary: dict, header: str, verbose: 
                        ("ratios.peer.min", "worst vs peer"),
                        ("ratios_out.peer.median", "median vs peer (out=)"),
                        ("ratios.numpy.median", "median vs numpy"),
+                       ("thread_scaling.median", "median thread scaling"),
                        ("rsnorm.pct_copy.median", "median % of copy")):
         if key in summary:
             v = summary[key]
@@ -836,8 +987,12 @@ def build_parser(prog: str = "rsnorm bench") -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write all results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of GB/s (needs matplotlib)")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
+    p.add_argument("--scaling", action="store_true",
+                   help="also time rsnorm on one thread (thread scaling column)")
     p.add_argument("-v", "--verbose", action="store_true", help="also show skipped peers")
-    p.add_argument("--backend", choices=("cpu",), default="cpu", help=argparse.SUPPRESS)
+    p.add_argument("--backend", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: run rsnorm.gpu's benchmark instead (needs wgpu); other options "
+                   "are passed to it")
     # Knobs for tests and exploration, not part of the documented interface.
     p.add_argument("--min-time", type=float, help=argparse.SUPPRESS)
     p.add_argument("--min-samples", type=int, help=argparse.SUPPRESS)
@@ -875,11 +1030,11 @@ def select(ops: str | None, quick: bool) -> list[Workload]:
     wls = [w for w in WORKLOADS if w.quick or not quick]
     if ops:
         wanted = {o.strip() for o in ops.split(",") if o.strip()}
-        known = {w.op for w in WORKLOADS}
+        known = {w.op for w in WORKLOADS} | {w.function for w in WORKLOADS}
         if wanted - known:
             raise SystemExit(f"rsnorm bench: unknown op(s) {sorted(wanted - known)}; "
                              f"known: {sorted(known)}")
-        wls = [w for w in wls if w.op in wanted]
+        wls = [w for w in wls if w.op in wanted or w.function in wanted]
     return wls
 
 
@@ -894,11 +1049,47 @@ def machine_info(env: Env) -> dict[str, Any]:
                                       else str(v)) for k, v in dict(rn.build_info()).items()}
         except Exception as exc:  # noqa: BLE001 - reported, not hidden
             info["build_info"] = f"unavailable: {exc}"
+    if hasattr(os, "getloadavg"):
+        info["loadavg_start"] = list(os.getloadavg())
     info["env"] = {k: os.environ[k] for k in ("RAYON_NUM_THREADS", "OMP_NUM_THREADS",
                                               "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
                                               "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
                    if k in os.environ}
     return info
+
+
+class CpuProbe:
+    """Share of the machine's CPU time used by other processes since construction: the
+    machine-wide busy time from /proc/stat minus this process's own CPU time."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            import resource
+
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+            hz = os.sysconf("SC_CLK_TCK")
+            # user nice system idle iowait irq softirq steal: all but idle/iowait are busy,
+            # steal included (a hypervisor taking the vCPU is contention too).
+            busy = (sum(fields[:8]) - fields[3] - fields[4]) / hz
+            ru = resource.getrusage(resource.RUSAGE_SELF)
+            return time.perf_counter(), busy, ru.ru_utime + ru.ru_stime
+        except (OSError, ValueError, IndexError, ImportError):
+            return None
+
+    def other_fraction(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        wall = end[0] - self.start[0]
+        if wall <= 0:
+            return None
+        other = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        return max(0.0, other / (wall * (os.cpu_count() or 1)))
 
 
 def _cpu_model() -> str:
@@ -912,8 +1103,27 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _gpu_main(argv: list[str]) -> int:
+    rest = [a for i, a in enumerate(argv) if not (a == "--backend" or a.startswith("--backend=")
+                                                  or (i > 0 and argv[i - 1] == "--backend"))]
+    try:
+        from rsnorm.gpu import bench as gpu_bench
+    except (ImportError, RuntimeError) as exc:
+        print(f"rsnorm bench: the GPU benchmark is not available ({exc}); it needs "
+              "rsnorm.gpu.bench and wgpu (pip install 'rsnorm[gpu]')", file=sys.stderr)
+        return 2
+    if not hasattr(gpu_bench, "main"):
+        print("rsnorm bench: rsnorm.gpu.bench has no main()", file=sys.stderr)
+        return 2
+    return int(gpu_bench.main(rest) or 0)
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "rsnorm bench") -> int:
-    args = build_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known, _ = build_parser(prog).parse_known_args(argv)
+    if known.backend == "gpu":
+        return _gpu_main(argv)
+    args = build_parser(prog).parse_args(argv)
     workloads = select(args.ops, args.quick)
     if args.list:
         for w in workloads:
@@ -929,16 +1139,23 @@ def main(argv: Sequence[str] | None = None, prog: str = "rsnorm bench") -> int:
               file=sys.stderr)
         return 2
     env = Env(args.threads, peers)
+    info = machine_info(env)  # before the run: the load average then tells of other work
     min_time = args.min_time if args.min_time is not None else (0.05 if args.quick else 0.2)
     min_samples = args.min_samples or (3 if args.quick else 5)
     cb, bar = _progress_factory(workloads)
     t0 = time.perf_counter()
+    cpu_probe = CpuProbe()
     with bar:
         results = run(workloads, env, min_time=min_time, min_samples=min_samples,
-                      max_elements=args.max_elements, progress=cb)
+                      max_elements=args.max_elements, progress=cb, scaling=args.scaling)
     elapsed = time.perf_counter() - t0
     summary = summarize(results)
-    info = machine_info(env)
+    other = cpu_probe.other_fraction()
+    info["other_processes_cpu_fraction"] = other
+    if other is not None and other > 0.1:
+        print(f"warning: other processes used {100 * other:.0f}% of the CPUs during the run; "
+              "timings (torch's and onnxruntime's thread pools most) are unreliable",
+              file=sys.stderr)
     header = (f"rsnorm bench · {info['processor']} · {env.threads} thread(s) · "
               + ", ".join(f"{k} {v}" for k, v in env.versions().items() if v)
               + (" · quick" if args.quick else ""))
@@ -948,6 +1165,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "rsnorm bench") -> int:
         doc = {"schema": 1, "rsnorm_version": env.versions()["rsnorm"], "versions": env.versions(),
                "machine": info, "threads": env.threads, "quick": args.quick,
                "settings": {"min_time_s": min_time, "min_samples": min_samples,
+                            "scaling": args.scaling,
                             "max_elements": args.max_elements},
                "skipped_peers": env.skipped_peers, "elapsed_s": elapsed,
                "results": results, "summary": summary}

@@ -14,17 +14,23 @@ import numpy as np
 
 __all__ = [
     "batch_norm",
+    "batch_norm_backward",
     "filter_response_norm",
     "gdn",
     "group_norm",
+    "group_norm_backward",
     "instance_norm",
+    "instance_norm_backward",
     "layer_norm",
+    "layer_norm_backward",
     "local_response_norm",
     "mean_variance_norm",
     "moments",
     "normalize",
     "rms_norm",
+    "rms_norm_backward",
     "tlu",
+    "whiten",
 ]
 
 
@@ -254,3 +260,123 @@ def normalize(x, p=2.0, axis=1, eps=1e-12):
     x = _f64(x)
     norm = np.sum(np.abs(x) ** p, axis=axis, keepdims=True) ** (1.0 / p)
     return x / np.maximum(norm, eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward (SPEC §1 "Backward"): gradients of the forwards above, as dicts of float64 arrays
+# with the keys of rsnorm's result tuples ("x", "weight", "bias"), present only for the
+# parameters that were given.
+# ---------------------------------------------------------------------------------------------
+
+
+def _standardize_backward(g, xhat, rstd, red):
+    """dx of ``y = xhat`` with ``xhat = (x - mean) * rstd`` over ``red``, given ``g = dL/dxhat``."""
+    return rstd * (g - g.mean(axis=red, keepdims=True)
+                   - xhat * (g * xhat).mean(axis=red, keepdims=True))
+
+
+def _param_grads(out, dy, xhat, weight, bias, red):
+    if weight is not None:
+        out["weight"] = (dy * xhat).sum(axis=red)
+    if bias is not None:
+        out["bias"] = dy.sum(axis=red)
+    return out
+
+
+def batch_norm_backward(grad_y, x, running_mean=None, running_var=None, weight=None, bias=None,
+                        training=False, eps=1e-5, *, axis=1):
+    """Training: through the batch statistics; eval (with running stats): the affine map."""
+    x, dy = _f64(x), _f64(grad_y)
+    axis = axis % x.ndim
+    red = tuple(i for i in range(x.ndim) if i != axis)
+    cs = _channel_shape(x.ndim, axis)
+    w = np.ones(x.shape[axis]) if weight is None else _f64(weight)
+    g = dy * w.reshape(cs)
+    if training or running_mean is None:
+        mean = x.mean(axis=red, keepdims=True)
+        rstd = 1.0 / np.sqrt(((x - mean) ** 2).mean(axis=red, keepdims=True) + eps)
+        xhat = (x - mean) * rstd
+        dx = _standardize_backward(g, xhat, rstd, red)
+    else:
+        rstd = 1.0 / np.sqrt(_f64(running_var).reshape(cs) + eps)
+        xhat = (x - _f64(running_mean).reshape(cs)) * rstd
+        dx = g * rstd
+    return _param_grads({"x": dx}, dy, xhat, weight, bias, red)
+
+
+def layer_norm_backward(grad_y, x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    x, dy = _f64(x), _f64(grad_y)
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    k = len(normalized_shape)
+    red = tuple(range(x.ndim - k, x.ndim))
+    mean = x.mean(axis=red, keepdims=True)
+    rstd = 1.0 / np.sqrt(((x - mean) ** 2).mean(axis=red, keepdims=True) + eps)
+    xhat = (x - mean) * rstd
+    g = dy if weight is None else dy * _f64(weight)
+    out = {"x": _standardize_backward(g, xhat, rstd, red)}
+    return _param_grads(out, dy, xhat, weight, bias, tuple(range(x.ndim - k)))
+
+
+def rms_norm_backward(grad_y, x, normalized_shape, weight=None, eps=None):
+    if eps is None:
+        eps = rms_eps(np.asarray(x).dtype)
+    x, dy = _f64(x), _f64(grad_y)
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    k = len(normalized_shape)
+    red = tuple(range(x.ndim - k, x.ndim))
+    rstd = 1.0 / np.sqrt((x**2).mean(axis=red, keepdims=True) + eps)
+    xhat = x * rstd
+    g = dy if weight is None else dy * _f64(weight)
+    out = {"x": rstd * (g - xhat * (g * xhat).mean(axis=red, keepdims=True))}
+    return _param_grads(out, dy, xhat, weight, None, tuple(range(x.ndim - k)))
+
+
+def group_norm_backward(grad_y, x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1):
+    x, dy = _f64(x), _f64(grad_y)
+    axis = axis % x.ndim
+    xt, dyt = np.moveaxis(x, axis, 1), np.moveaxis(dy, axis, 1)
+    n = xt.shape[0]
+    w = np.ones(xt.shape[1]) if weight is None else _f64(weight)
+    g = (dyt * w.reshape(_channel_shape(xt.ndim, 1))).reshape(n, num_groups, -1)
+    xs = xt.reshape(n, num_groups, -1)
+    mean = xs.mean(axis=2, keepdims=True)
+    rstd = 1.0 / np.sqrt(((xs - mean) ** 2).mean(axis=2, keepdims=True) + eps)
+    xhat = (xs - mean) * rstd
+    dx = _standardize_backward(g, xhat, rstd, (2,)).reshape(xt.shape)
+    red = tuple(i for i in range(xt.ndim) if i != 1)
+    out = {"x": np.moveaxis(dx, 1, axis)}
+    return _param_grads(out, dyt, xhat.reshape(xt.shape), weight, bias, red)
+
+
+def instance_norm_backward(grad_y, x, weight=None, bias=None, eps=1e-5, *, axis=1):
+    """With the instance statistics (``use_input_stats=True``): group norm with G = C."""
+    x = np.asarray(x)
+    return group_norm_backward(grad_y, x, x.shape[axis % x.ndim], weight, bias, eps, axis=axis)
+
+
+def whiten(x, method="zca", eps=1e-5, unbiased=False):
+    """``(y, mean, eigenvalues)`` of whitening the rows of ``x`` (m samples × d features).
+
+    Covariance divided by m (or m − 1 when ``unbiased``); ZCA ``W = U (Λ+eps)^-½ Uᵀ``, PCA
+    ``W = (Λ+eps)^-½ Uᵀ`` (eigenvalues descending; column signs are arbitrary), Cholesky
+    ``W = L⁻¹`` with ``L Lᵀ = Σ + eps·I``; ``y = (x − mean) Wᵀ``.
+    """
+    x = _f64(x)
+    m = x.shape[0]
+    mean = x.mean(axis=0)
+    xc = x - mean
+    cov = xc.T @ xc / (m - 1 if unbiased else m)
+    lam, u = np.linalg.eigh(cov)
+    lam, u = lam[::-1], u[:, ::-1]
+    if method == "zca":
+        w = (u / np.sqrt(lam + eps)) @ u.T
+    elif method == "pca":
+        w = (u / np.sqrt(lam + eps)).T
+    elif method == "cholesky":
+        low = np.linalg.cholesky(cov + eps * np.eye(cov.shape[0]))
+        w = np.linalg.inv(low)
+    else:
+        raise ValueError(f"method must be 'zca', 'pca' or 'cholesky', got {method!r}")
+    return xc @ w.T, mean, lam

@@ -32,8 +32,9 @@ __all__ = ["DEMO_CASES", "DemoCase", "Prepared", "main", "register", "run_cases"
 # ---------------------------------------------------------------------------------------------
 
 # (rtol, atol) for "got" arrays of each dtype, compared with |got - ref| <= atol + rtol*|ref|.
-# rsnorm computes in float64 and rounds once (<= 0.5 ulp); these leave room for kernels that
-# round a few times more, yet catch any real formula or convention mistake (those are >= 1e-3).
+# Statistics are float64 (SPEC §3), so an output rounded once is within 0.5 ulp; these leave
+# room for kernels that round a few times more, yet catch any formula or convention mistake
+# (those are >= 1e-3).
 TOLERANCES: dict[str, tuple[float, float]] = {
     "float16": (2e-3, 2e-3),
     "float32": (1e-5, 1e-5),
@@ -434,7 +435,98 @@ def _normalize_case(p=2.0, axis=1):
     return build
 
 
+def _bwd_case(op, *, axis=1, affine=True, training=True, ndims=1, groups=3, use_stats=False):
+    """``<op>_backward(grad_y, x, <forward params by name>, stats=...)`` against the analytic
+    float64 gradients of :mod:`rsnorm._reference`."""
+
+    def build(rn, rng, dtype, shape):
+        x = _x(rng, shape, dtype)
+        gy = rng.standard_normal(shape).astype(dtype)
+        fn = getattr(rn, f"{op}_backward")
+        fwd = getattr(rn, op)
+        if op in ("layer_norm", "rms_norm"):
+            pshape = tuple(shape[-ndims:])
+            lead = (pshape,)
+        else:
+            pshape = _chan(shape, axis)
+            lead = (groups,) if op == "group_norm" else ()
+        w = _pos(rng, pshape, dtype) if affine else None
+        b = rng.standard_normal(pshape).astype(dtype) if affine and op != "rms_norm" else None
+        kw: dict[str, Any] = {"weight": w}
+        if op != "rms_norm":
+            kw["bias"] = b
+        kw["eps"] = 1e-6 if op == "rms_norm" else 1e-5
+        if op in ("batch_norm", "group_norm", "instance_norm") and axis != 1:
+            kw["axis"] = axis
+        rm = rv = None
+        if op == "batch_norm":
+            if not training:
+                rm = rng.standard_normal(pshape).astype(dtype)
+                rv = _pos(rng, pshape, dtype)
+            kw.update(running_mean=rm, running_var=rv, training=training)
+        stats_kw = {}
+        if use_stats:
+            fkw = dict(kw)
+            if op == "batch_norm":
+                # The forward would update the running stats in place: give it copies.
+                fkw["running_mean"] = None if rm is None else rm.copy()
+                fkw["running_var"] = None if rv is None else rv.copy()
+            _, stats_kw["stats"] = fwd(x, *lead, **fkw, return_stats=True)
+
+        def run():
+            return fn(gy, x, *lead, **kw, **stats_kw)
+
+        def compare(res):
+            a = {"axis": axis} if op in ("batch_norm", "group_norm", "instance_norm") else {}
+            if op == "batch_norm":
+                exp = ref.batch_norm_backward(gy, x, rm, rv, w, b, training, 1e-5, **a)
+            elif op == "layer_norm":
+                exp = ref.layer_norm_backward(gy, x, pshape, w, b, 1e-5)
+            elif op == "rms_norm":
+                exp = ref.rms_norm_backward(gy, x, pshape, w, 1e-6)
+            elif op == "group_norm":
+                exp = ref.group_norm_backward(gy, x, groups, w, b, 1e-5, **a)
+            else:
+                exp = ref.instance_norm_backward(gy, x, w, b, 1e-5, **a)
+            return [(f"grad {k}", getattr(res, k), v) for k, v in exp.items()]
+
+        return Prepared(run, compare)
+
+    return build
+
+
+def _whitening_case(method, unbiased=False):
+    def build(rn, rng, dtype, shape):
+        m, d = shape
+        # Correlated features with an offset; well conditioned so eps conventions do not matter.
+        mix = rng.standard_normal((d, d)) + 2 * np.eye(d)
+        x = (3.0 + rng.standard_normal((m, d)) @ mix).astype(dtype)
+        eps = 1e-12
+
+        def run():
+            wh = rn.Whitening(method=method, eps=eps, unbiased=unbiased).fit(x)
+            y = wh.transform(x)
+            return wh, y, wh.inverse_transform(y)
+
+        def compare(res):
+            wh, y, back = res
+            ey, mean, lam = ref.whiten(x, method, eps, unbiased)
+            y = np.asarray(y)
+            if method == "pca":
+                # Eigenvectors are unique only up to sign: align each column with the reference.
+                y = y * np.where(np.sum(y * ey, axis=0) < 0, -1, 1).astype(y.dtype)
+            return [("transform", y, ey), ("mean_", np.asarray(wh.mean_), mean),
+                    ("eigenvalues_", np.asarray(wh.eigenvalues_), lam),
+                    ("inverse_transform", back, x)]
+
+        return Prepared(run, compare)
+
+    return build
+
+
 _F4, _F8, _F2 = "float32", "float64", "float16"
+# Gradients round a few more times than forwards (dx = rstd*(g - mean g - xhat*mean(g*xhat))).
+_BWD_TOL = {"float32": (3e-5, 3e-5)}
 
 register(
     DemoCase("batch_norm train NCHW", "batch_norm", _F4, (8, 16, 12, 12), _bn_case(True)),
@@ -470,6 +562,26 @@ register(
              requires=("Moments",)),
     DemoCase("moments + merge NHWC (axis=-1)", "moments", _F8, (5, 4, 4, 12),
              _moments_case(axis=-1, split=(2, 0, 3))),
+    DemoCase("batch_norm_backward train", "batch_norm_backward", _F4, (8, 6, 5, 5),
+             _bwd_case("batch_norm"), tolerances=_BWD_TOL),
+    DemoCase("batch_norm_backward train NHWC, stats", "batch_norm_backward", _F8, (6, 4, 4, 5),
+             _bwd_case("batch_norm", axis=-1, use_stats=True)),
+    DemoCase("batch_norm_backward eval", "batch_norm_backward", _F4, (8, 6, 5, 5),
+             _bwd_case("batch_norm", training=False), tolerances=_BWD_TOL),
+    DemoCase("layer_norm_backward", "layer_norm_backward", _F4, (16, 64),
+             _bwd_case("layer_norm"), tolerances=_BWD_TOL),
+    DemoCase("layer_norm_backward over (4, 6), stats", "layer_norm_backward", _F8, (5, 4, 6),
+             _bwd_case("layer_norm", ndims=2, affine=False, use_stats=True)),
+    DemoCase("rms_norm_backward", "rms_norm_backward", _F4, (16, 64), _bwd_case("rms_norm"),
+             tolerances=_BWD_TOL),
+    DemoCase("rms_norm_backward, stats", "rms_norm_backward", _F8, (6, 40),
+             _bwd_case("rms_norm", use_stats=True)),
+    DemoCase("group_norm_backward G=3", "group_norm_backward", _F4, (4, 12, 5, 5),
+             _bwd_case("group_norm"), tolerances=_BWD_TOL),
+    DemoCase("group_norm_backward NHWC, stats", "group_norm_backward", _F8, (3, 4, 4, 12),
+             _bwd_case("group_norm", axis=-1, groups=4, use_stats=True)),
+    DemoCase("instance_norm_backward", "instance_norm_backward", _F4, (4, 6, 7, 7),
+             _bwd_case("instance_norm"), tolerances=_BWD_TOL),
     DemoCase("local_response_norm size=5", "local_response_norm", _F4, (4, 16, 7, 7),
              _lrn_case(5)),
     DemoCase("local_response_norm size=4 onnx window", "local_response_norm", _F4,
@@ -484,6 +596,12 @@ register(
     DemoCase("gdn", "gdn", _F4, (2, 16, 8, 8), _gdn_case()),
     DemoCase("gdn inverse (IGDN)", "gdn", _F4, (2, 16, 8, 8), _gdn_case(inverse=True)),
     DemoCase("gdn variant=gdn1", "gdn", _F8, (2, 8, 5, 5), _gdn_case(variant="gdn1")),
+    DemoCase("Whitening zca", "Whitening", _F8, (200, 6), _whitening_case("zca"),
+             tolerances={_F8: (1e-9, 1e-9)}),
+    DemoCase("Whitening pca, unbiased", "Whitening", _F8, (200, 6),
+             _whitening_case("pca", unbiased=True), tolerances={_F8: (1e-9, 1e-9)}),
+    DemoCase("Whitening cholesky", "Whitening", _F8, (200, 6), _whitening_case("cholesky"),
+             tolerances={_F8: (1e-9, 1e-9)}),
     DemoCase("mean_variance_norm", "mean_variance_norm", _F4, (4, 8, 6, 6), _mvn_case()),
     DemoCase("normalize p=2", "normalize", _F4, (16, 32), _normalize_case()),
     DemoCase("normalize p=1 axis=-1", "normalize", _F8, (4, 5, 6), _normalize_case(1.0, -1)),
@@ -562,15 +680,12 @@ def cmd_info(args) -> int:
             info = dict(rn.build_info())
         except Exception as exc:  # noqa: BLE001 - reported, not hidden
             rows.append(("build_info", f"unavailable ({type(exc).__name__}: {exc})"))
-    for key in ("version", "profile", "simd", "num_threads", "features"):
-        if key in info:
-            val = info[key]
-            if isinstance(val, (list, tuple)):
-                val = ", ".join(map(str, val)) or "-"
-            rows.append((f"build.{key}", str(val)))
-    for key, val in info.items():
-        if key not in ("version", "profile", "simd", "num_threads", "features"):
-            rows.append((f"build.{key}", str(val)))
+    first = ("version", "profile", "simd", "num_threads", "features")
+    for key in [k for k in first if k in info] + [k for k in info if k not in first]:
+        val = info[key]
+        if isinstance(val, (list, tuple, set)):
+            val = ", ".join(map(str, val)) or "-"
+        rows.append((f"build.{key}", str(val)))
     if hasattr(rn, "get_num_threads"):
         rows.append(("threads", str(rn.get_num_threads())))
     if os.environ.get("RAYON_NUM_THREADS"):
@@ -817,22 +932,10 @@ def cmd_check(args) -> int:
     return 1 if bad else 0
 
 
-def cmd_bench(args, rest: list[str]) -> int:
-    if args.backend == "gpu":
-        try:
-            from rsnorm.gpu import bench as gpu_bench
-        except ImportError as exc:
-            print(f"rsnorm bench: the GPU benchmark is not available ({exc}); "
-                  "it needs rsnorm.gpu.bench and wgpu (pip install 'rsnorm[gpu]')",
-                  file=sys.stderr)
-            return 2
-        if not hasattr(gpu_bench, "main"):
-            print("rsnorm bench: rsnorm.gpu.bench has no main()", file=sys.stderr)
-            return 2
-        return int(gpu_bench.main(rest) or 0)
+def cmd_bench(argv: list[str]) -> int:
     from . import _bench
 
-    return _bench.main(rest)
+    return _bench.main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -847,9 +950,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="conformance self-test (references + ONNX test data)")
     c.add_argument("--no-onnx", action="store_true", help="skip the ONNX conformance data")
     c.add_argument("-v", "--verbose", action="store_true")
-    b = sub.add_parser("bench", help="time rsnorm against NumPy, PyTorch and onnxruntime",
-                       add_help=False)
-    b.add_argument("--backend", choices=("cpu", "gpu"), default="cpu")
+    # The bench engine owns its options (rsnorm bench --help); listed here for the overview.
+    sub.add_parser("bench", help="time rsnorm against NumPy, PyTorch and onnxruntime",
+                   add_help=False)
     return p
 
 
@@ -857,29 +960,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and argv[0] == "bench":
-        # The bench engine owns its options; we only peel off --backend.
-        args, _ = parser.parse_known_args(argv)
-        return cmd_bench(args, [a for a in _strip_backend(argv[1:])])
+        return cmd_bench(argv[1:])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     return {"info": cmd_info, "demo": cmd_demo, "check": cmd_check}[args.command](args)
-
-
-def _strip_backend(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if a == "--backend":
-            skip = True
-            continue
-        if a.startswith("--backend="):
-            continue
-        out.append(a)
-    return out
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ use super::common::{bytes_of, check_eps, check_momentum, check_out, rstd, GroupS
 use crate::channel::{check_channel_param, ChannelView};
 use crate::error::{fmt_shape, NormError, Result};
 use crate::pool;
-use crate::reduce::SharedMut;
 use crate::scalar::Scalar;
 use ndarray::{ArrayView, ArrayViewMut, IxDyn};
 
@@ -127,9 +126,14 @@ pub fn batch_norm<T: Scalar>(
         .map(|k| rs[k] * p.weight.map_or(1.0, |w| w[k]))
         .collect();
     let b: Vec<f64> = (0..c).map(|k| p.bias.map_or(0.0, |b| b[k])).collect();
-    let yp = SharedMut::new(cv.permute_out(y));
-    // Each task writes sample n of y only.
-    pool::for_each_task(cv.n, parallel, |n| cv.apply_sample(n, &yp, &mean, &a, &b));
+    let yo = cv.output(y);
+    let per = cv.samples_per_task();
+    // Each task writes its own block of samples of y.
+    pool::for_each_task(cv.n.div_ceil(per), parallel, |t| {
+        for n in t * per..((t + 1) * per).min(cv.n) {
+            cv.apply_sample(n, &yo, &mean, &a, &b);
+        }
+    });
 
     let mut out = BatchNormOutput {
         stats: GroupStats {

@@ -10,7 +10,6 @@ use super::common::{bytes_of, check_eps, check_out, rstd, GroupStats};
 use crate::channel::{check_channel_param, ChannelView};
 use crate::error::{NormError, Result};
 use crate::pool;
-use crate::reduce::SharedMut;
 use crate::scalar::Scalar;
 use ndarray::{ArrayView, ArrayViewMut, IxDyn};
 
@@ -37,7 +36,7 @@ pub fn group_norm<T: Scalar>(
             "num_groups must be positive, got {num_groups}"
         )));
     }
-    let g = num_groups as usize;
+    let g = usize::try_from(num_groups).unwrap_or(usize::MAX);
     if cv.c % g != 0 {
         return Err(NormError::Param(format!(
             "num_groups must divide the number of channels: C={} is not divisible by num_groups={g}",
@@ -65,9 +64,9 @@ pub(crate) fn grouped<T: Scalar>(
     fixed: Option<(&[f64], &[f64])>,
 ) -> (GroupStats, Vec<f64>) {
     let c = cv.c;
-    let cpg = if groups == 0 { 0 } else { c / groups };
+    let cpg = c.checked_div(groups).unwrap_or(0);
     let count = (cpg * cv.s) as f64;
-    let yp = SharedMut::new(cv.permute_out(y));
+    let yo = cv.output(y);
     let per_sample = pool::map_tasks(cv.n, parallel, |n| {
         let mut scratch = Vec::new();
         let (gmean, gvar): (Vec<f64>, Vec<f64>) = match fixed {
@@ -104,7 +103,7 @@ pub(crate) fn grouped<T: Scalar>(
             .collect();
         let b: Vec<f64> = (0..c).map(|k| bias.map_or(0.0, |b| b[k])).collect();
         // Task n owns sample n of y.
-        cv.apply_sample(n, &yp, &m, &a, &b);
+        cv.apply_sample(n, &yo, &m, &a, &b);
         (gmean, grstd, gvar)
     });
     let mut stats = GroupStats::default();

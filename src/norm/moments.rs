@@ -50,9 +50,13 @@ impl Moments {
 pub fn moments<T: Scalar>(x: ArrayView<'_, T, IxDyn>, axis: isize) -> Result<Moments> {
     let ax = normalize_axis(axis, x.ndim(), "axis")?;
     let parallel = pool::worth_parallel(bytes_of(&x));
-    // A leading unit axis makes every channel axis a non-batch axis of the (N, C, S…) view.
-    let xv = x.insert_axis(Axis(0));
-    let cv = ChannelView::new(xv, ax as isize + 1, "moments", 2)?;
+    // The same (N, C, S…) view and sums as batch norm, so `moments` gives bitwise batch norm's
+    // statistics; a channel axis 0 gets a leading unit batch axis.
+    let cv = if ax == 0 {
+        ChannelView::new(x.insert_axis(Axis(0)), 1, "moments", 2)?
+    } else {
+        ChannelView::new(x, ax as isize, "moments", 2)?
+    };
     let count = (cv.n * cv.s) as u64;
     let (mean, m2) = channel_moments(&cv, parallel);
     Ok(Moments { count, mean, m2 })

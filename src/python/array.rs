@@ -68,8 +68,17 @@ fn float_array<'a, 'py>(
             dt.repr().map(|s| s.to_string()).unwrap_or(dname)
         )));
     }
-    Ok((arr, size as u8))
+    if arr.ndim() > MAX_NDIM {
+        return Err(value_error(format!(
+            "{name} has {} dimensions; rsnorm supports at most {MAX_NDIM}",
+            arr.ndim()
+        )));
+    }
+    Ok((arr, u8::try_from(size).unwrap_or(8)))
 }
+
+/// rust-numpy's dynamic views support up to 32 dimensions (NumPy 2 allows 64).
+const MAX_NDIM: usize = 32;
 
 impl<'py> XArray<'py> {
     pub fn extract(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Self> {
@@ -231,10 +240,12 @@ pub fn prepare_out<'py, T: Element>(
                     fmt_shape(a.shape())
                 )));
             }
-            if a.shape()
-                .iter()
-                .zip(a.strides())
-                .any(|(&d, &s)| d > 1 && s == 0)
+            let empty = a.shape().contains(&0);
+            if !empty
+                && a.shape()
+                    .iter()
+                    .zip(a.strides())
+                    .any(|(&d, &s)| d > 1 && s == 0)
             {
                 return Err(value_error(
                     "out has overlapping memory (a zero stride); pass a writable array of distinct elements"
@@ -246,6 +257,11 @@ pub fn prepare_out<'py, T: Element>(
     };
     let rw = arr.try_readwrite().map_err(|e| borrow_error("out", e))?;
     Ok((arr, rw))
+}
+
+/// Bytes of a view, for the GIL-release threshold.
+pub fn nbytes<T>(v: &ndarray::ArrayView<'_, T, ndarray::IxDyn>) -> usize {
+    v.len().saturating_mul(std::mem::size_of::<T>())
 }
 
 /// Runs `f` with the GIL released when the work is large enough to be worth it.
@@ -274,6 +290,8 @@ pub fn stats_array<'py>(
             .reshape(shape)?
             .into_any())
     } else {
+        // Statistics of f16/f32 inputs are reported in f32, rounded once from f64.
+        #[allow(clippy::cast_possible_truncation)]
         let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
         Ok(numpy::PyArray1::<f32>::from_vec(py, f)
             .reshape(shape)?
@@ -292,7 +310,7 @@ pub fn stats_tuple<'py>(
         Ok(py.import("rsnorm._types")?.getattr("Stats")?.unbind())
     })?;
     cls.bind(py)
-        .call1((mean.map_or_else(|| py.None().into_bound(py), |m| m), rstd))
+        .call1((mean.unwrap_or_else(|| py.None().into_bound(py)), rstd))
 }
 
 /// (y) or (y, stats) as the Python result.
@@ -310,4 +328,53 @@ pub fn result<'py>(
 /// Whether statistics of this input are reported in float64 (else float32).
 pub fn f64_stats<T: Scalar + Element>(_x: &PyReadonlyArrayDyn<'_, T>) -> bool {
     T::NAME == "float64"
+}
+
+/// The byte range [lo, hi) an array's elements span (empty arrays span nothing).
+fn extent(a: &Bound<'_, PyUntypedArray>) -> Option<(usize, usize)> {
+    if a.shape().contains(&0) {
+        return None;
+    }
+    // SAFETY: reading the data pointer of a live array; it is not dereferenced.
+    let base = unsafe { (*numpy::npyffi::_PyArray_GET_ITEM_DATA(a.as_array_ptr())).data } as usize;
+    let item = a.dtype().itemsize();
+    let (mut lo, mut hi) = (base as isize, base as isize);
+    for (&d, &s) in a.shape().iter().zip(a.strides()) {
+        let span = (d as isize - 1) * s;
+        if span < 0 {
+            lo += span;
+        } else {
+            hi += span;
+        }
+    }
+    Some((lo as usize, hi as usize + item))
+}
+
+/// `out` must not share memory with any parameter array (x is checked by the borrow tracker
+/// in `prepare_out`). A bounds test, like `numpy.may_share_memory`: conservative and O(1).
+pub fn check_out_disjoint(
+    out: Option<&Bound<'_, PyAny>>,
+    params: &[(&str, Option<&Bound<'_, PyAny>>)],
+) -> PyResult<()> {
+    let Some(o) = out.filter(|o| !o.is_none()) else {
+        return Ok(());
+    };
+    let Ok(ou) = o.cast::<PyUntypedArray>() else {
+        return Ok(());
+    };
+    let Some((olo, ohi)) = extent(ou) else {
+        return Ok(());
+    };
+    for (name, p) in params {
+        if let Some(pu) = p.and_then(|p| p.cast::<PyUntypedArray>().ok()) {
+            if let Some((lo, hi)) = extent(pu) {
+                if lo < ohi && olo < hi {
+                    return Err(value_error(format!(
+                        "out overlaps {name} (same memory); pass a separate output array"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }

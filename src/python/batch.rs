@@ -1,8 +1,8 @@
 //! `batch_norm` and `moments` bindings.
 
 use super::array::{
-    check_writable, core, f64_stats, prepare_out, read_vec, result, run, stats_array, stats_tuple,
-    write_param, XArray,
+    check_out_disjoint, check_writable, core, f64_stats, prepare_out, read_vec, result, run,
+    stats_array, stats_tuple, write_param, XArray,
 };
 use super::errors::{type_error, value_error};
 use crate::dispatch;
@@ -42,7 +42,13 @@ fn read_nbt(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<i64>> {
     let ro = a
         .try_readonly()
         .map_err(|e| value_error(format!("num_batches_tracked: {e}")))?;
-    Ok(ro.as_array().iter().next().copied())
+    let v = ro.as_array().iter().next().copied();
+    if let Some(n) = v.filter(|&n| n < 0) {
+        return Err(value_error(format!(
+            "num_batches_tracked must be >= 0, got {n}"
+        )));
+    }
+    Ok(v)
 }
 
 fn write_nbt(obj: &Bound<'_, PyAny>, v: i64) -> PyResult<()> {
@@ -95,6 +101,15 @@ pub fn batch_norm<'py>(
     num_batches_tracked: Option<&Bound<'py, PyAny>>,
     momentum_convention: &str,
 ) -> PyResult<Py<PyAny>> {
+    check_out_disjoint(
+        out,
+        &[
+            ("weight", weight),
+            ("bias", bias),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+        ],
+    )?;
     let xa = XArray::extract(x, "x")?;
     let conv = convention(momentum_convention)?;
     let rm = read_vec(running_mean, "running_mean")?;
@@ -157,7 +172,7 @@ pub fn moments<'py>(py: Python<'py>, x: &Bound<'py, PyAny>, axis: isize) -> PyRe
     let xa = XArray::extract(x, "x")?;
     let m = dispatch!(xa, xt => {
         let xv = xt.as_array();
-        let bytes = xv.len() * std::mem::size_of_val(&xv.first().copied());
+        let bytes = super::array::nbytes(&xv);
         core(run(py, bytes, || moments_core(xv, axis)))?
     });
     let mean = numpy::PyArray1::from_vec(py, m.mean);

@@ -1,8 +1,8 @@
 //! `group_norm` and `instance_norm` bindings.
 
 use super::array::{
-    check_writable, core, f64_stats, prepare_out, read_vec, result, run, stats_array, stats_tuple,
-    write_param, XArray,
+    check_out_disjoint, check_writable, core, f64_stats, prepare_out, read_vec, result, run,
+    stats_array, stats_tuple, write_param, XArray,
 };
 use crate::dispatch;
 use crate::norm::group::group_norm as gn_core;
@@ -39,6 +39,7 @@ pub fn group_norm<'py>(
     out: Option<&Bound<'py, PyAny>>,
     return_stats: bool,
 ) -> PyResult<Py<PyAny>> {
+    check_out_disjoint(out, &[("weight", weight), ("bias", bias)])?;
     let xa = XArray::extract(x, "x")?;
     let w = read_vec(weight, "weight")?;
     let b = read_vec(bias, "bias")?;
@@ -47,11 +48,11 @@ pub fn group_norm<'py>(
         let shape = xt.shape().to_vec();
         let (y, mut yrw) = prepare_out(py, &shape, out)?;
         let xv = xt.as_array();
-        let bytes = xv.len() * std::mem::size_of_val(&xv.first().copied());
+        let bytes = super::array::nbytes(&xv);
         let yv = yrw.as_array_mut();
         let st = core(run(py, bytes, || gn_core(xv, yv, num_groups, w.as_deref(), b.as_deref(), eps, axis)))?;
         let s = if return_stats {
-            Some(stats(py, &st, &[shape[0], num_groups.max(0) as usize], f64s)?)
+            Some(stats(py, &st, &[shape[0], usize::try_from(num_groups).unwrap_or(0)], f64s)?)
         } else { None };
         result(py, y.into_any(), s)
     })
@@ -76,6 +77,15 @@ pub fn instance_norm<'py>(
     out: Option<&Bound<'py, PyAny>>,
     return_stats: bool,
 ) -> PyResult<Py<PyAny>> {
+    check_out_disjoint(
+        out,
+        &[
+            ("weight", weight),
+            ("bias", bias),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+        ],
+    )?;
     let xa = XArray::extract(x, "x")?;
     let rm = read_vec(running_mean, "running_mean")?;
     let rv = read_vec(running_var, "running_var")?;
@@ -100,7 +110,7 @@ pub fn instance_norm<'py>(
         let shape = xt.shape().to_vec();
         let (y, mut yrw) = prepare_out(py, &shape, out)?;
         let xv = xt.as_array();
-        let bytes = xv.len() * std::mem::size_of_val(&xv.first().copied());
+        let bytes = super::array::nbytes(&xv);
         let yv = yrw.as_array_mut();
         let r = core(run(py, bytes, || in_core(xv, yv, &p)))?;
         let ax = crate::channel::normalize_axis(axis, shape.len(), "axis").unwrap_or(1);

@@ -1,7 +1,8 @@
 //! `layer_norm` and `rms_norm` bindings.
 
 use super::array::{
-    core, f64_stats, prepare_out, read_param, result, run, stats_array, stats_tuple, Param, XArray,
+    check_out_disjoint, core, f64_stats, prepare_out, read_param, result, run, stats_array,
+    stats_tuple, Param, XArray,
 };
 use super::errors::{type_error, value_error};
 use crate::dispatch;
@@ -93,6 +94,7 @@ pub fn layer_norm<'py>(
     out: Option<&Bound<'py, PyAny>>,
     return_stats: bool,
 ) -> PyResult<Py<PyAny>> {
+    check_out_disjoint(out, &[("weight", weight), ("bias", bias)])?;
     let xa = XArray::extract(x, "x")?;
     let ns = parse_normalized_shape(normalized_shape)?;
     let w = read_param(weight, "weight")?;
@@ -119,6 +121,7 @@ pub fn rms_norm<'py>(
     out: Option<&Bound<'py, PyAny>>,
     return_stats: bool,
 ) -> PyResult<Py<PyAny>> {
+    check_out_disjoint(out, &[("weight", weight)])?;
     let xa = XArray::extract(x, "x")?;
     let ns = parse_normalized_shape(normalized_shape)?;
     let w = read_param(weight, "weight")?;

@@ -10,11 +10,21 @@ mod layer;
 
 use pyo3::prelude::*;
 
+const MAX_THREADS: usize = 1024;
+
 /// Sets the number of threads kernels use (0 = default: RAYON_NUM_THREADS or the CPU count).
 #[pyfunction]
 fn set_num_threads(n: i64) -> PyResult<()> {
+    // Beyond a few hundred threads the OS spends its time creating them (100 000 hangs the
+    // next call); no machine this library targets benefits from more than MAX_THREADS.
     let n = usize::try_from(n)
-        .map_err(|_| errors::value_error(format!("set_num_threads expects n >= 0, got {n}")))?;
+        .ok()
+        .filter(|&n| n <= MAX_THREADS)
+        .ok_or_else(|| {
+            errors::value_error(format!(
+                "set_num_threads expects 0 <= n <= {MAX_THREADS}, got {n}"
+            ))
+        })?;
     crate::pool::set_num_threads(n);
     Ok(())
 }

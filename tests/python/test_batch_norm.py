@@ -181,7 +181,7 @@ def test_num_batches_tracked_incremented_with_float_momentum(rng):
 def test_momentum_none_without_counter_is_an_error(rng):
     x = make_input(rng, (6, 3), np.float32)
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
-    with pytest.raises(ValueError, match="num_batches_tracked"):
+    with pytest.raises(rn.RsnormError, match="num_batches_tracked"):
         rn.batch_norm(x, rm, rv, training=True, momentum=None)
     np.testing.assert_array_equal(rm, 0)
     np.testing.assert_array_equal(rv, 1)
@@ -248,14 +248,14 @@ def test_one_value_per_channel_in_training(shape, with_running):
     rm = np.array([0.5, 1.0, 1.5, 2.0], np.float32) if with_running else None
     rv = np.array([1.0, 2.0, 3.0, 4.0], np.float32) if with_running else None
     nbt = np.array(3, np.int64)
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+    with pytest.raises(rn.RsnormError, match="Expected more than 1 value per channel when training"):
         rn.batch_norm(x, rm, rv, training=True, num_batches_tracked=nbt if with_running else None)
     if with_running:
         np.testing.assert_array_equal(rm, [0.5, 1.0, 1.5, 2.0])
         np.testing.assert_array_equal(rv, [1.0, 2.0, 3.0, 4.0])
         assert int(nbt) == 3
     # Channels-last with one value per channel too.
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+    with pytest.raises(rn.RsnormError, match="Expected more than 1 value per channel when training"):
         rn.batch_norm(np.moveaxis(x, 1, -1).copy(), rm, rv, training=True, axis=-1)
     # Eval of the same input is fine.
     if with_running:
@@ -315,3 +315,38 @@ def test_defaults_match_pytorch_signature(rng):
     y2 = rn.batch_norm(x, rm, rv, w, b, True, 0.5, 0.01)
     want2, *_ = ref.batch_norm(x, None, None, w, b, training=True, eps=0.01)
     assert_output_close(y2, want2, np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", [1, -1])
+def test_large_parallel_path(rng, axis, dtype):
+    # Above the parallel threshold, odd channel count, N*H*W not a multiple of 8.
+    x = make_input(rng, (6, 37, 29, 31), dtype)
+    if axis == -1:
+        x = ref.channels_last(x)
+    w, b, rm, rv = _params(rng, 37)
+    rm0, rv0 = rm.copy(), rv.copy()
+    y, stats = rn.batch_norm(x, rm, rv, w, b, training=True, axis=axis, return_stats=True)
+    want, mean, rstd, new_rm, new_rv = ref.batch_norm(x, rm0, rv0, w, b, training=True,
+                                                      axis=axis)
+    assert_output_close(y, want, dtype, _scale(x, mean, rstd, w, b, axis))
+    assert_stats_close(stats.mean, mean, dtype, "mean")
+    assert_stats_close(stats.rstd, rstd, dtype, "rstd")
+    np.testing.assert_allclose(rm, new_rm, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(rv, new_rv, rtol=1e-6, atol=1e-7)
+    y = rn.batch_norm(x, rm0, rv0, w, b, axis=axis)
+    want, mean, rstd, _, _ = ref.batch_norm(x, rm0, rv0, w, b, axis=axis)
+    assert_output_close(y, want, dtype, _scale(x, mean, rstd, w, b, axis))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_two_dimensional_input(rng, dtype):
+    # BatchNorm1d's (N, C) layout, above the parallel threshold.
+    x = make_input(rng, (5003, 37), dtype)
+    w, b, rm, rv = _params(rng, 37)
+    rm0, rv0 = rm.copy(), rv.copy()
+    y = rn.batch_norm(x, rm, rv, w, b, training=True)
+    want, mean, rstd, new_rm, new_rv = ref.batch_norm(x, rm0, rv0, w, b, training=True)
+    assert_output_close(y, want, dtype, _scale(x, mean, rstd, w, b, 1))
+    np.testing.assert_allclose(rm, new_rm, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(rv, new_rv, rtol=1e-6, atol=1e-7)

@@ -85,18 +85,21 @@ def test_bench_quick_json_and_plot(tmp_path):
     assert doc["rsnorm_version"] == rsnorm.__version__
     results = doc["results"]
     assert results and all(r["op"] == "layer_norm" for r in results)
-    assert any(r["dtype"] == "float64" for r in results)
     for r in results:
+        if r["function"] == "layer_norm_backward" and "rsnorm" in r["skipped"]:
+            assert not r["impls"]  # not implemented yet: listed, nothing timed
+            continue
         for key in ("workload", "shape", "dtype", "bytes", "copy", "impls", "ratios",
                     "ratios_out", "skipped"):
             assert key in r, key
         assert np.prod(r["shape"]) <= 4096
-        assert r["bytes"] == 2 * np.prod(r["shape"]) * np.dtype(r["dtype"]).itemsize
-        assert {"rsnorm", "rsnorm_out", "numpy"} <= set(r["impls"])
+        arrays = 3 if r["function"].endswith("_backward") else 2  # + dy for backward
+        assert r["bytes"] == arrays * np.prod(r["shape"]) * np.dtype(r["dtype"]).itemsize
+        assert {"rsnorm", "numpy"} <= set(r["impls"])
         for name, i in r["impls"].items():
             assert 0 < i["min_s"] <= i["median_s"], name
             assert i["gbps"] == pytest.approx(r["bytes"] / i["median_s"] / 1e9)
-            assert i["pct_copy"] == pytest.approx(100 * r["copy"]["median_s"] / i["median_s"])
+            assert i["pct_copy"] == pytest.approx(100 * i["gbps"] / r["copy"]["gbps"])
         # The naive NumPy peer computes the same layer norm: a real cross-check of rsnorm.
         tol = 1e-4 if r["dtype"] == "float32" else 1e-10
         assert r["impls"]["numpy"]["max_abs_diff_vs_rsnorm"] < tol
@@ -105,6 +108,9 @@ def test_bench_quick_json_and_plot(tmp_path):
         if "onnxruntime" in r["impls"]:
             assert r["impls"]["onnxruntime"]["max_abs_diff_vs_rsnorm"] < tol * 10
             assert r["ratios"]["peer"] == r["ratios"]["onnxruntime"]
+    forward = [r for r in results if r["function"] == "layer_norm"]
+    assert any(r["dtype"] == "float64" for r in forward)
+    assert all("rsnorm_out" in r["impls"] for r in forward)
     assert "ratios.numpy.median" in doc["summary"]
     assert "ratios" in p.stdout  # the printed table
     if have_mpl:
@@ -121,16 +127,26 @@ def test_bench_list_and_unknown_op():
     assert p.returncode != 0 and "no_such_op" in p.stderr
 
 
-def test_bench_gpu_backend_without_gpu_bench_exits_2():
+def test_bench_gpu_backend_delegates_or_exits_2(monkeypatch, capsys):
     try:
-        has_gpu_bench = importlib.util.find_spec("rsnorm.gpu.bench") is not None
-    except ImportError:
-        has_gpu_bench = False
-    if has_gpu_bench:
-        pytest.skip("rsnorm.gpu.bench exists: covered by the GPU tests")
-    p = run_cli("bench", "--backend", "gpu")
-    assert p.returncode == 2
-    assert "GPU" in p.stderr
+        import rsnorm.gpu as gpu_pkg
+    except ImportError:  # no wgpu here: the GPU benchmark cannot exist
+        assert cli.main(["bench", "--backend", "gpu"]) == 2
+        assert "GPU" in capsys.readouterr().err
+        return
+    # Without rsnorm.gpu.bench: a clear message and exit code 2.
+    monkeypatch.delattr(gpu_pkg, "bench", raising=False)
+    monkeypatch.setitem(sys.modules, "rsnorm.gpu.bench", None)
+    assert cli.main(["bench", "--backend", "gpu"]) == 2
+    assert "GPU benchmark is not available" in capsys.readouterr().err
+    # With it: every other option is handed over.
+    calls = []
+    fake = types.ModuleType("rsnorm.gpu.bench")
+    fake.main = lambda argv: calls.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "rsnorm.gpu.bench", fake)
+    monkeypatch.setattr(gpu_pkg, "bench", fake, raising=False)
+    assert cli.main(["bench", "--quick", "--backend", "gpu", "--json", "x.json"]) == 0
+    assert calls == [["--quick", "--json", "x.json"]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,3 +276,78 @@ def test_bench_shrink_keeps_channel_axis():
     assert small[1] == 256 and np.prod(small) <= 4096 and min(small) >= 1
     assert np.prod(_bench.shrink((8192, 1024), 1000)) <= 1000
     assert _bench.shrink((4, 16), 1 << 20) == (4, 16)
+
+
+def _fd_grad(f, a, h=1e-6):
+    """Central finite differences of the scalar ``f`` with respect to every element of ``a``."""
+    g = np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        old = a[i]
+        a[i] = old + h
+        up = f()
+        a[i] = old - h
+        down = f()
+        a[i] = old
+        g[i] = (up - down) / (2 * h)
+    return g
+
+
+@pytest.mark.parametrize("op", ["batch_norm", "batch_norm_eval", "layer_norm", "rms_norm",
+                                "group_norm", "group_norm_nhwc", "instance_norm"])
+def test_reference_backward_matches_finite_differences(op):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 4, 2, 3)) * 1.5 + 0.5
+    dy = rng.standard_normal(x.shape)
+    c = 4
+    w, b = rng.uniform(0.5, 1.5, c), rng.standard_normal(c)
+    rm, rv = rng.standard_normal(c), rng.uniform(0.5, 1.5, c)
+    ns = (2, 3)
+    wl, bl = rng.uniform(0.5, 1.5, ns), rng.standard_normal(ns)
+    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    dyl = np.ascontiguousarray(np.moveaxis(dy, 1, -1))
+    ref = _reference
+    forward, grads, params = {
+        "batch_norm": (lambda: ref.batch_norm(x, None, None, w, b, True)[0],
+                       lambda: ref.batch_norm_backward(dy, x, None, None, w, b, True), (w, b)),
+        "batch_norm_eval": (lambda: ref.batch_norm(x, rm, rv, w, b, False)[0],
+                            lambda: ref.batch_norm_backward(dy, x, rm, rv, w, b, False),
+                            (w, b)),
+        "layer_norm": (lambda: ref.layer_norm(x, ns, wl, bl),
+                       lambda: ref.layer_norm_backward(dy, x, ns, wl, bl), (wl, bl)),
+        "rms_norm": (lambda: ref.rms_norm(x, ns, wl, 1e-6),
+                     lambda: ref.rms_norm_backward(dy, x, ns, wl, 1e-6), (wl,)),
+        "group_norm": (lambda: ref.group_norm(x, 2, w, b),
+                       lambda: ref.group_norm_backward(dy, x, 2, w, b), (w, b)),
+        "group_norm_nhwc": (lambda: ref.group_norm(xl, 2, w, b, axis=-1),
+                            lambda: ref.group_norm_backward(dyl, xl, 2, w, b, axis=-1), (w, b)),
+        "instance_norm": (lambda: ref.instance_norm(x, weight=w, bias=b)[0],
+                          lambda: ref.instance_norm_backward(dy, x, w, b), (w, b)),
+    }[op]
+    upstream = dyl if op.endswith("nhwc") else dy
+    got = grads()
+    inputs = {"x": xl if op.endswith("nhwc") else x, "weight": params[0]}
+    if len(params) > 1:
+        inputs["bias"] = params[1]
+    assert set(got) == set(inputs)
+    for name, arr in inputs.items():
+        fd = _fd_grad(lambda: float(np.sum(forward() * upstream)), arr)
+        np.testing.assert_allclose(got[name], fd, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_bench_run_in_process_with_thread_scaling():
+    before = rsnorm.get_num_threads()
+    try:
+        env = _bench.Env(2, ["numpy"])
+        wl = next(w for w in _bench.WORKLOADS if w.op == "rms_norm" and not w.backward)
+        (res,) = _bench.run([wl], env, min_time=0.001, min_samples=2, max_elements=2048,
+                            scaling=True)
+        assert rsnorm.get_num_threads() == 2  # restored after the one-thread timing
+    finally:
+        rsnorm.set_num_threads(before)
+    assert res["function"] == "rms_norm" and np.prod(res["shape"]) <= 2048
+    assert res["thread_scaling"] == pytest.approx(
+        res["rsnorm_1thread_median_s"] / res["impls"]["rsnorm"]["median_s"])
+    assert res["impls"]["numpy"]["max_abs_diff_vs_rsnorm"] < 1e-5
+    assert res["skipped"]["torch"] == "not selected"
+    summary = _bench.summarize([res])
+    assert summary["thread_scaling.median"] == res["thread_scaling"]

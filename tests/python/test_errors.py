@@ -1,7 +1,7 @@
 """Errors (SPEC §4, HOSTILE 1-19): TypeError for dtypes, ValueError (rn.RsnormError) for shapes
 and parameters, messages naming the argument and shapes; zero-size inputs; aliasing.
 
-`pytest.raises(ValueError)` / `(TypeError)` never catch PyO3's PanicException (a BaseException),
+`pytest.raises(rn.RsnormError)` / `(TypeError)` never catch PyO3's PanicException (a BaseException),
 so a panic fails these tests.
 """
 
@@ -93,7 +93,7 @@ def test_batch_norm_param_shape(which, training):
           "weight": np.ones(3, F32), "bias": np.zeros(3, F32)}
     kw[which] = np.ones(7, F32)
     rm0 = kw["running_mean"].copy()
-    with pytest.raises(ValueError, match=which) as info:
+    with pytest.raises(rn.RsnormError, match=which) as info:
         rn.batch_norm(x, training=training, **kw)
     msg = str(info.value)
     assert re.search(r"\b7\b", msg) and re.search(r"\b3\b", msg), msg
@@ -108,13 +108,13 @@ def test_instance_norm_param_shape(which):
     if which.startswith("running"):
         kw = {"running_mean": np.zeros(3, F32), "running_var": np.ones(3, F32)}
         kw[which] = np.ones(7, F32)
-    with pytest.raises(ValueError, match=which):
+    with pytest.raises(rn.RsnormError, match=which):
         rn.instance_norm(x, **kw)
 
 
 @pytest.mark.parametrize("which", ["weight", "bias"])
 def test_group_norm_param_shape(which):
-    with pytest.raises(ValueError, match=which) as info:
+    with pytest.raises(rn.RsnormError, match=which) as info:
         rn.group_norm(_x((4, 6, 5)), 2, **{which: np.ones(7, F32)})
     assert re.search(r"\b7\b", str(info.value)) and re.search(r"\b6\b", str(info.value))
 
@@ -122,11 +122,11 @@ def test_group_norm_param_shape(which):
 @pytest.mark.parametrize("bad", [(7,), (5, 1), (1, 5), (3, 5)])
 def test_layer_norm_param_shape(bad):
     x = _x((4, 3, 5))
-    with pytest.raises(ValueError, match="weight"):
+    with pytest.raises(rn.RsnormError, match="weight"):
         rn.layer_norm(x, (5,), np.ones(bad, F32))
-    with pytest.raises(ValueError, match="bias"):
+    with pytest.raises(rn.RsnormError, match="bias"):
         rn.layer_norm(x, (5,), None, np.ones(bad, F32))
-    with pytest.raises(ValueError, match="weight"):
+    with pytest.raises(rn.RsnormError, match="weight"):
         rn.rms_norm(x, (5,), np.ones(bad, F32))
 
 
@@ -153,7 +153,7 @@ BAD_EPS = [-1e-5, float("nan"), float("inf"), -float("inf")]
 @pytest.mark.parametrize("op", ["batch_norm", "batch_norm_train", "layer_norm", "rms_norm",
                                 "group_norm", "instance_norm"])
 def test_bad_eps(op, eps):
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(rn.RsnormError, match="eps"):
         CALLS[op](_x(), eps=eps)
 
 
@@ -161,9 +161,9 @@ def test_bad_eps(op, eps):
 def test_bad_momentum(momentum):
     x = _x()
     rm, rv = np.zeros(3, F32), np.ones(3, F32)
-    with pytest.raises(ValueError, match="momentum"):
+    with pytest.raises(rn.RsnormError, match="momentum"):
         rn.batch_norm(x, rm, rv, training=True, momentum=momentum)
-    with pytest.raises(ValueError, match="momentum"):
+    with pytest.raises(rn.RsnormError, match="momentum"):
         rn.instance_norm(x, rm, rv, momentum=momentum)
     np.testing.assert_array_equal(rm, 0)
     np.testing.assert_array_equal(rv, 1)
@@ -171,20 +171,20 @@ def test_bad_momentum(momentum):
 
 @pytest.mark.parametrize("groups", [0, -1, -3])
 def test_num_groups_not_positive(groups):
-    with pytest.raises(ValueError):
+    with pytest.raises(rn.RsnormError):
         rn.group_norm(_x((4, 6, 5)), groups)
 
 
 @pytest.mark.parametrize("c,g", [(6, 4), (5, 2), (3, 6)])
 def test_channels_not_divisible_by_groups(c, g):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(rn.RsnormError) as info:
         rn.group_norm(_x((2, c, 3)), g)
     msg = str(info.value)
     assert re.search(rf"\b{c}\b", msg) and re.search(rf"\b{g}\b", msg), msg
 
 
 def test_group_norm_needs_rank_2():
-    with pytest.raises(ValueError):
+    with pytest.raises(rn.RsnormError):
         rn.group_norm(np.ones(6, F32), 2)
 
 
@@ -193,13 +193,13 @@ def test_group_norm_needs_rank_2():
                                 "moments"])
 def test_axis_out_of_range(op, axis):
     x = _x((2, 3, 5))
-    with pytest.raises(ValueError, match="axis"):
+    with pytest.raises(rn.RsnormError, match="axis"):
         CALLS[op](x, axis=axis)
 
 
 @pytest.mark.parametrize("op", ["batch_norm", "batch_norm_train", "moments"])
 def test_zero_dim_input(op):
-    with pytest.raises(ValueError):
+    with pytest.raises(rn.RsnormError):
         CALLS[op](np.array(1.0, F32))
 
 
@@ -207,7 +207,7 @@ def test_zero_dim_input(op):
 @pytest.mark.parametrize("ns", [(4,), (3, 6), (2, 3, 5, 1), (5, 5), ()])
 def test_normalized_shape_mismatch(fn, ns):
     x = _x((2, 3, 5))
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(rn.RsnormError) as info:
         fn(x, ns)
     msg = str(info.value)
     assert "normalized_shape" in msg or "shape" in msg, msg
@@ -218,9 +218,9 @@ def test_normalized_shape_mismatch(fn, ns):
 
 @pytest.mark.parametrize("fn", [rn.layer_norm, rn.rms_norm])
 def test_layer_norm_of_0d_input(fn):
-    with pytest.raises(ValueError):
+    with pytest.raises(rn.RsnormError):
         fn(np.array(2.0, F32), (1,))
-    with pytest.raises(ValueError):
+    with pytest.raises(rn.RsnormError):
         fn(np.array(2.0, F32), ())
 
 
@@ -243,7 +243,7 @@ def test_out_overlapping_input(op, kind):
     xin, out = _aliases(x0.copy())[kind]()
     xin[...] = x0
     before = xin.copy()
-    with pytest.raises(ValueError):
+    with pytest.raises(rn.RsnormError):
         CALLS[op](xin, out=out)
     ref.assert_bitwise_equal(xin, before, "input overwritten despite the error")
 
@@ -251,7 +251,7 @@ def test_out_overlapping_input(op, kind):
 def test_out_overlapping_weight():
     x = _x((2, 3, 5))
     buf = np.ones((2, 3, 5), F32)
-    with pytest.raises(ValueError):
+    with pytest.raises(rn.RsnormError):
         rn.layer_norm(x, (5,), buf[0, 0], None, out=buf)
 
 
@@ -260,7 +260,7 @@ def test_read_only_out(op):
     x = _x()
     out = np.zeros_like(x)
     out.setflags(write=False)
-    with pytest.raises(ValueError, match="read-only"):
+    with pytest.raises(rn.RsnormError, match="read-only"):
         CALLS[op](x, out=out)
     np.testing.assert_array_equal(out, 0)
 
@@ -268,9 +268,9 @@ def test_read_only_out(op):
 @pytest.mark.parametrize("op", OUT_OPS)
 def test_out_of_wrong_shape(op):
     x = _x()
-    with pytest.raises(ValueError):
+    with pytest.raises(rn.RsnormError):
         CALLS[op](x, out=np.zeros((4, 3, 6), F32))
-    with pytest.raises(ValueError):
+    with pytest.raises(rn.RsnormError):
         CALLS[op](x, out=np.zeros((60,), F32))
 
 
@@ -285,11 +285,11 @@ def test_read_only_running_stats_in_training(which):
     x = _x()
     stats = {"running_mean": np.zeros(3, F32), "running_var": np.ones(3, F32)}
     stats[which].setflags(write=False)
-    with pytest.raises(ValueError, match="read-only"):
+    with pytest.raises(rn.RsnormError, match="read-only"):
         rn.batch_norm(x, training=True, **stats)
     np.testing.assert_array_equal(stats["running_mean"], 0)
     np.testing.assert_array_equal(stats["running_var"], 1)
-    with pytest.raises(ValueError, match="read-only"):
+    with pytest.raises(rn.RsnormError, match="read-only"):
         rn.instance_norm(x, **stats)
     # In eval they are only read: fine.
     y = rn.batch_norm(x, training=False, **stats)
@@ -299,7 +299,7 @@ def test_read_only_running_stats_in_training(which):
 def test_read_only_num_batches_tracked():
     nbt = np.array(0, np.int64)
     nbt.setflags(write=False)
-    with pytest.raises(ValueError, match="read-only"):
+    with pytest.raises(rn.RsnormError, match="read-only"):
         rn.batch_norm(_x(), np.zeros(3, F32), np.ones(3, F32), training=True, momentum=None,
                       num_batches_tracked=nbt)
 
@@ -312,7 +312,7 @@ def test_num_batches_tracked_must_be_0d_int64_array(bad):
 
 
 def test_bad_momentum_convention():
-    with pytest.raises(ValueError, match="momentum_convention"):
+    with pytest.raises(rn.RsnormError, match="momentum_convention"):
         rn.batch_norm(_x(), np.zeros(3, F32), np.ones(3, F32), training=True,
                       momentum_convention="keras")
 
@@ -365,8 +365,21 @@ def test_zero_size_layer_and_rms_norm(shape):
         assert np.all(np.isnan(stats.mean)), "statistics over an empty axis are NaN"
     y, stats = rn.rms_norm(x, shape[-1:], return_stats=True)
     assert y.shape == shape and stats.rstd.shape == shape[:-1]
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (2, 0, 4)])
+@pytest.mark.parametrize("op", OUT_OPS)
+def test_zero_size_out(op, shape):
+    # NumPy gives empty arrays zero strides; an empty `out` has no elements to overlap.
+    x = np.zeros(shape, F32)
     out = np.empty(shape, F32)
-    assert rn.layer_norm(x, shape[-1:], out=out) is out
+    if op == "instance_norm" and len(shape) == 2:
+        return  # rank 2 has one spatial element: a documented ValueError, tested below
+    if op in ("group_norm",):
+        got = rn.group_norm(x, 1, out=out)
+    else:
+        got = CALLS[op](x, out=out)
+    assert got is out
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0), (2, 0, 4), (0, 3, 4, 4)])
@@ -424,3 +437,76 @@ def test_zero_size_with_out_and_params():
     out = np.empty((0, 4))
     assert rn.layer_norm(x, (4,), w, w, out=out) is out
     assert rn.group_norm(x, 2, w, w, out=np.empty((0, 4))).shape == (0, 4)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_input_aliasing_running_mean_is_correct_or_refused(training):
+    # x and running_mean share memory: either refused, or the same as with separate arrays.
+    buf = (np.arange(24, dtype=F32).reshape(8, 3) % 5) / 2
+    x_copy, rm_copy, rv_copy, rv = buf.copy(), buf[0].copy(), np.ones(3, F32), np.ones(3, F32)
+    want = rn.batch_norm(x_copy, rm_copy, rv_copy, training=training)
+    try:
+        got = rn.batch_norm(buf, buf[0], rv, training=training)
+    except ValueError:
+        return
+    ref.assert_bitwise_equal(got, want)
+    ref.assert_bitwise_equal(buf[0], rm_copy)
+    ref.assert_bitwise_equal(rv, rv_copy)
+
+
+# ---- rank limits and counters ---------------------------------------------------------------
+
+@pytest.mark.parametrize("ndim", [32, 33, 40, 64])
+@pytest.mark.parametrize("op", ["batch_norm", "layer_norm", "rms_norm", "group_norm",
+                                "instance_norm", "moments"])
+def test_many_dimensions_correct_or_value_error(op, ndim):
+    # NumPy 2 allows 64 dimensions; whatever rsnorm supports must work, the rest be refused
+    # with ValueError (never PanicException, which pytest.raises(rn.RsnormError) would not catch).
+    base = _x((2, 3, 5))
+    x = base.reshape((2, 3) + (1,) * (ndim - 3) + (5,))
+    calls = {
+        "batch_norm": lambda a: rn.batch_norm(a, training=True),
+        "layer_norm": lambda a: rn.layer_norm(a, (5,)),
+        "rms_norm": lambda a: rn.rms_norm(a, (5,)),
+        "group_norm": lambda a: rn.group_norm(a, 3),
+        "instance_norm": lambda a: rn.instance_norm(a),
+        "moments": lambda a: rn.moments(a),
+    }
+    try:
+        got = calls[op](x)
+    except ValueError:
+        return
+    want = calls[op](base)
+    if op == "moments":
+        np.testing.assert_allclose(got.mean, want.mean, rtol=1e-15)
+        assert got.count == want.count
+    else:
+        np.testing.assert_allclose(got.reshape(base.shape), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("count", [-1, -5])
+def test_negative_num_batches_tracked(count):
+    # momentum=None divides by the incremented count: -1 would give 1/0 and NaN statistics.
+    rm, rv = np.zeros(3, F32), np.ones(3, F32)
+    nbt = np.array(count, np.int64)
+    with pytest.raises(rn.RsnormError, match="num_batches_tracked"):
+        rn.batch_norm(_x(), rm, rv, training=True, momentum=None, num_batches_tracked=nbt)
+    np.testing.assert_array_equal(rm, 0)
+    np.testing.assert_array_equal(rv, 1)
+    assert int(nbt) == count
+
+
+@pytest.mark.parametrize("kind", ["interleaved", "halves"])
+def test_out_sharing_a_buffer_without_overlap_works(rng, kind):
+    # "Overlap" is about elements, not buffers: disjoint views of one buffer are fine.
+    if kind == "interleaved":
+        buf = rng.standard_normal(120).astype(F32)
+        x, out = buf[::2].reshape(4, 3, 5), buf[1::2].reshape(4, 3, 5)
+    else:
+        buf = rng.standard_normal((2, 4, 3, 5)).astype(F32)
+        x, out = buf[0], buf[1]
+    want = rn.layer_norm(x.copy(), (5,))
+    x0 = x.copy()
+    assert rn.layer_norm(x, (5,), out=out) is out
+    ref.assert_bitwise_equal(out, want)
+    ref.assert_bitwise_equal(x, x0)

@@ -102,3 +102,16 @@ def test_mixed_parameter_dtypes(rng):
     assert y.dtype == np.float32
     want, *_ = ref.group_norm(x, 2, w, b)
     assert_output_close(y, want, np.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", [1, -1])
+def test_large_parallel_path(rng, axis, dtype):
+    x = _data(rng, (5, 30, 37, 41), axis, dtype)
+    w = (1 + 0.5 * rng.standard_normal(30)).astype(np.float32)
+    b = (0.5 * rng.standard_normal(30)).astype(np.float32)
+    y, stats = rn.group_norm(x, 5, w, b, axis=axis, return_stats=True)
+    want, mean, rstd = ref.group_norm(x, 5, w, b, axis=axis)
+    assert_output_close(y, want, dtype, _scale(x, mean, rstd, w, b, 5, axis))
+    assert_stats_close(stats.mean, mean, dtype, "mean")
+    assert_stats_close(stats.rstd, rstd, dtype, "rstd")

@@ -106,9 +106,9 @@ def test_one_spatial_element_with_input_stats(shape):
     # HOSTILE 3: whatever the batch size.
     x = np.ones(shape, np.float32)
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
-    with pytest.raises(ValueError, match="Expected more than 1 spatial element"):
+    with pytest.raises(rn.RsnormError, match="Expected more than 1 spatial element"):
         rn.instance_norm(x)
-    with pytest.raises(ValueError, match="Expected more than 1 spatial element"):
+    with pytest.raises(rn.RsnormError, match="Expected more than 1 spatial element"):
         rn.instance_norm(x, rm, rv)
     np.testing.assert_array_equal(rm, 0)
     np.testing.assert_array_equal(rv, 1)
@@ -124,3 +124,20 @@ def test_stats_dtype(rng):
         assert stats.mean.dtype == ref.stats_dtype(dtype)
         assert stats.rstd.dtype == ref.stats_dtype(dtype)
         assert stats.rstd.shape == (2, 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", [1, -1])
+def test_large_parallel_path(rng, axis, dtype):
+    x = make_input(rng, (5, 37, 29, 31), dtype)
+    if axis == -1:
+        x = ref.channels_last(x)
+    rm = np.zeros(37, np.float64)
+    rv = np.ones(37, np.float64)
+    y, stats = rn.instance_norm(x, rm, rv, axis=axis, return_stats=True)
+    want, mean, rstd, new_rm, new_rv = ref.instance_norm(x, np.zeros(37), np.ones(37), axis=axis)
+    assert_output_close(y, want, dtype, _scale(x, mean, rstd, None, None, axis))
+    assert_stats_close(stats.mean, mean, dtype, "mean")
+    assert_stats_close(stats.rstd, rstd, dtype, "rstd")
+    np.testing.assert_allclose(rm, new_rm, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(rv, new_rv, rtol=1e-12)

@@ -118,3 +118,17 @@ def test_random_shapes(lead, tail, dtype, seed):
     y = rn.layer_norm(x, tuple(tail), w, None, 0.01)
     want, mean, rstd = ref.layer_norm(x, tuple(tail), w, None, 0.01)
     assert_output_close(y, want, dtype, _scale(x, mean, rstd, w, None, len(tail)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,ns", [((3001, 67), (67,)), ((7, 33, 1031), (33, 1031)),
+                                      ((2, 300001), (300001,))])
+def test_large_parallel_path(rng, shape, ns, dtype):
+    x = make_input(rng, shape, dtype)
+    w = (1 + 0.5 * rng.standard_normal(ns)).astype(np.float32)
+    b = (0.5 * rng.standard_normal(ns)).astype(np.float32)
+    y, stats = rn.layer_norm(x, ns, w, b, return_stats=True)
+    want, mean, rstd = ref.layer_norm(x, ns, w, b)
+    assert_output_close(y, want, dtype, _scale(x, mean, rstd, w, b, len(ns)))
+    assert_stats_close(stats.mean, mean, dtype, "mean")
+    assert_stats_close(stats.rstd, rstd, dtype, "rstd")

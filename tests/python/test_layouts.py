@@ -11,7 +11,7 @@ import rsnorm as rn
 
 DTYPES = [np.float16, np.float32, np.float64]
 # (N, C, H, W) big enough that blocked / parallel code paths are used.
-SHAPE = (16, 12, 24, 20)
+SHAPE = (16, 12, 32, 32)  # float32: above the parallel threshold; its halves below it
 
 
 def _outputs(res):
@@ -196,3 +196,10 @@ def test_inputs_and_parameters_never_modified(rng):
     rn.moments(x)
     for a, a0 in zip(arrays, before):
         ref.assert_bitwise_equal(a, a0, "an input was modified")
+
+
+@pytest.mark.parametrize("op", [o for o in OPS if not o.startswith(("layer", "rms"))])
+def test_positive_and_negative_axis_agree(rng, op):
+    x = ref.channels_last(ref.make_input(rng, (4, 6, 5, 7), np.float32))
+    for a, b in zip(_outputs(OPS[op](x, -1)), _outputs(OPS[op](x, 3))):
+        ref.assert_bitwise_equal(a, b)

@@ -187,7 +187,8 @@ def test_more_than_2_pow_24_elements_in_one_reduction():
     assert stats.mean[0] == 1.0
     assert not np.any(y)
     del y
-    y, stats = rn.batch_norm(x.reshape(n, 1), training=True, return_stats=True)
+    # (3, 1, n/3): one channel, the reduction spans samples and the spatial axis.
+    y, stats = rn.batch_norm(x.reshape(3, 1, n // 3), training=True, return_stats=True)
     assert stats.mean[0] == 1.0
     assert not np.any(y)
 
@@ -241,3 +242,47 @@ def test_nan_in_batch_norm_training_poisons_only_its_running_stats(rng, bad):
     keep = [0, 1, 3]
     ref.assert_bitwise_equal(rm[keep], rm_clean[keep])
     ref.assert_bitwise_equal(rv[keep], rv_clean[keep])
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "group_norm", "instance_norm"])
+def test_nan_weight_poisons_only_its_channel(rng, name):
+    x = rng.standard_normal((4, 6, 9)).astype(F32)
+    w = np.linspace(0.5, 1.5, 6).astype(F32)
+    w_bad = w.copy()
+    w_bad[2] = np.nan
+    call = {"batch_norm": lambda w: rn.batch_norm(x, weight=w, training=True),
+            "group_norm": lambda w: rn.group_norm(x, 3, w),
+            "instance_norm": lambda w: rn.instance_norm(x, weight=w)}[name]
+    clean, y = call(w), call(w_bad)
+    assert np.all(np.isnan(y[:, 2]))
+    keep = [0, 1, 3, 4, 5]
+    ref.assert_bitwise_equal(y[:, keep], clean[:, keep])
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-5])
+def test_float16_subnormal_inputs(rng, eps):
+    x = (6e-6 * (1 + rng.standard_normal((6, 50)))).astype(np.float16)
+    assert np.all(np.abs(x[x != 0]) < np.finfo(np.float16).tiny)
+    for y, want in [
+        (rn.layer_norm(x, (50,), eps=eps), ref.layer_norm(x, (50,), eps=eps)[0]),
+        (rn.rms_norm(x, (50,), eps=eps), ref.rms_norm(x, (50,), eps=eps)[0]),
+    ]:
+        assert np.all(np.isfinite(y))
+        ref.assert_output_close(y, want, np.float16)
+
+
+def test_nan_in_eval_mode_stays_in_its_element(rng):
+    # With running statistics every element is normalized on its own: the group is the element.
+    x = rng.standard_normal((5, 4, 6)).astype(F32)
+    rm = np.array([0.1, -0.2, 0.3, 0.0], F32)
+    rv = np.array([1.0, 2.0, 0.5, 1.5], F32)
+    clean = rn.batch_norm(x, rm, rv)
+    clean_in = rn.instance_norm(x, rm, rv, use_input_stats=False)
+    x[2, 1, 3] = np.nan
+    y = rn.batch_norm(x, rm, rv)
+    y_in = rn.instance_norm(x, rm, rv, use_input_stats=False)
+    mask = np.zeros(x.shape, bool)
+    mask[2, 1, 3] = True
+    for got, want in [(y, clean), (y_in, clean_in)]:
+        assert np.isnan(got[2, 1, 3])
+        ref.assert_bitwise_equal(got[~mask], want[~mask])

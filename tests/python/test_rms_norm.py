@@ -88,3 +88,15 @@ def test_random_shapes(lead, tail, dtype, seed):
     y = rn.rms_norm(x, tuple(tail))
     want, _ = ref.rms_norm(x, tuple(tail))
     assert_output_close(y, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,ns", [((3001, 67), (67,)), ((7, 33, 1031), (33, 1031)),
+                                      ((2, 300001), (300001,))])
+def test_large_parallel_path(rng, shape, ns, dtype):
+    x = make_input(rng, shape, dtype)
+    w = (1 + 0.5 * rng.standard_normal(ns)).astype(np.float32)
+    y, stats = rn.rms_norm(x, ns, w, return_stats=True)
+    want, rstd = ref.rms_norm(x, ns, w)
+    assert_output_close(y, want, dtype)
+    assert_stats_close(stats.rstd, rstd, dtype, "rstd")

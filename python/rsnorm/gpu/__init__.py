@@ -14,12 +14,28 @@ Device and arrays
     ``shader-f16`` / ``timestamp-query`` support and the binding, buffer and dispatch limits.
 ``adapters()``
     list of such dicts, one per adapter wgpu can see.
+``empty_cache()``
+    free the recycled output buffers (outputs are reused when their arrays die, because wgpu
+    zero-fills every new buffer; at most 2 GiB is kept).
 ``asarray(a, dtype=None) -> GPUArray``
     upload a float16/float32 NumPy array. A ``GPUArray`` has ``shape``, ``dtype``, ``size``,
     ``ndim``, ``nbytes``, ``reshape(...)`` (a view, no copy) and ``numpy()`` (read back).
 
-No adapter (or no wgpu) -> ``RuntimeError`` with an explanation. A lost device is replaced on
-the next call; arrays of the lost device then raise ``RuntimeError`` ("upload again").
+The adapter is wgpu's high-performance choice; set ``RSNORM_GPU_ADAPTER`` to a substring of an
+adapter's name (e.g. ``nvidia``) to pick one. No adapter (or no wgpu) -> ``RuntimeError`` with
+an explanation. A lost device is replaced on the next call; arrays of the lost device then raise
+``RuntimeError`` ("upload again").
+
+Example::
+
+    import numpy as np
+    from rsnorm import gpu
+
+    x = np.random.default_rng(0).standard_normal((32, 64, 56, 56), dtype=np.float32)
+    y = gpu.batch_norm(x, training=True)             # NumPy in, NumPy out
+    xd = gpu.asarray(x)                              # or keep the data on the device:
+    h = gpu.group_norm(gpu.layer_norm(xd, (56, 56)), 8)
+    h.numpy()                                        # the only readback
 
 Ops
 ---
@@ -74,29 +90,48 @@ all raised in Python before any GPU work.
 Numerics and tolerances
 -----------------------
 Statistics are float32 (count, mean, M2) partials: each invocation holds at most 16 values in
-registers and does a true two-pass, then a workgroup merges them by Chan's formula in a fixed
-pairwise tree, and the chunk partials of a group are merged left to right. Never E[x^2]-E[x]^2.
+registers and does a true two-pass, then a workgroup (64 invocations for groups up to 1024
+elements, else 256) merges them by Chan's formula in a fixed pairwise tree, and the chunk
+partials (64 or 256 x 16 elements) of a group are merged left to right (by a fixed tree from 8
+chunks on). Never E[x^2]-E[x]^2. The mean is carried as pivot + offset (a data value plus a
+small correction) and x - mean is formed as (x - pivot) - offset, so the float32 rounding of a
+mean like 1e4 (0.5 ulp = 5e-4) never reaches the output. Groups of up to 4 chunks (layer/RMS
+rows up to 16384, most group/instance/FRN groups) are normalized by one fused kernel (x read
+from memory once, y written once), groups of up to 16 elements by one invocation each; longer
+groups take a statistics pass and an apply pass. All three give the same bits. Channels-last
+per-channel reductions (batch and instance norm over NHWC, layer-norm parameter gradients) use
+column kernels instead, in which consecutive invocations read consecutive channels (coalesced),
+256 rows per partial.
 The reduction order depends only on the group length, so results are bitwise identical run to
 run and whether or not an input is split across bindings. Values are scaled by a power of two
 when |x| >= 2^47, so statistics of data up to 3.4e38 stay finite. A NaN or infinity makes its
 own group NaN. Documented float32 tolerance against a float64 reference on the same values:
 
 * batch/layer/RMS/group/instance/filter-response norm, moments, TLU: ``rtol=1e-4, atol=1e-5``
-  on the normalized output, also for the adversarial sets ``1e4 + N(0,1)``, ``1e6 + N(0,1)``;
+  on the normalized output, also for the adversarial sets ``1e4 + N(0,1)``, ``1e6 + N(0,1)``,
+  ``3e7 + N(0,1)`` (measured: below 1e-6 absolute), constant groups give exactly 0 (+bias) and
+  rows like ``[v, -v, v/2, 0]`` with v up to 3e38 are correct;
 * local response norm and GDN: ``rtol=1e-4, atol=1e-5`` (pow as exp2/log2 in float32);
 * backward (dx, dweight, dbias): ``rtol=1e-3, atol=1e-4`` relative to the largest gradient;
 * float16: the float32 result rounded to float16 (``rtol=2e-3, atol=2e-3``).
 
-Backward works in the unscaled domain and is meant for |x| < 1e18.
+Backward works in the unscaled domain and is meant for |x| < 1e18; with ``stats=`` given it
+centres with the rounded float32 mean (recomputed statistics keep the pivot + offset form).
+
+Benchmark
+---------
+``rsnorm.gpu.bench.main(argv) -> int`` (``rsnorm bench --backend gpu``, ``benches/gpu_bench.py``):
+kernel time from timestamp queries, wall time, NumPy round trip, GB/s against a same-run buffer
+copy and nominal HBM, and PyTorch CUDA on the same device when installed.
 
 Large inputs
 ------------
 Inputs larger than one storage binding (``max-storage-buffer-binding-size``, 128 MiB by default)
 are processed in windows bound at aligned offsets, split on reduction-chunk and row boundaries
-(bitwise equal to an unsplit run); more than 65 535 workgroups use a 2-D grid or a grid-stride
+(bitwise equal to an unsplit run); outputs are recycled buffers (see ``empty_cache``); more than 65 535 workgroups use a 2-D grid or a grid-stride
 loop. Limits: fewer than 2^32 - 2^26 elements (32-bit indices), one array within the device's
 ``max-buffer-size``; LRN and GDN need one sample slice x[o] (all channels of one outer index) to fit
-in one binding, and a channels-last reduction needs 4096 * C elements to fit in one binding.
+in one binding, and a channels-last reduction needs 256 rows of C channels to fit in one binding.
 """
 
 from __future__ import annotations
@@ -133,6 +168,7 @@ __all__ = [
     "asarray",
     "batch_norm",
     "batch_norm_backward",
+    "empty_cache",
     "filter_response_norm",
     "gdn",
     "group_norm",
@@ -148,6 +184,14 @@ __all__ = [
     "rms_norm_backward",
     "tlu",
 ]
+
+
+def empty_cache() -> None:
+    """Free the output buffers rsnorm.gpu keeps for reuse (wgpu zero-fills every new buffer, so
+    outputs are recycled when their device arrays die; at most 2 GiB is kept)."""
+    from . import _device
+
+    _device.empty_cache()
 
 
 def is_available() -> bool:

@@ -35,14 +35,20 @@ class GPUArray:
     float32 (``dtype`` stays float16; ``numpy()`` rounds to float16).
     """
 
-    __slots__ = ("_buffer", "_shape", "_dtype", "_storage", "_gen", "__weakref__")
+    __slots__ = ("__weakref__", "_dtype", "_gen", "_owner", "_shape", "_storage")
 
-    def __init__(self, buffer, shape, dtype, storage, generation):
-        self._buffer = buffer
+    def __init__(self, owner, shape, dtype, storage, generation):
+        # owner: a _device.Block (recycled when the last array using it dies) or a raw buffer.
+        self._owner = owner
         self._shape = tuple(int(s) for s in shape)
         self._dtype = np.dtype(dtype)
         self._storage = storage
         self._gen = generation
+
+    @property
+    def _buffer(self):
+        o = self._owner
+        return o.buffer if isinstance(o, _device.Block) else o
 
     @property
     def shape(self) -> tuple:
@@ -97,7 +103,7 @@ class GPUArray:
             shape[shape.index(-1)] = self.size // rest if rest else 0
         if math.prod(shape) != self.size:
             raise value_error(f"cannot reshape a device array of shape {self._shape} into {shape}")
-        return GPUArray(self._buffer, shape, self._dtype, self._storage, self._gen)
+        return GPUArray(self._owner, shape, self._dtype, self._storage, self._gen)
 
     def __len__(self) -> int:
         if not self._shape:
@@ -149,11 +155,13 @@ def _upload_checked(ctx, arr: np.ndarray) -> GPUArray:
     storage = storage_for(ctx, arr.dtype)
     host = np.ascontiguousarray(arr, dtype=np.float16 if storage == "f16" else np.float32)
     buf = _device.upload(ctx, host)
-    return GPUArray(buf, arr.shape, arr.dtype.newbyteorder("="), storage, ctx.generation)
+    nb = _device._bucket(host.nbytes)
+    owner = _device.Block(buf, ctx.generation, nb) if buf.size == nb else buf
+    return GPUArray(owner, arr.shape, arr.dtype.newbyteorder("="), storage, ctx.generation)
 
 
 def empty(ctx, shape, dtype, storage=None) -> GPUArray:
     storage = storage or storage_for(ctx, dtype)
     isz = 2 if storage == "f16" else 4
-    buf = _device.new_buffer(ctx, math.prod(shape) * isz)
-    return GPUArray(buf, shape, dtype, storage, ctx.generation)
+    block = _device.alloc(ctx, math.prod(shape) * isz)
+    return GPUArray(block, shape, dtype, storage, ctx.generation)

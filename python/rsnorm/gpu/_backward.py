@@ -124,22 +124,24 @@ def _rowwise_backward(grad_y, x, normalized_shape, weight, bias, eps, stats, rms
         data = Data(ctx, x, host)
         dy = Data(ctx, grad_y, host)
         enc = _device.Encoder(ctx)
+        lo = None
         if stats is None:
-            _, mean, rstd = stats_pass(enc, data, red_rows(R, F), int(rms), eps)
+            _, _, rstd, mean, lo = stats_pass(enc, data, red_rows(R, F), int(rms), eps)
         else:
             mean, rstd = _stats_arrays(ctx, stats, not rms)
         if rms:
-            mean = None
+            mean = lo = None
         wb = param_buffer(ctx, weight)
         gmap = map_rows(F)
-        sums, _, _ = sum_pass(enc, data, dy, red_rows(R, F), gmap, mean, rstd, wb, not rms)
+        sums, _, _ = sum_pass(enc, data, dy, red_rows(R, F), gmap, mean, rstd, wb, not rms,
+                              lo=lo)
         gw = gb = None
         if weight is not None or bias is not None:
             # Column sums over the rows: the (R, F, 1) view reduced per "channel" = feature.
             _, gw, gb = sum_pass(enc, data, dy, red_channels(R, F, 1), gmap, mean, rstd, None,
-                                 not rms, grads_shape=(F,))
+                                 not rms, grads_shape=(F,), lo=lo)
         dx = data.like()
-        grad_apply_pass(enc, data, dy, dx, gmap, mean, rstd, sums, wb, int(rms), F)
+        grad_apply_pass(enc, data, dy, dx, gmap, mean, rstd, sums, wb, int(rms), F, lo=lo)
         enc.submit()
         return _result(ctx, host, dx, gw, gb, weight, bias, ns)
 
@@ -166,7 +168,7 @@ def group_norm_backward(grad_y, x, num_groups, weight=None, bias=None, eps=1e-5,
     if x.ndim < 2:
         raise value_error(f"group_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
-    N, S1, C, I = _grouped_dims(x, ax)  # noqa: E741
+    N, S1, C, I = _grouped_dims(x, ax)
     if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool):
         raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
     G = int(num_groups)
@@ -187,19 +189,21 @@ def group_norm_backward(grad_y, x, num_groups, weight=None, bias=None, eps=1e-5,
         dy = Data(ctx, grad_y, host)
         enc = _device.Encoder(ctx)
         red = red_grouped(N, S1, C, I, G)
+        lo = None
         if stats is None:
-            _, mean, rstd = stats_pass(enc, data, red, 0, eps)
+            _, _, rstd, mean, lo = stats_pass(enc, data, red, 0, eps)
         else:
             mean, rstd = _stats_arrays(ctx, stats, True)
         wb = param_buffer(ctx, weight)
         gmap = map_grouped(S1, C, I, G)
-        sums, _, _ = sum_pass(enc, data, dy, red, gmap, mean, rstd, wb, True)
+        sums, _, _ = sum_pass(enc, data, dy, red, gmap, mean, rstd, wb, True, lo=lo)
         gw = gb = None
         if weight is not None or bias is not None:
             _, gw, gb = sum_pass(enc, data, dy, red_channels(N * S1, C, I), gmap, mean, rstd,
-                                 None, True, grads_shape=(C,))
+                                 None, True, grads_shape=(C,), lo=lo)
         dx = data.like()
-        grad_apply_pass(enc, data, dy, dx, gmap, mean, rstd, sums, wb, 0, S1 * (C // G) * I)
+        grad_apply_pass(enc, data, dy, dx, gmap, mean, rstd, sums, wb, 0, S1 * (C // G) * I,
+                        lo=lo)
         enc.submit()
         return _result(ctx, host, dx, gw, gb, weight, bias, (C,))
 
@@ -219,8 +223,8 @@ def batch_norm_backward(grad_y, x, running_mean=None, running_var=None, weight=N
         raise value_error(f"batch_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
     C = int(x.shape[ax])
-    O = _prod(x.shape[:ax])  # noqa: E741
-    I = _prod(x.shape[ax + 1 :])  # noqa: E741
+    O = _prod(x.shape[:ax])
+    I = _prod(x.shape[ax + 1 :])
     for name, p in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         check_param(p, (C,), name)
@@ -237,22 +241,23 @@ def batch_norm_backward(grad_y, x, running_mean=None, running_var=None, weight=N
         data = Data(ctx, x, host)
         dy = Data(ctx, grad_y, host)
         enc = _device.Encoder(ctx)
+        lo = None
         if stats is not None:
             mean, rstd = _stats_arrays(ctx, stats, True)
         elif batch_stats:
-            _, mean, rstd = stats_pass(enc, data, red_channels(O, C, I), 0, eps)
+            _, _, rstd, mean, lo = stats_pass(enc, data, red_channels(O, C, I), 0, eps)
         else:
-            _, mean, rstd = running_stats_pass(
+            _, mean, rstd, _, _ = running_stats_pass(
                 enc, ctx, param_buffer(ctx, running_mean), param_buffer(ctx, running_var), C, eps)
         wb = param_buffer(ctx, weight)
         gmap = map_channels(C, I)
         # One reduction per channel without w serves dx (scaled by w in grad_apply), dweight
         # and dbias.
         sums, gw, gb = sum_pass(enc, data, dy, red_channels(O, C, I), gmap, mean, rstd, None,
-                                True, grads_shape=(C,))
+                                True, grads_shape=(C,), lo=lo)
         dx = data.like()
         grad_apply_pass(enc, data, dy, dx, gmap, mean, rstd, sums, wb, 0 if batch_stats else 2,
-                        O * I, w_on_sums=True)
+                        O * I, w_on_sums=True, lo=lo)
         enc.submit()
         return _result(ctx, host, dx, gw, gb, weight, bias, (C,))
 

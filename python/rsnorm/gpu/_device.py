@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -24,21 +25,25 @@ from .shaders import shader_source
 # One entry per shader, in binding order (must match the shader header comments).
 BINDINGS = {
     "stats_partial": "urw",
-    "stats_finalize": "urwww",
+    "stats_finalize": "urwwwww",
     "stats_from_running": "urrwww",
     "bn_running": "urww",
     "norm_apply": "urwrrrr",
-    "sum_partial": "urrrrrw",
+    "norm_fused": "urwrrrww",
+    "norm_small": "urwrrrww",
+    "sum_partial": "urrrrrwr",
     "sum_finalize": "urwww",
-    "grad_apply": "urrwrrrr",
+    "grad_apply": "urrwrrrrr",
+    "col_stats": "urw",
+    "col_sums": "urrrrrwr",
     "lrn": "urw",
     "gdn": "urwrr",
 }
 
-# Number of elements one reduction chunk holds (WG * PER in stats_partial/sum_partial). The
-# reduction order depends only on it and on the group length, never on the grid or splits.
-REDUCE_WG = 256
-CHUNK = REDUCE_WG * 16
+# Values one invocation holds in the reduction shaders (PER in common.wgsl); a reduction chunk is
+# WG * PER elements. The reduction order depends only on the group length, never on the grid or
+# splits.
+PER = 16
 APPLY_WG = 256
 SMALL_WG = 64
 
@@ -58,6 +63,10 @@ _configured = False
 _overrides: dict = {}
 
 COUNTERS = {"reads": 0, "uploads": 0, "submits": 0, "dispatches": 0}
+
+# Set by rsnorm.gpu.bench: a Timing that receives a begin/end timestamp pair for every compute
+# pass while it is active (the ops themselves never read it back).
+_timing = None
 
 
 def _wgpu():
@@ -110,6 +119,21 @@ class Context:
 
 
 def _request_adapter(wgpu):
+    want = os.environ.get("RSNORM_GPU_ADAPTER", "").strip().lower()
+    if want:
+        # Pick an adapter by name, e.g. "nvidia" to get the NVIDIA Vulkan device rather than a
+        # fallback (benchmarks must name the card they ran on).
+        try:
+            found = wgpu.gpu.enumerate_adapters_sync()
+        except Exception as exc:  # reported as "no adapter"
+            raise RuntimeError(f"{_NO_ADAPTER} ({type(exc).__name__}: {exc})") from exc
+        for a in found:
+            text = " ".join(str(v) for v in dict(a.info).values()).lower()
+            if want in text:
+                return a
+        names = [dict(a.info).get("device", "?") for a in found]
+        raise RuntimeError(f"rsnorm.gpu: no adapter matches RSNORM_GPU_ADAPTER={want!r}; "
+                           f"found {names}")
     try:
         adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
     except Exception as exc:  # wgpu raises various errors when no driver loads
@@ -163,6 +187,8 @@ def _create() -> Context:
         )
     _generation += 1
     _lost = False
+    _pool.clear()
+    globals()["_pool_bytes"] = 0
     ctx = Context(
         device=device,
         adapter=adapter,
@@ -170,7 +196,8 @@ def _create() -> Context:
         features=frozenset(device.features),
         limits=dict(device.limits),
     )
-    ctx.dummy = device.create_buffer(size=16, usage=wgpu.BufferUsage.STORAGE)
+    # 64 bytes: at least one element of every runtime-sized array bound to an unused slot.
+    ctx.dummy = device.create_buffer(size=64, usage=wgpu.BufferUsage.STORAGE)
     return ctx
 
 
@@ -228,6 +255,74 @@ def new_buffer(ctx: Context, nbytes: int):
     return ctx.device.create_buffer(size=nbytes, usage=storage_usage())
 
 
+# Output buffers are recycled: wgpu zero-fills every fresh buffer before its first use, which
+# would add a full write pass to each op (3N instead of 2N bytes for layer norm). A buffer goes
+# back to the pool when the last device array using it dies, and is reused for the next output of
+# the same size (queue order makes the reuse safe). Bounded by _POOL_CAP bytes.
+_POOL_CAP = 2 * 2**30
+_pool: dict = {}
+_pool_bytes = 0
+
+
+def _bucket(nbytes: int) -> int:
+    return max(256, (nbytes + 255) // 256 * 256)
+
+
+class Block:
+    """Owner of one storage buffer shared by a device array and its views."""
+
+    __slots__ = ("__weakref__", "buffer", "gen", "size")
+
+    def __init__(self, buffer, gen: int, size: int):
+        self.buffer = buffer
+        self.gen = gen
+        self.size = size
+
+    def __del__(self):
+        # At interpreter shutdown the module globals may already be gone: then there is
+        # nothing to recycle into, and the driver frees everything anyway.
+        with contextlib.suppress(Exception):
+            _release(self)
+
+
+def _release(block: Block) -> None:
+    global _pool_bytes
+    buf = block.buffer
+    if buf is None:
+        return
+    block.buffer = None
+    with _lock:
+        if (_ctx is not None and not _lost and block.gen == _ctx.generation
+                and _pool_bytes + block.size <= _POOL_CAP):
+            _pool.setdefault(block.size, []).append(buf)
+            _pool_bytes += block.size
+            return
+    buf.destroy()
+
+
+def alloc(ctx: Context, nbytes: int) -> Block:
+    """A storage buffer of at least ``nbytes`` (recycled when one of that size is free)."""
+    global _pool_bytes
+    size = _bucket(nbytes)
+    with _lock:
+        free = _pool.get(size)
+        if free:
+            _pool_bytes -= size
+            return Block(free.pop(), ctx.generation, size)
+    return Block(new_buffer(ctx, size), ctx.generation, size)
+
+
+def empty_cache() -> None:
+    """Destroy the recycled buffers (their memory returns to the driver)."""
+    global _pool_bytes
+    with _lock:
+        bufs = [b for lst in _pool.values() for b in lst]
+        _pool.clear()
+        _pool_bytes = 0
+    for b in bufs:
+        b.destroy()
+
+
 def upload(ctx: Context, arr: np.ndarray):
     """New storage buffer holding the bytes of a C-contiguous array (padded to 4 bytes)."""
     data = arr.tobytes() if arr.nbytes % 4 == 0 else arr.tobytes() + b"\0" * (-arr.nbytes % 4)
@@ -272,9 +367,10 @@ def download(ctx: Context, items) -> list[bytes]:
 # ----------------------------------------------------------------------------- pipelines
 
 
-def pipeline(ctx: Context, name: str, storage: str, constants: dict):
-    """Compute pipeline for (shader, storage dtype, override constants), compiled once."""
-    key = (name, storage, tuple(sorted(constants.items())))
+def pipeline(ctx: Context, name: str, storage: str, constants: dict, entry: str = "main"):
+    """Compute pipeline for (shader, entry point, storage dtype, override constants), compiled
+    once."""
+    key = (name, entry, storage, tuple(sorted(constants.items())))
     hit = ctx.pipelines.get(key)
     if hit is not None:
         return hit
@@ -301,7 +397,7 @@ def pipeline(ctx: Context, name: str, storage: str, constants: dict):
         layout=layout,
         compute={
             "module": module,
-            "entry_point": "main",
+            "entry_point": entry,
             "constants": {k: float(v) for k, v in constants.items()},
         },
         label=f"rsnorm.{name}.{storage}",
@@ -336,11 +432,11 @@ class Encoder:
         self.enc = ctx.device.create_command_encoder()
         self.n = 0
 
-    def dispatch(self, name, storage, constants, params: bytes, bindings, grid):
+    def dispatch(self, name, storage, constants, params: bytes, bindings, grid, entry="main"):
         """``bindings``: buffers or ``(buffer, offset, size)`` after the uniform at binding 0."""
         wgpu = _wgpu()
         ctx = self.ctx
-        pipe, bgl = pipeline(ctx, name, storage, constants)
+        pipe, bgl = pipeline(ctx, name, storage, constants, entry)
         ubuf = ctx.device.create_buffer_with_data(data=params, usage=wgpu.BufferUsage.UNIFORM)
         entries = [{"binding": 0, "resource": {"buffer": ubuf, "offset": 0, "size": len(params)}}]
         for i, b in enumerate(bindings, start=1):
@@ -350,7 +446,8 @@ class Encoder:
                 buf, off, size = b, 0, b.size
             entries.append({"binding": i, "resource": {"buffer": buf, "offset": off, "size": size}})
         bg = ctx.device.create_bind_group(layout=bgl, entries=entries)
-        cp = self.enc.begin_compute_pass()
+        tw = _timing.next_writes() if _timing is not None else None
+        cp = self.enc.begin_compute_pass(timestamp_writes=tw) if tw else self.enc.begin_compute_pass()
         cp.set_pipeline(pipe)
         cp.set_bind_group(0, bg)
         cp.dispatch_workgroups(int(grid[0]), int(grid[1]), 1)

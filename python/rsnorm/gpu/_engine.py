@@ -17,15 +17,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from . import _device
 from ._array import GPUArray, _upload_checked, check_dtype, empty, storage_for, value_error
-from ._device import APPLY_WG, CHUNK, REDUCE_WG, SMALL_WG, pack
+from ._device import APPLY_WG, PER, SMALL_WG, pack
 
 # Global element indices are u32 in the shaders; grid-stride loops need some headroom.
 MAX_ELEMENTS = 2**32 - 2**26
+# Bytes of one `Part` (common.wgsl).
+PART_BYTES = 20
+# Groups of up to this many chunks are normalized by norm_fused.wgsl (16384 elements).
+FUSED_CHUNKS = 4
+# From this many chunks per group on, the finalize passes merge with a workgroup tree instead of
+# one invocation walking all chunks (which starves the GPU for few large groups, e.g. BN).
+TREE_CHUNKS = 8
 
 
 @dataclass(frozen=True)
@@ -39,8 +47,19 @@ class Reduction:
     length: int
 
     @property
+    def wg(self) -> int:
+        """Invocations per reduction workgroup: 64 for groups up to 1024 elements (so short rows
+        keep every invocation busy), else 256. A function of the group length only, like the
+        whole reduction order."""
+        return 64 if self.length <= 64 * PER else 256
+
+    @property
+    def chunk(self) -> int:
+        return self.wg * PER
+
+    @property
     def n_chunks(self) -> int:
-        return max(1, math.ceil(self.length / CHUNK))
+        return max(1, math.ceil(self.length / self.chunk))
 
     def base(self, q: int) -> int:
         return (q // self.n_g) * self.outer_stride + (q % self.n_g) * self.g_stride
@@ -49,12 +68,12 @@ class Reduction:
         return (k // self.run_len) * self.run_stride + k % self.run_len
 
 
-def red_channels(O: int, C: int, I: int) -> Reduction:  # noqa: E741 - I is the spatial extent
+def red_channels(O: int, C: int, I: int) -> Reduction:
     """Per channel over all other axes (batch norm, moments, parameter gradients)."""
     return Reduction(C, C, 0, I, max(I, 1), C * I, O * I)
 
 
-def red_grouped(N: int, S1: int, C: int, I: int, G: int) -> Reduction:  # noqa: E741
+def red_grouped(N: int, S1: int, C: int, I: int, G: int) -> Reduction:
     """Per (sample, channel group) over the spatial axes (group, instance, FRN)."""
     cpg = C // G
     return Reduction(N * G, G, S1 * C * I, cpg * I, max(cpg * I, 1), C * I, S1 * cpg * I)
@@ -67,7 +86,7 @@ def red_rows(R: int, F: int) -> Reduction:
 
 @dataclass(frozen=True)
 class GroupMap:
-    I: int  # noqa: E741
+    I: int
     C: int
     a_stride: int
     G: int
@@ -79,11 +98,11 @@ class GroupMap:
                 (max(self.cpg, 1), "u"), (self.mode, "u")]
 
 
-def map_channels(C: int, I: int) -> GroupMap:  # noqa: E741
+def map_channels(C: int, I: int) -> GroupMap:
     return GroupMap(max(I, 1), max(C, 1), 1, C, 1, 0)
 
 
-def map_grouped(S1: int, C: int, I: int, G: int) -> GroupMap:  # noqa: E741
+def map_grouped(S1: int, C: int, I: int, G: int) -> GroupMap:
     return GroupMap(max(I, 1), max(C, 1), S1 * C * I, G, C // G, 1)
 
 
@@ -266,8 +285,8 @@ def plan_blocks(ctx, red: Reduction, itemsize: int):
     maxwg = ctx.max_wg**2
 
     def span(q0, q1, j0, j1):
-        lo = red.base(q0) + red.addr(j0 * CHUNK)
-        hi = red.base(q1 - 1) + red.addr(min(j1 * CHUNK, red.length) - 1) + 1
+        lo = red.base(q0) + red.addr(j0 * red.chunk)
+        hi = red.base(q1 - 1) + red.addr(min(j1 * red.chunk, red.length) - 1) + 1
         return lo, hi
 
     def fits(q0, q1, j0, j1):
@@ -295,7 +314,7 @@ def plan_blocks(ctx, red: Reduction, itemsize: int):
             if not fits(q, q + 1, j, j + 1):
                 lo, hi = span(q, q + 1, j, j + 1)
                 raise value_error(
-                    f"rsnorm.gpu: one reduction chunk of {CHUNK} elements spans "
+                    f"rsnorm.gpu: one reduction chunk of {red.chunk} elements spans "
                     f"{(hi - lo) * itemsize} bytes of this layout, more than one storage binding "
                     f"({maxb} bytes); use a layout with the channel axis first"
                 )
@@ -312,6 +331,46 @@ def plan_blocks(ctx, red: Reduction, itemsize: int):
     return blocks
 
 
+COL_RB = 256  # rows per block in col_stats.wgsl / col_sums.wgsl
+COL_WG = 64
+
+
+def column_shape(red: Reduction):
+    """``(N, R, C)`` when the reduction is "every column of a row-major (N, R, C) tensor over its
+    R rows" (channels-last batch/instance norm, layer-norm parameter gradients), else None."""
+    if red.run_len == 1 and red.g_stride == 1 and red.run_stride == red.n_g and red.length > 0:
+        n = red.n_groups // red.n_g
+        if n == 1 or red.outer_stride == red.length * red.n_g:
+            return n, red.length, red.n_g
+    return None
+
+
+def col_blocks(ctx, N: int, R: int, C: int, itemsize: int):
+    """Dispatch blocks ``(n0, nn, rb0, nrb, lo, hi)`` of the column kernels: whole row blocks
+    whose input span fits one binding, workgroups within one 2-D grid."""
+    n_rb = math.ceil(R / COL_RB)
+    n_cb = math.ceil(C / COL_WG)
+    maxwg = ctx.max_wg**2
+    total = N * R * C
+    if _window(ctx, 0, total, itemsize)[1] <= ctx.max_binding and N * n_rb * n_cb <= maxwg:
+        return [(0, N, 0, n_rb, 0, total)]
+    rows = (ctx.max_binding - ctx.align - 4) // (C * itemsize)
+    per = min(rows // COL_RB, max(maxwg // n_cb, 1))
+    if per < 1:
+        raise value_error(
+            f"rsnorm.gpu: {COL_RB} rows of {C} channels ({COL_RB * C * itemsize} bytes) do not "
+            f"fit in one storage binding ({ctx.max_binding} bytes)"
+        )
+    blocks = []
+    for n in range(N):
+        for rb in range(0, n_rb, per):
+            rb1 = min(rb + per, n_rb)
+            lo = (n * R + rb * COL_RB) * C
+            hi = (n * R + min(rb1 * COL_RB, R)) * C
+            blocks.append((n, 1, rb, rb1 - rb, lo, hi))
+    return blocks
+
+
 def _check_small(ctx, nbytes: int, what: str):
     # Per-group buffers are bound whole; their size is tied to the number of groups.
     limit = ctx.limits["max-storage-buffer-binding-size"]
@@ -325,32 +384,118 @@ def _check_small(ctx, nbytes: int, what: str):
 # ----------------------------------------------------------------------------- passes
 
 
-def stats_pass(enc, data: Data, red: Reduction, mode: int, eps: float):
-    """Encode the two statistics passes; returns (gstat buffer, mean array, rstd array)."""
+class GroupStats(NamedTuple):
+    gstat: object  # GStat records (buffer)
+    mean: GPUArray  # user-facing float32 mean (NaN for mean-square modes)
+    rstd: GPUArray
+    hi: GPUArray  # mean = hi + lo, for backward's (x - hi) - lo; None from running stats
+    lo: GPUArray
+
+
+def _col_dispatch(enc, data: Data, name: str, consts: dict, col, extra_fields, rest, dy=None):
+    """Encode col_stats / col_sums over all blocks; ``rest`` are the bindings after x (and dy)."""
     ctx = data.ctx
-    nch = red.n_chunks
-    ng = red.n_groups
-    _check_small(ctx, ng * nch * 16, "the reduction partials")
-    _check_small(ctx, ng * 32, "the group statistics")
-    part = _device.new_buffer(ctx, ng * nch * 16)
+    N, R, C = col
     isz = data.itemsize
-    for q0, q1, j0, j1, lo, hi in plan_blocks(ctx, red, isz):
+    n_rb = math.ceil(R / COL_RB)
+    n_cb = math.ceil(C / COL_WG)
+    for n0, nn, rb0, nrb, lo, hi in col_blocks(ctx, N, R, C, isz):
+        off, size = _window(ctx, lo, hi, isz)
+        fields = [(R, "u"), (C, "u"), (n_rb, "u"), (n_cb, "u"), (n0, "u"), (nn, "u"),
+                  (rb0, "u"), (nrb, "u"), (off // isz, "u")]
+        if extra_fields:
+            # col_sums: the group map (gI, gC, a_stride, G, cpg, group_mode) and one pad word.
+            fields += [*extra_fields, (0, "u")]
+        else:
+            fields += [(0, "u")] * 3
+        binds = [(data.buffer, off, size)]
+        if dy is not None:
+            binds.append((dy.buffer, off, size))
+        enc.dispatch(name, data.storage, consts, pack(fields), binds + rest,
+                     _device.grid2d(ctx, nn * nrb * n_cb))
+
+
+def stats_pass(enc, data: Data, red: Reduction, mode: int, eps: float) -> GroupStats:
+    """Encode the two statistics passes."""
+    ctx = data.ctx
+    col = column_shape(red) if _device._overrides.get("columns", True) else None
+    nch = math.ceil(col[1] / COL_RB) if col else red.n_chunks
+    ng = red.n_groups
+    _check_small(ctx, ng * nch * PART_BYTES, "the reduction partials")
+    _check_small(ctx, ng * 32, "the group statistics")
+    part = _device.new_buffer(ctx, ng * nch * PART_BYTES)
+    isz = data.itemsize
+    if col:
+        _col_dispatch(enc, data, "col_stats", {"WG": COL_WG}, col, [], [part])
+    for q0, q1, j0, j1, lo, hi in ([] if col else plan_blocks(ctx, red, isz)):
         off, size = _window(ctx, lo, hi, isz)
         params = pack([
             (red.n_g, "u"), (red.outer_stride, "u"), (red.g_stride, "u"), (red.run_len, "u"),
             (red.run_stride, "u"), (red.length, "u"), (nch, "u"), (q0, "u"), (j0, "u"),
             (q1 - q0, "u"), (j1 - j0, "u"), (off // isz, "u"),
         ])
-        enc.dispatch("stats_partial", data.storage, {"WG": REDUCE_WG}, params,
+        enc.dispatch("stats_partial", data.storage, {"WG": red.wg}, params,
                      [(data.buffer, off, size), part], _device.grid2d(ctx, (q1 - q0) * (j1 - j0)))
     gstat = _device.new_buffer(ctx, ng * 32)
     mean = f32_array(ctx, (ng,))
     rstd = f32_array(ctx, (ng,))
+    hi = f32_array(ctx, (ng,))
+    lo = f32_array(ctx, (ng,))
     params = pack([(ng, "u"), (nch, "u"), (eps, "f"), (0, "u")])
+    tree = nch >= TREE_CHUNKS
     enc.dispatch("stats_finalize", "f32", {"WG": SMALL_WG, "MODE": mode}, params,
-                 [part, gstat, mean._buffer, rstd._buffer],
-                 _device.grid2d(ctx, math.ceil(ng / SMALL_WG)))
-    return gstat, mean, rstd
+                 [part, gstat, mean._buffer, rstd._buffer, hi._buffer, lo._buffer],
+                 _device.grid2d(ctx, ng if tree else math.ceil(ng / SMALL_WG)),
+                 entry="main_tree" if tree else "main")
+    return GroupStats(gstat, mean, rstd, hi, lo)
+
+
+def fused_pass(enc, data: Data, y: GPUArray, red: Reduction, gmap: GroupMap, mode: int,
+               eps: float, w=None, b=None, tau=None):
+    """Statistics and apply in one kernel (groups of at most FUSED_CHUNKS chunks; one invocation
+    per group for groups of at most PER elements), bitwise equal to the two-pass path; returns
+    (mean, rstd) arrays of the groups."""
+    ctx = data.ctx
+    assert red.n_chunks <= FUSED_CHUNKS
+    ng = red.n_groups
+    mean = f32_array(ctx, (ng,))
+    rstd = f32_array(ctx, (ng,))
+    d = ctx.dummy
+    isz = data.itemsize
+    small = red.length <= PER
+    consts = {"WG": SMALL_WG if small else red.wg, "MODE": mode, "HAS_W": int(w is not None),
+              "HAS_B": int(b is not None), "HAS_TAU": int(tau is not None)}
+    if small:
+        consts["TREE_WG"] = red.wg
+    for q0, q1, _, _, lo, hi in plan_blocks(ctx, red, isz):
+        off, size = _window(ctx, lo, hi, isz)
+        params = pack([
+            (red.n_g, "u"), (red.outer_stride, "u"), (red.g_stride, "u"), (red.run_len, "u"),
+            (red.run_stride, "u"), (red.length, "u"), (q0, "u"), (q1 - q0, "u"),
+            (off // isz, "u"), (gmap.I, "u"), (gmap.C, "u"), (eps, "f"), (red.n_chunks, "u"),
+            (0, "u"), (0, "u"), (0, "u"),
+        ])
+        nwg = math.ceil((q1 - q0) / SMALL_WG) if small else q1 - q0
+        enc.dispatch("norm_small" if small else "norm_fused", data.storage, consts, params,
+                     [(data.buffer, off, size), (y._buffer, off, size), w or d, b or d, tau or d,
+                      mean._buffer, rstd._buffer], _device.grid2d(ctx, nwg))
+    return mean, rstd
+
+
+def normalize(enc, data: Data, y: GPUArray, red: Reduction, gmap: GroupMap, mode: int,
+              eps: float, w=None, b=None, tau=None):
+    """Normalize with statistics of the data: the fused kernel for groups of at most
+    FUSED_CHUNKS chunks, else the two statistics passes and the apply pass (same bits either
+    way). Returns (mean, rstd) device arrays."""
+    col = column_shape(red) if _device._overrides.get("columns", True) else None
+    # Channels-last per-channel groups (instance norm over NHWC) would have each invocation of the
+    # fused kernel read one element per row, C apart; the column kernels read whole rows instead.
+    strided = col is not None and col[2] > 1 and red.length > PER
+    if not strided and red.n_chunks <= _device._overrides.get("fused_chunks", FUSED_CHUNKS):
+        return fused_pass(enc, data, y, red, gmap, mode, eps, w, b, tau)
+    st = stats_pass(enc, data, red, mode, eps)
+    apply_pass(enc, data, y, gmap, st.gstat, mode, w, b, tau)
+    return st.mean, st.rstd
 
 
 def running_stats_pass(enc, ctx, rm_buf, rv_buf, C: int, eps: float):
@@ -361,7 +506,7 @@ def running_stats_pass(enc, ctx, rm_buf, rv_buf, C: int, eps: float):
                  pack([(C, "u"), (eps, "f"), (0, "u"), (0, "u")]),
                  [rm_buf, rv_buf, gstat, mean._buffer, rstd._buffer],
                  (math.ceil(C / SMALL_WG), 1))
-    return gstat, mean, rstd
+    return GroupStats(gstat, mean, rstd, None, None)
 
 
 def apply_pass(enc, data: Data, y: GPUArray, gmap: GroupMap, gstat, mode: int,
@@ -380,19 +525,26 @@ def apply_pass(enc, data: Data, y: GPUArray, gmap: GroupMap, gstat, mode: int,
 
 
 def sum_pass(enc, data: Data, dy: Data, red: Reduction, gmap: GroupMap, mean, rstd, w,
-             center: bool, grads_shape=None):
+             center: bool, grads_shape=None, lo=None):
     """Backward sums per reduction group: ``(sum a, sum a * xhat)``, a = dy (* w). With
     ``grads_shape`` also returns device arrays (dweight, dbias) of x's dtype."""
     ctx = data.ctx
-    nch = red.n_chunks
+    col = column_shape(red) if _device._overrides.get("columns", True) else None
+    nch = math.ceil(col[1] / COL_RB) if col else red.n_chunks
     ng = red.n_groups
     _check_small(ctx, ng * nch * 8, "the reduction partials")
     part = _device.new_buffer(ctx, ng * nch * 8)
     isz = data.itemsize
     d = ctx.dummy
-    consts = {"WG": REDUCE_WG, "USE_W": int(w is not None), "CENTER": int(center)}
-    for q0, q1, j0, j1, lo, hi in plan_blocks(ctx, red, isz):
-        off, size = _window(ctx, lo, hi, isz)
+    consts = {"WG": red.wg, "USE_W": int(w is not None), "CENTER": int(center),
+              "HAS_LO": int(lo is not None)}
+    if col:
+        consts["WG"] = COL_WG
+        _col_dispatch(enc, data, "col_sums", consts, col, gmap.fields(),
+                      [mean._buffer if mean is not None else d, rstd._buffer, w or d, part,
+                       lo._buffer if lo is not None else d], dy=dy)
+    for q0, q1, j0, j1, wlo, whi in ([] if col else plan_blocks(ctx, red, isz)):
+        off, size = _window(ctx, wlo, whi, isz)
         params = pack([
             (red.n_g, "u"), (red.outer_stride, "u"), (red.g_stride, "u"), (red.run_len, "u"),
             (red.run_stride, "u"), (red.length, "u"), (nch, "u"), (q0, "u"), (j0, "u"),
@@ -401,43 +553,47 @@ def sum_pass(enc, data: Data, dy: Data, red: Reduction, gmap: GroupMap, mean, rs
         ])
         enc.dispatch("sum_partial", data.storage, consts, params,
                      [(data.buffer, off, size), (dy.buffer, off, size),
-                      mean._buffer if mean is not None else d, rstd._buffer, w or d, part],
+                      mean._buffer if mean is not None else d, rstd._buffer, w or d, part,
+                      lo._buffer if lo is not None else d],
                      _device.grid2d(ctx, (q1 - q0) * (j1 - j0)))
     sums = _device.new_buffer(ctx, ng * 8)
     gw = gb = None
     if grads_shape is not None:
         gw = data.vec(grads_shape)
         gb = data.vec(grads_shape)
+    tree = nch >= TREE_CHUNKS
     enc.dispatch("sum_finalize", data.storage, {"WG": SMALL_WG, "WRITE_GRADS": int(gw is not None)},
                  pack([(ng, "u"), (nch, "u"), (0, "u"), (0, "u")]),
                  [part, sums, gw._buffer if gw else d, gb._buffer if gb else d],
-                 _device.grid2d(ctx, math.ceil(ng / SMALL_WG)))
+                 _device.grid2d(ctx, ng if tree else math.ceil(ng / SMALL_WG)),
+                 entry="main_tree" if tree else "main")
     return sums, gw, gb
 
 
 def grad_apply_pass(enc, data: Data, dy: Data, dx: GPUArray, gmap: GroupMap, mean, rstd, sums,
-                    w, mode: int, n: int, w_on_sums: bool = False):
+                    w, mode: int, n: int, w_on_sums: bool = False, lo=None):
     ctx = data.ctx
     d = ctx.dummy
     consts = {"WG": APPLY_WG, "MODE": mode, "HAS_W": int(w is not None),
-              "W_ON_SUMS": int(w_on_sums)}
+              "W_ON_SUMS": int(w_on_sums), "HAS_LO": int(lo is not None)}
     for first, count, ws, off, size in _device.element_windows(ctx, data.size, data.itemsize):
         params = pack([(first, "u"), (count, "u"), (ws, "u"), *gmap.fields(), (float(n), "f"),
                        (0, "u"), (0, "u")])
         nwg = min(math.ceil(count / APPLY_WG), ctx.max_wg)
         enc.dispatch("grad_apply", data.storage, consts, params,
                      [(data.buffer, off, size), (dy.buffer, off, size), (dx._buffer, off, size),
-                      mean._buffer if mean is not None else d, rstd._buffer, sums or d, w or d],
+                      mean._buffer if mean is not None else d, rstd._buffer, sums or d, w or d,
+                      lo._buffer if lo is not None else d],
                      (nwg, 1))
 
 
 def gstat_host(raw: bytes, n_groups: int):
     """Decode GStat records into float64 (count, mean, m2) on the host (exact rescaling)."""
     rec = np.frombuffer(raw, dtype=np.dtype([
-        ("mean_s", "<f4"), ("rstd_s", "<f4"), ("m2_s", "<f4"), ("e", "<i4"), ("n", "<u4"),
-        ("mean", "<f4"), ("rstd", "<f4"), ("pad", "<f4")]), count=n_groups)
+        ("hi_s", "<f4"), ("rstd_s", "<f4"), ("m2_s", "<f4"), ("e", "<i4"), ("n", "<u4"),
+        ("mean", "<f4"), ("rstd", "<f4"), ("lo_s", "<f4")]), count=n_groups)
     e = rec["e"].astype(np.float64)
-    mean = rec["mean_s"].astype(np.float64) * np.exp2(e)
+    mean = (rec["hi_s"].astype(np.float64) + rec["lo_s"]) * np.exp2(e)
     m2 = rec["m2_s"].astype(np.float64) * np.exp2(2 * e)
     return rec["n"].astype(np.int64), mean, m2
 
@@ -447,9 +603,30 @@ def is_host_like(*args) -> bool:
 
 
 __all__ = [
-    "Data", "GroupMap", "Reduction", "apply_pass", "check_eps", "check_out", "check_param",
-    "check_size", "check_x", "collect", "f32_array", "grad_apply_pass", "gstat_host",
-    "map_channels", "map_grouped", "map_rows", "norm_axis", "param_buffer", "plan_blocks",
-    "red_channels", "red_grouped", "red_rows", "running_stats_pass", "stats_pass", "sum_pass",
+    "Data",
+    "GroupMap",
+    "Reduction",
+    "apply_pass",
+    "check_eps",
+    "check_out",
+    "check_param",
+    "check_size",
+    "check_x",
+    "collect",
+    "f32_array",
+    "grad_apply_pass",
+    "gstat_host",
+    "map_channels",
+    "map_grouped",
+    "map_rows",
+    "norm_axis",
+    "param_buffer",
+    "plan_blocks",
+    "red_channels",
+    "red_grouped",
+    "red_rows",
+    "running_stats_pass",
+    "stats_pass",
     "storage_for",
+    "sum_pass",
 ]

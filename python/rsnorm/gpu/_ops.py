@@ -24,6 +24,7 @@ from ._engine import (
     map_grouped,
     map_rows,
     norm_axis,
+    normalize,
     param_buffer,
     red_channels,
     red_grouped,
@@ -106,6 +107,16 @@ def _empty_result(x, host, stats_shape, return_stats, rstd_only=False, out=None)
     return (y, st) if return_stats else y
 
 
+def _empty_like(x, host, out):
+    if out is not None:
+        return out
+    if host:
+        return np.empty(x.shape, x.dtype)
+    from ._array import empty
+
+    return empty(_device.context(), x.shape, x.dtype, x._storage)
+
+
 def _check_running_update(rm, rv):
     for name, a in (("running_mean", rm), ("running_var", rv)):
         if isinstance(a, np.ndarray) and not a.flags.writeable:
@@ -146,8 +157,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     ax = norm_axis(axis, x.ndim)
     check_size(x)
     C = int(x.shape[ax])
-    O = _prod(x.shape[:ax])  # noqa: E741
-    I = _prod(x.shape[ax + 1 :])  # noqa: E741
+    O = _prod(x.shape[:ax])
+    I = _prod(x.shape[ax + 1 :])
     for name, p in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         check_param(p, (C,), name)
@@ -161,12 +172,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     m = _check_momentum(momentum, allow_none=momentum_convention == "torch")
     if update:
         _check_running_update(running_mean, running_var)
-        if m is None:
-            if not isinstance(num_batches_tracked, np.ndarray) or num_batches_tracked.ndim != 0:
-                raise value_error(
-                    "momentum=None (cumulative average) needs num_batches_tracked, a 0-d int64 "
-                    "array"
-                )
+        nbt_ok = isinstance(num_batches_tracked, np.ndarray) and num_batches_tracked.ndim == 0
+        if m is None and not nbt_ok:
+            raise value_error(
+                "momentum=None (cumulative average) needs num_batches_tracked, a 0-d int64 array"
+            )
     n = O * I
     if training and x.size > 0 and n <= 1:
         raise value_error(
@@ -183,10 +193,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         data = Data(ctx, x, host)
         enc = _device.Encoder(ctx)
         if batch_stats:
-            gstat, mean, rstd = stats_pass(enc, data, red_channels(O, C, I), 0, eps)
+            gstat, mean, rstd, _, _ = stats_pass(enc, data, red_channels(O, C, I), 0, eps)
         else:
-            gstat, mean, rstd = running_stats_pass(
-                enc, ctx, param_buffer(ctx, running_mean), param_buffer(ctx, running_var), C, eps)
+            gstat, mean, rstd, _, _ = running_stats_pass(
+                enc, ctx, param_buffer(ctx, running_mean), param_buffer(ctx, running_var), C,
+                eps)
         y = data.like(out)
         apply_pass(enc, data, y, map_channels(C, I), gstat, 0,
                    param_buffer(ctx, weight), param_buffer(ctx, bias))
@@ -255,10 +266,9 @@ def _rowwise(x, normalized_shape, weight, bias, eps, out, return_stats, rms: boo
     def body():
         data = Data(ctx, x, host)
         enc = _device.Encoder(ctx)
-        gstat, mean, rstd = stats_pass(enc, data, red_rows(R, F), int(rms), eps)
         y = data.like(out)
-        apply_pass(enc, data, y, map_rows(F), gstat, int(rms),
-                   param_buffer(ctx, weight), param_buffer(ctx, bias))
+        mean, rstd = normalize(enc, data, y, red_rows(R, F), map_rows(F), int(rms), eps,
+                               param_buffer(ctx, weight), param_buffer(ctx, bias))
         enc.submit()
         arrays = [y] + ([None if rms else mean, rstd] if return_stats else [])
         res, _ = collect(ctx, host, arrays)
@@ -295,7 +305,7 @@ def _grouped_dims(x, ax):
     N = int(x.shape[0])
     S1 = _prod(x.shape[1:ax])
     C = int(x.shape[ax])
-    I = _prod(x.shape[ax + 1 :])  # noqa: E741
+    I = _prod(x.shape[ax + 1 :])
     return N, S1, C, I
 
 
@@ -307,7 +317,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     if x.ndim < 2:
         raise value_error(f"group_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
-    N, S1, C, I = _grouped_dims(x, ax)  # noqa: E741
+    N, S1, C, I = _grouped_dims(x, ax)
     if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool):
         raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
     G = int(num_groups)
@@ -327,10 +337,10 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     def body():
         data = Data(ctx, x, host)
         enc = _device.Encoder(ctx)
-        gstat, mean, rstd = stats_pass(enc, data, red_grouped(N, S1, C, I, G), 0, eps)
         y = data.like(out)
-        apply_pass(enc, data, y, map_grouped(S1, C, I, G), gstat, 0,
-                   param_buffer(ctx, weight), param_buffer(ctx, bias))
+        mean, rstd = normalize(enc, data, y, red_grouped(N, S1, C, I, G),
+                               map_grouped(S1, C, I, G), 0, eps, param_buffer(ctx, weight),
+                               param_buffer(ctx, bias))
         enc.submit()
         res, _ = collect(ctx, host, [y] + ([mean, rstd] if return_stats else []))
         yv = _finish_out(out, res[0], host)
@@ -355,7 +365,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         raise value_error(
             f"instance_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
-    N, S1, C, I = _grouped_dims(x, ax)  # noqa: E741
+    N, S1, C, I = _grouped_dims(x, ax)
     check_size(x)
     for name, p in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
@@ -384,16 +394,21 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     def body():
         data = Data(ctx, x, host)
         enc = _device.Encoder(ctx)
-        if use_input_stats:
-            gstat, mean, rstd = stats_pass(enc, data, red_grouped(N, S1, C, I, C), 0, eps)
-            gmap = map_grouped(S1, C, I, C)
-        else:
-            gstat, mean, rstd = running_stats_pass(
-                enc, ctx, param_buffer(ctx, running_mean), param_buffer(ctx, running_var), C, eps)
-            gmap = map_channels(C, I)
         y = data.like(out)
-        apply_pass(enc, data, y, gmap, gstat, 0, param_buffer(ctx, weight),
-                   param_buffer(ctx, bias))
+        wb, bb = param_buffer(ctx, weight), param_buffer(ctx, bias)
+        red = red_grouped(N, S1, C, I, C)
+        if use_input_stats and not update:
+            mean, rstd = normalize(enc, data, y, red, map_grouped(S1, C, I, C), 0, eps, wb, bb)
+        else:
+            if use_input_stats:
+                gstat, mean, rstd, _, _ = stats_pass(enc, data, red, 0, eps)
+                gmap = map_grouped(S1, C, I, C)
+            else:
+                gstat, mean, rstd, _, _ = running_stats_pass(
+                    enc, ctx, param_buffer(ctx, running_mean), param_buffer(ctx, running_var),
+                    C, eps)
+                gmap = map_channels(C, I)
+            apply_pass(enc, data, y, gmap, gstat, 0, wb, bb)
         enc.submit()
         extra = [(gstat, N * C * 32)] if update else []
         res, raws = collect(ctx, host, [y] + ([mean, rstd] if return_stats else []), extra)
@@ -438,7 +453,7 @@ def filter_response_norm(x, weight=None, bias=None, tau=None, eps=1e-6, *, learn
         raise value_error(
             f"filter_response_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
-    N, S1, C, I = _grouped_dims(x, ax)  # noqa: E741
+    N, S1, C, I = _grouped_dims(x, ax)
     check_size(x)
     for name, p in (("weight", weight), ("bias", bias), ("tau", tau)):
         check_param(p, (C,), name)
@@ -462,10 +477,10 @@ def filter_response_norm(x, weight=None, bias=None, tau=None, eps=1e-6, *, learn
     def body():
         data = Data(ctx, x, host)
         enc = _device.Encoder(ctx)
-        gstat, _, rstd = stats_pass(enc, data, red_grouped(N, S1, C, I, C), 1, e)
         y = data.like(out)
-        apply_pass(enc, data, y, map_grouped(S1, C, I, C), gstat, 1, param_buffer(ctx, weight),
-                   param_buffer(ctx, bias), param_buffer(ctx, tau))
+        _, rstd = normalize(enc, data, y, red_grouped(N, S1, C, I, C), map_grouped(S1, C, I, C),
+                            1, e, param_buffer(ctx, weight), param_buffer(ctx, bias),
+                            param_buffer(ctx, tau))
         enc.submit()
         res, _ = collect(ctx, host, [y] + ([rstd] if return_stats else []))
         yv = _finish_out(out, res[0], host)
@@ -483,14 +498,14 @@ def tlu(x, tau, *, axis=1, out=None):
         raise value_error("tlu expects an input of rank >= 1")
     ax = norm_axis(axis, x.ndim)
     C = int(x.shape[ax])
-    I = _prod(x.shape[ax + 1 :])  # noqa: E741
+    I = _prod(x.shape[ax + 1 :])
     check_size(x)
     if tau is None:
         raise value_error("tau must be given")
     check_param(tau, (C,), "tau")
     check_out(out, x, host)
     if x.size == 0:
-        return out if out is not None else (np.empty(x.shape, x.dtype) if host else x)
+        return _empty_like(x, host, out)
     ctx = _device.context()
 
     def body():
@@ -514,8 +529,8 @@ def moments(x, axis=1):
     ax = norm_axis(axis, x.ndim)
     check_size(x)
     C = int(x.shape[ax])
-    O = _prod(x.shape[:ax])  # noqa: E741
-    I = _prod(x.shape[ax + 1 :])  # noqa: E741
+    O = _prod(x.shape[:ax])
+    I = _prod(x.shape[ax + 1 :])
     count = O * I
     if x.size == 0:
         mean = np.full(C, np.nan)
@@ -526,7 +541,7 @@ def moments(x, axis=1):
     def body():
         data = Data(ctx, x, host)
         enc = _device.Encoder(ctx)
-        gstat, _, _ = stats_pass(enc, data, red_channels(O, C, I), 0, 0.0)
+        gstat, _, _, _, _ = stats_pass(enc, data, red_channels(O, C, I), 0, 0.0)
         enc.submit()
         _, raws = collect(ctx, False, [], [(gstat, C * 32)])
         _, mean, m2 = gstat_host(raws[0], C)
@@ -536,15 +551,14 @@ def moments(x, axis=1):
 
 
 def _moments(count, mean, m2):
+    # The CPU package's Moments (with merge) when the native module is there, else a local one.
     try:
         import rsnorm
 
-        cls = getattr(rsnorm, "Moments", None)
-        if cls is not None:
-            return cls(count, mean, m2)
-    except Exception:  # noqa: BLE001 - any construction failure falls back to the local type
-        pass
-    return Moments(count, mean, m2)
+        cls = getattr(rsnorm, "Moments", Moments)
+    except ImportError:  # pragma: no cover
+        cls = Moments
+    return cls(count, mean, m2)
 
 
 def _lrn_window(size: int, window: str):
@@ -581,9 +595,9 @@ def local_response_norm(x, size, alpha=1e-4, beta=0.75, k=1.0, *, alpha_over_siz
     a = float(alpha) / size if alpha_over_size else float(alpha)
     check_size(x)
     check_out(out, x, host)
-    O, C, I = _channel_slabs(x, ax)  # noqa: E741
+    _O, C, I = _channel_slabs(x, ax)
     if x.size == 0:
-        return out if out is not None else (np.empty(x.shape, x.dtype) if host else x)
+        return _empty_like(x, host, out)
     ctx = _device.context()
 
     def body():
@@ -616,7 +630,7 @@ def gdn(x, beta, gamma, *, inverse=False, variant="gdn", axis=1, out=None):
     ax = norm_axis(axis, x.ndim)
     if variant not in ("gdn", "gdn1"):
         raise value_error(f"variant must be 'gdn' or 'gdn1', got {variant!r}")
-    O, C, I = _channel_slabs(x, ax)  # noqa: E741
+    _O, C, I = _channel_slabs(x, ax)
     if beta is None or gamma is None:
         raise value_error("gdn needs beta (C,) and gamma (C, C)")
     check_param(beta, (C,), "beta")
@@ -628,7 +642,7 @@ def gdn(x, beta, gamma, *, inverse=False, variant="gdn", axis=1, out=None):
     check_size(x)
     check_out(out, x, host)
     if x.size == 0:
-        return out if out is not None else (np.empty(x.shape, x.dtype) if host else x)
+        return _empty_like(x, host, out)
     ctx = _device.context()
 
     def body():

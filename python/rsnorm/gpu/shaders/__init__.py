@@ -20,31 +20,29 @@ fn to_t(v: f32) -> T {
 }
 """
 
-# f32 -> f16 of a value outside the f16 range is indeterminate in WGSL, so infinities and NaN are
-# encoded by hand (65520 is the first value that rounds to infinity under round-to-nearest).
+# f32 -> f16 of a value outside the f16 range is indeterminate in WGSL, so overflow is made explicit:
+# 65520 is the first value that rounds to infinity under round-to-nearest, and a run-time f16
+# product 65504 * 2 overflows to infinity. NaN converts to NaN on every backend we know.
 _PRELUDE_F16 = """\
 enable f16;
 alias T = f16;
 fn to_t(v: f32) -> T {
-    let bits = bitcast<u32>(v);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {
-        return bitcast<vec2<f16>>(0x7e007e00u).x;
-    }
-    if (abs(v) >= 65520.0) {
-        return bitcast<vec2<f16>>(select(0x7c007c00u, 0xfc00fc00u, v < 0.0)).x;
+    if (abs(v) >= 65520.0 && (bitcast<u32>(v) & 0x7fffffffu) <= 0x7f800000u) {
+        let m = f16(select(65504.0, -65504.0, v < 0.0));
+        return m * f16(2.0);
     }
     return f16(v);
 }
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_wgsl(name: str) -> str:
     """Return the text of ``<name>.wgsl`` shipped in this package (read once, then cached)."""
     return resources.files(__name__).joinpath(f"{name}.wgsl").read_text(encoding="utf-8")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shader_source(name: str, storage: str) -> str:
     """Full source of shader ``name`` for storage dtype ``storage`` (``"f32"`` or ``"f16"``)."""
     if storage == "f32":

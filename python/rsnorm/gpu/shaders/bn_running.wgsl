@@ -32,7 +32,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let gs = gstat[c];
     let n = f32(gs.n);
-    let mean = gs.mean;
+    let mean = ldexp(gs.hi_s + gs.lo_s, gs.e);
     // The variance is formed in the scaled domain and scaled back once (it may overflow f32 only
     // when the true variance does).
     var var_b = ldexp(gs.m2_s / n, 2 * gs.e);

@@ -2,31 +2,38 @@
 // (which defines `alias T` = f32 or f16 and `fn to_t(f32) -> T`) and then this file to each
 // shader source. No bindings here.
 //
-// Statistics are carried as `Part` = (count, exponent, mean, M2) of values scaled by 2^-e, the
-// shape of the CPU `Moments`. The exponent keeps squares of values up to 3.4e38 finite; it is 0
+// Statistics are carried as `Part` = (count, exponent, mean = hi + lo, M2) of values scaled by
+// 2^-e, the shape of the CPU `Moments`. The mean is an unevaluated sum: hi is a data value (the
+// pivot) and lo the small offset of the mean from it, so x - mean is formed as (x - hi) - lo,
+// where x - hi is exact for data such as 1e4 + N(0,1) (Sterbenz) and float32 rounding of the
+// mean itself (0.5 ulp of 1e4 = 5e-4) never reaches the output. The exponent keeps squares of values up to 3.4e38 finite; it is 0
 // for |x| < 2^47, so ordinary data never pays for a rescale. e >= NONFINITE marks a group that
 // saw a NaN or an infinity (WGSL may assume finite floats, so bits are tested, never isNan).
 
 const NONFINITE: i32 = 1000;
+// Values one invocation holds in registers in the reduction shaders.
+const PER: u32 = 16u;
 
 struct Part {
     n: u32,
     e: i32,
-    mean: f32,
+    hi: f32,
+    lo: f32,
     m2: f32,
 }
 
 // Per normalization group, written by stats_finalize.wgsl / stats_from_running.wgsl.
-// mean_s, rstd_s apply to x * 2^-e; mean, rstd are the user-facing (unscaled) values.
+// hi_s + lo_s (the mean) and rstd_s apply to x * 2^-e; mean, rstd are the user-facing
+// (unscaled, rounded) values.
 struct GStat {
-    mean_s: f32,
+    hi_s: f32,
     rstd_s: f32,
     m2_s: f32,
     e: i32,
     n: u32,
     mean: f32,
     rstd: f32,
-    pad: f32,
+    lo_s: f32,
 }
 
 fn lin_wg(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
@@ -59,19 +66,24 @@ fn merge(a: Part, b: Part) -> Part {
     r.n = a.n + b.n;
     r.e = max(a.e, b.e);
     if (r.e >= NONFINITE) {
-        r.mean = 0.0;
+        r.hi = 0.0;
+        r.lo = 0.0;
         r.m2 = 0.0;
         return r;
     }
-    let ma = ldexp(a.mean, a.e - r.e);
-    let mb = ldexp(b.mean, b.e - r.e);
+    let ha = ldexp(a.hi, a.e - r.e);
+    let la = ldexp(a.lo, a.e - r.e);
+    let hb = ldexp(b.hi, b.e - r.e);
+    let lb = ldexp(b.lo, b.e - r.e);
     let qa = ldexp(a.m2, 2 * (a.e - r.e));
     let qb = ldexp(b.m2, 2 * (b.e - r.e));
     let na = f32(a.n);
     let nb = f32(b.n);
     let n = f32(r.n);
-    let d = mb - ma;
-    r.mean = ma + d * (nb / n);
+    // mean_b - mean_a, with the pivots subtracted first (exact when they are close).
+    let d = ((hb - ha) + lb) - la;
+    r.hi = ha;
+    r.lo = la + d * (nb / n);
     r.m2 = qa + qb + d * d * (na * (nb / n));
     return r;
 }
@@ -83,4 +95,86 @@ fn rsqrt_nr(v: f32) -> f32 {
         return r * (1.5 - 0.5 * v * r * r);
     }
     return r;
+}
+
+// Statistics of the cnt <= PER values an invocation holds (in *v, overwritten by their scaled
+// differences from the pivot): a true two-pass in registers. amax and bad are max |x| and
+// "saw a NaN/inf" over the same values.
+fn thread_part(v: ptr<function, array<f32, PER>>, cnt: u32, amax: f32, bad: bool) -> Part {
+    var p: Part;
+    p.n = cnt;
+    p.e = 0;
+    p.hi = 0.0;
+    p.lo = 0.0;
+    p.m2 = 0.0;
+    if (bad) {
+        p.e = NONFINITE;
+    } else if (cnt > 0u) {
+        let ex = i32((bitcast<u32>(amax) >> 23u) & 0xffu) - 127;
+        p.e = max(0, ex - 46);
+        let sc = -p.e;
+        let kk = ldexp((*v)[0], sc);
+        // Differences from the pivot are exact for clustered data; keep them, not the values.
+        var s = 0.0;
+        for (var i = 0u; i < cnt; i += 1u) {
+            (*v)[i] = ldexp((*v)[i], sc) - kk;
+            s += (*v)[i];
+        }
+        let lo = s / f32(cnt);
+        var sd = 0.0;
+        var ss = 0.0;
+        for (var i = 0u; i < cnt; i += 1u) {
+            let d = (*v)[i] - lo;
+            sd += d;
+            ss += d * d;
+        }
+        p.hi = kk;
+        p.lo = lo;
+        p.m2 = max(ss - sd * sd / f32(cnt), 0.0);
+    }
+    return p;
+}
+
+// Normalization parameters of a merged group. mode 0: variance, rstd = 1/sqrt(M2/n + eps);
+// mode 1: mean square (RMS, FRN), rstd = 1/sqrt(M2/n + mean^2 + eps) (no cancellation).
+// Empty groups and groups with NaN/inf give NaN.
+fn finalize(acc: Part, eps: f32, mode: u32) -> GStat {
+    var gs: GStat;
+    gs.n = acc.n;
+    if (acc.n == 0u || acc.e >= NONFINITE) {
+        gs.hi_s = nan_f32();
+        gs.lo_s = nan_f32();
+        gs.rstd_s = nan_f32();
+        gs.m2_s = nan_f32();
+        gs.e = 0;
+        gs.mean = nan_f32();
+        gs.rstd = nan_f32();
+        return gs;
+    }
+    let n = f32(acc.n);
+    // eps enters the scaled domain as eps * 2^-2e (it underflows harmlessly for huge data).
+    let eps_s = ldexp(eps, -2 * acc.e);
+    let mean = acc.hi + acc.lo;
+    var v = acc.m2 / n;
+    if (mode == 1u) {
+        v = v + mean * mean;
+    }
+    gs.hi_s = acc.hi;
+    gs.lo_s = acc.lo;
+    gs.rstd_s = rsqrt_nr(v + eps_s);
+    gs.m2_s = acc.m2;
+    gs.e = acc.e;
+    gs.mean = ldexp(mean, acc.e);
+    gs.rstd = ldexp(gs.rstd_s, -acc.e);
+    return gs;
+}
+
+// The normalized value (before the affine) of x in a group: mode 0 centred, mode 1 scale only.
+// A zero deviation stays exactly 0 even when rstd is infinite (constant group with eps = 0).
+fn normalize_value(xv: f32, gs: GStat, mode: u32) -> f32 {
+    var d = ldexp(xv, -gs.e);
+    if (mode == 0u) {
+        d = (d - gs.hi_s) - gs.lo_s;
+    }
+    return select(d * gs.rstd_s, 0.0, d == 0.0 && !is_nan(gs.rstd_s));
 }

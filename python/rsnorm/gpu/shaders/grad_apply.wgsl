@@ -9,6 +9,7 @@
 //   5  storage, read        rstd : array<f32>        per normalization group
 //   6  storage, read        sums : array<vec2<f32>>  per group: (sum g, sum g * xhat) (MODE 0, 1)
 //   7  storage, read        w    : array<f32>        C (HAS_W == 1)
+//   8  storage, read        lo   : array<f32>        per group, xhat = ((x - mean) - lo) * rstd (HAS_LO)
 // Dispatch: 1-D grid-stride loop over elements [first, first + count), WG per workgroup.
 // With g = dy * w[c], xhat = (x - mean) * rstd and n = P.n (elements per group):
 //   MODE 0 (LN, GN, BN train): dx = rstd * (g - sum_g / n - xhat * sum_gx / n)
@@ -21,6 +22,7 @@ override WG: u32 = 256u;
 override MODE: u32 = 0u;
 override HAS_W: u32 = 0u;
 override W_ON_SUMS: u32 = 0u;
+override HAS_LO: u32 = 0u;
 
 struct Params {
     first: u32,
@@ -45,6 +47,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read> rstd: array<f32>;
 @group(0) @binding(6) var<storage, read> sums: array<vec2<f32>>;
 @group(0) @binding(7) var<storage, read> w: array<f32>;
+@group(0) @binding(8) var<storage, read> lo: array<f32>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -72,7 +75,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             }
             let xv = f32(x[li]);
             if (MODE == 0u) {
-                let xh = (xv - mean[grp]) * r;
+                var dv = xv - mean[grp];
+                if (HAS_LO == 1u) {
+                    dv = dv - lo[grp];
+                }
+                let xh = dv * r;
                 res = r * (g - s.x / P.n - xh * (s.y / P.n));
             } else {
                 let xh = xv * r;

@@ -1,4 +1,4 @@
-// norm_apply.wgsl -- elementwise pass: y = ((x * 2^-e - mean_s) * rstd_s) * w[c] + b[c], with the
+// norm_apply.wgsl -- elementwise pass: y = (((x * 2^-e - hi_s) - lo_s) * rstd_s) * w[c] + b[c], with the
 // TLU max(y, tau[c]) fused for filter response norm.
 //
 // Bindings (group 0):
@@ -58,12 +58,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             if (P.group_mode == 1u) {
                 grp = (i / P.a_stride) * P.G + grp;
             }
-            let gs = gstat[grp];
-            var d = ldexp(xv, -gs.e);
-            if (MODE == 0u) {
-                d = d - gs.mean_s;
-            }
-            yv = select(d * gs.rstd_s, 0.0, d == 0.0 && !is_nan(gs.rstd_s));
+            yv = normalize_value(xv, gstat[grp], MODE);
             if (HAS_W == 1u) {
                 yv = yv * w[c];
             }

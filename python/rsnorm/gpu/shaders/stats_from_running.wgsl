@@ -33,14 +33,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     var gs: GStat;
-    gs.mean_s = rm[c];
+    gs.hi_s = rm[c];
+    gs.lo_s = 0.0;
     gs.rstd_s = rsqrt_nr(rv[c] + P.eps);
     gs.m2_s = 0.0;
     gs.e = 0;
     gs.n = 0u;
-    gs.mean = gs.mean_s;
+    gs.mean = gs.hi_s;
     gs.rstd = gs.rstd_s;
-    gs.pad = 0.0;
     gstat[c] = gs;
     mean_out[c] = gs.mean;
     rstd_out[c] = gs.rstd;

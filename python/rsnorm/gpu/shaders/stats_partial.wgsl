@@ -10,13 +10,13 @@
 // Group q = o * n_g + g starts at o * outer_stride + g * g_stride; its k-th element (k < len) is at
 //   base + (k / run_len) * run_stride + k % run_len. Chunk j holds k in [j*WG*PER, (j+1)*WG*PER).
 // Invocation t reads k = t, t + WG, ... (coalesced), keeps its <= PER values in registers and does
-//   a true two-pass (mean, then sum (x-m)^2 minus the sum (x-m) correction); the workgroup then
+//   a true two-pass (mean = first value + mean offset, then sum (x-m)^2 minus the sum (x-m)
+//   correction); the workgroup then
 //   merges in a fixed pairwise tree. The order depends only on the group length, never on the
 //   grid or the binding split, so results are bitwise reproducible.
 // Assumes: WG is a power of two; all global indices < 2^32 (checked in Python).
 
 override WG: u32 = 256u;
-const PER: u32 = 16u;
 
 struct Params {
     n_g: u32,
@@ -67,33 +67,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         amax = max(amax, abs(val));
     }
 
-    var p: Part;
-    p.n = cnt;
-    p.e = 0;
-    p.mean = 0.0;
-    p.m2 = 0.0;
-    if (bad) {
-        p.e = NONFINITE;
-    } else if (cnt > 0u) {
-        let ex = i32((bitcast<u32>(amax) >> 23u) & 0xffu) - 127;
-        p.e = max(0, ex - 46);
-        let sc = -p.e;
-        let kk = ldexp(v[0], sc);
-        var s = 0.0;
-        for (var i = 0u; i < cnt; i += 1u) {
-            s += ldexp(v[i], sc) - kk;
-        }
-        let m = kk + s / f32(cnt);
-        var sd = 0.0;
-        var ss = 0.0;
-        for (var i = 0u; i < cnt; i += 1u) {
-            let d = ldexp(v[i], sc) - m;
-            sd += d;
-            ss += d * d;
-        }
-        p.mean = m;
-        p.m2 = max(ss - sd * sd / f32(cnt), 0.0);
-    }
+    let p = thread_part(&v, cnt, amax, bad);
     sh[t] = p;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s = s / 2u) {

@@ -1,6 +1,6 @@
 // sum_partial.wgsl -- pass 1 of the backward reductions: per (reduction group q, chunk j) the
 // pair (sum a, sum a * xhat) with a = dy (* w[c] when USE_W == 1) and
-// xhat = (x - mean[s]) * rstd[s] (CENTER == 1) or x * rstd[s] (CENTER == 0, RMS norm), where s is
+// xhat = ((x - mean[s]) - lo[s]) * rstd[s] (CENTER == 1; lo only when HAS_LO == 1) or x * rstd[s] (CENTER == 0, RMS norm), where s is
 // the element's normalization group.
 //
 // Bindings (group 0):
@@ -11,6 +11,7 @@
 //   4  storage, read        rstd : array<f32>        per normalization group
 //   5  storage, read        w    : array<f32>        C (USE_W == 1)
 //   6  storage, read_write  part : array<vec2<f32>>  n_groups * n_chunks, index q * n_chunks + j
+//   7  storage, read        lo   : array<f32>        per normalization group (HAS_LO == 1)
 // Dispatch and element order: exactly as stats_partial.wgsl (same reduction description, same
 //   chunks of WG * PER elements, same fixed pairwise tree), so results are bitwise reproducible.
 // The normalization group of global element i follows norm_apply.wgsl (I, C, a_stride, G, cpg,
@@ -19,7 +20,7 @@
 override WG: u32 = 256u;
 override USE_W: u32 = 0u;
 override CENTER: u32 = 1u;
-const PER: u32 = 16u;
+override HAS_LO: u32 = 0u;
 
 struct Params {
     n_g: u32,
@@ -51,6 +52,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read> rstd: array<f32>;
 @group(0) @binding(5) var<storage, read> w: array<f32>;
 @group(0) @binding(6) var<storage, read_write> part: array<vec2<f32>>;
+@group(0) @binding(7) var<storage, read> lo: array<f32>;
 
 var<workgroup> sh: array<vec2<f32>, WG>;
 
@@ -84,7 +86,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
         var xh = xv * rstd[grp];
         if (CENTER == 1u) {
-            xh = (xv - mean[grp]) * rstd[grp];
+            var dv = xv - mean[grp];
+            if (HAS_LO == 1u) {
+                dv = dv - lo[grp];
+            }
+            xh = dv * rstd[grp];
         }
         acc += vec2<f32>(a, a * xh);
     }
