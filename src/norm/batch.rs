@@ -351,7 +351,7 @@ pub fn batch_norm_backward<T: Scalar>(
             }
         })
         .collect();
-    let dxp = SharedMut::new(cv.permute_out(dx));
+    let dxp = crate::reduce::SharedMut::new(cv.permute_out(dx));
     // Each task writes sample n of dx only.
     pool::for_each_task(cv.n, parallel, |n| pair.apply_sample(n, &dxp, &coef));
 

@@ -140,6 +140,18 @@ pub fn pair_sums<T: Scalar>(
     [tree(&a), tree(&b)]
 }
 
+/// [`pair_sums`] over two slices (the contiguous-plane path; bitwise the same sums).
+#[inline]
+pub fn pair_sums_slices<T: Scalar>(dy: &[T], x: &[T], m: f64) -> [f64; 2] {
+    let mut a = [0.0f64; LANES];
+    let mut b = [0.0f64; LANES];
+    visit_slices(dy, x, |_, l, g, v| {
+        a[l] += g;
+        b[l] += g * (v - m);
+    });
+    [tree(&a), tree(&b)]
+}
+
 /// The coefficients of `dx = r·(s·dy − μ − (x − m)·k)` for one channel (or group).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Coef {
@@ -166,23 +178,6 @@ pub struct ChannelPair<'a, 'b, T> {
     rows: bool,
 }
 
-/// Is every sample of `cv` contiguous when read as (S…, C) (rows of C values)? True for
-/// channels-last arrays and for (N, C) arrays, where the plane path would visit one value per
-/// plane.
-fn rows_contiguous<T: Scalar>(cv: &ChannelView<'_, T>) -> bool {
-    if cv.n == 0 || cv.c == 0 || cv.s == 0 {
-        return false;
-    }
-    if cv.access == Access::Rows {
-        return true;
-    }
-    let sample = cv.x.index_axis(Axis(0), 0);
-    let k = sample.ndim();
-    let mut perm: Vec<usize> = (1..k).collect();
-    perm.push(0);
-    sample.permuted_axes(IxDyn(&perm)).as_slice().is_some()
-}
-
 impl<'a, 'b, T: Scalar> ChannelPair<'a, 'b, T> {
     pub fn new(
         x: &'b ChannelView<'a, T>,
@@ -191,8 +186,9 @@ impl<'a, 'b, T: Scalar> ChannelPair<'a, 'b, T> {
         op: &str,
     ) -> Result<Self> {
         let dy = ChannelView::new(dy, axis, op, 2)?;
-        // The rows path gives bitwise the plane path's sums (lane = spatial index mod 8).
-        let rows = rows_contiguous(x) && rows_contiguous(&dy);
+        // The rows path gives bitwise the plane path's sums (lane = spatial index mod 8); the
+        // channel view picks it for channels-last and for (N, C) inputs.
+        let rows = x.access == Access::Rows && dy.access == Access::Rows;
         Ok(Self { x, dy, rows })
     }
 
@@ -238,6 +234,12 @@ impl<'a, 'b, T: Scalar> ChannelPair<'a, 'b, T> {
                     b[l] = scratch[l * 2 * w + w + j];
                 }
                 *o = [tree(&a), tree(&b)];
+            }
+            return;
+        }
+        if self.x.access == Access::Planes && self.dy.access == Access::Planes {
+            for (o, c) in out.iter_mut().zip(cs) {
+                *o = pair_sums_slices(self.dy.plane_slice(n, c), self.x.plane_slice(n, c), m(c));
             }
             return;
         }

@@ -223,7 +223,7 @@ pub(crate) fn grouped_backward<'a, T: Scalar>(
     let groups = p.groups;
     let cpg = c.checked_div(groups).unwrap_or(0);
     let count = (cpg * cv.s) as f64;
-    let dxp = SharedMut::new(cv.permute_out(dx));
+    let dxp = crate::reduce::SharedMut::new(cv.permute_out(dx));
     let per_sample = pool::map_tasks(cv.n, p.parallel, |n| {
         let mut scratch = Vec::new();
         // Per-channel (mean, rstd) of the group each channel belongs to.
