@@ -150,6 +150,39 @@ pub(crate) fn row_backward<T: Scalar>(
                 (None, RowKind::Rms(eps)) => (0.0, rstd(sum_view(&xv, |v| v * v) / ff, eps)),
             };
             let m = if centred { m } else { 0.0 };
+            // SAFETY: row r belongs to this task only.
+            let mut dr = unsafe { dxp.sub(&unravel(xr.lead(), r)) };
+            if let (Some(o), Some(gs), Some(xs)) = (dr.as_slice_mut(), gv.as_slice(), xv.as_slice())
+            {
+                // Contiguous rows: monomorphic loops (same f64 operations as the general path).
+                let wv = w.unwrap_or(&[]);
+                let pwv = pw.as_deref_mut().unwrap_or(&mut []);
+                let pbv = pb.as_deref_mut().unwrap_or(&mut []);
+                let [s1, s2] = match (w.is_some(), want_w, want_bias) {
+                    (false, false, false) => {
+                        row_sums::<T, false, false, false>(gs, xs, m, rs, wv, pwv, pbv)
+                    }
+                    (false, false, true) => {
+                        row_sums::<T, false, false, true>(gs, xs, m, rs, wv, pwv, pbv)
+                    }
+                    (true, true, false) => {
+                        row_sums::<T, true, true, false>(gs, xs, m, rs, wv, pwv, pbv)
+                    }
+                    (true, true, true) => {
+                        row_sums::<T, true, true, true>(gs, xs, m, rs, wv, pwv, pbv)
+                    }
+                    // The weight's gradient is returned exactly when the weight is given.
+                    _ => unreachable!("want_w == w.is_some()"),
+                };
+                let mu = if centred { s1 / ff } else { 0.0 };
+                let kk = rs * rs * s2 / ff;
+                if w.is_some() {
+                    row_apply::<T, true>(o, gs, xs, wv, m, rs, mu, kk);
+                } else {
+                    row_apply::<T, false>(o, gs, xs, wv, m, rs, mu, kk);
+                }
+                continue;
+            }
             let mut sg = [0.0f64; LANES];
             let mut sgd = [0.0f64; LANES];
             visit_pairs(&gv, &xv, |j, l, g0, v| {
@@ -166,21 +199,9 @@ pub(crate) fn row_backward<T: Scalar>(
             });
             let mu = if centred { tree(&sg) / ff } else { 0.0 };
             let kk = rs * rs * tree(&sgd) / ff;
-            let dxv = |j: usize, g0: T, v: T| {
+            for (j, ((o, &g0), &v)) in dr.iter_mut().zip(gv.iter()).zip(xv.iter()).enumerate() {
                 let g = w.map_or(g0.to_f64(), |w| w[j] * g0.to_f64());
-                T::from_f64(rs * (g - mu - (v.to_f64() - m) * kk))
-            };
-            // SAFETY: row r belongs to this task only.
-            let mut dr = unsafe { dxp.sub(&unravel(xr.lead(), r)) };
-            if let (Some(o), Some(gs), Some(xs)) = (dr.as_slice_mut(), gv.as_slice(), xv.as_slice())
-            {
-                for (j, ((o, &g0), &v)) in o.iter_mut().zip(gs).zip(xs).enumerate() {
-                    *o = dxv(j, g0, v);
-                }
-            } else {
-                for (j, ((o, &g0), &v)) in dr.iter_mut().zip(gv.iter()).zip(xv.iter()).enumerate() {
-                    *o = dxv(j, g0, v);
-                }
+                *o = T::from_f64(rs * (g - mu - (v.to_f64() - m) * kk));
             }
         }
         (pw, pb)
@@ -189,5 +210,91 @@ pub(crate) fn row_backward<T: Scalar>(
     ParamGrads {
         weight: want_w.then(|| fold_parts(pws.into_iter(), f)),
         bias: want_bias.then(|| fold_parts(pbs.into_iter(), f)),
+    }
+}
+
+/// Pass 1 of the row backward over a contiguous row: canonical `[Σg, Σg·d]` (g = w·dy,
+/// d = x − m), and the row's dweight (`dy·d·rs`) and dbias (`dy`) terms added in place.
+/// The const flags select the work at compile time; the f64 operations per value are those of
+/// the general path in `row_backward`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn row_sums<T: Scalar, const W: bool, const PW: bool, const PB: bool>(
+    gs: &[T],
+    xs: &[T],
+    m: f64,
+    rs: f64,
+    w: &[f64],
+    pw: &mut [f64],
+    pb: &mut [f64],
+) -> [f64; 2] {
+    use crate::reduce::{tree, LANES};
+    let n = gs.len().min(xs.len());
+    let mut sg = [0.0f64; LANES];
+    let mut sgd = [0.0f64; LANES];
+    let full = n - n % LANES;
+    let (w, pw, pb) = (
+        &w[..if W { n } else { 0 }],
+        &mut pw[..if PW { n } else { 0 }],
+        &mut pb[..if PB { n } else { 0 }],
+    );
+    let mut q = 0;
+    while q < full {
+        let (g8, x8) = (&gs[q..q + LANES], &xs[q..q + LANES]);
+        for l in 0..LANES {
+            let g0 = g8[l].to_f64();
+            let d = x8[l].to_f64() - m;
+            let g = if W { w[q + l] * g0 } else { g0 };
+            sg[l] += g;
+            sgd[l] += g * d;
+            if PW {
+                pw[q + l] += g0 * d * rs;
+            }
+            if PB {
+                pb[q + l] += g0;
+            }
+        }
+        q += LANES;
+    }
+    for j in full..n {
+        let l = j - full;
+        let g0 = gs[j].to_f64();
+        let d = xs[j].to_f64() - m;
+        let g = if W { w[j] * g0 } else { g0 };
+        sg[l] += g;
+        sgd[l] += g * d;
+        if PW {
+            pw[j] += g0 * d * rs;
+        }
+        if PB {
+            pb[j] += g0;
+        }
+    }
+    [tree(&sg), tree(&sgd)]
+}
+
+/// Pass 2 over a contiguous row: `dx = rs·(g − mu − (x − m)·kk)`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn row_apply<T: Scalar, const W: bool>(
+    o: &mut [T],
+    gs: &[T],
+    xs: &[T],
+    w: &[f64],
+    m: f64,
+    rs: f64,
+    mu: f64,
+    kk: f64,
+) {
+    if W {
+        for (((o, &g0), &v), &wj) in o.iter_mut().zip(gs).zip(xs).zip(w) {
+            let g = wj * g0.to_f64();
+            *o = T::from_f64(rs * (g - mu - (v.to_f64() - m) * kk));
+        }
+    } else {
+        for ((o, &g0), &v) in o.iter_mut().zip(gs).zip(xs) {
+            let g = g0.to_f64();
+            *o = T::from_f64(rs * (g - mu - (v.to_f64() - m) * kk));
+        }
     }
 }
