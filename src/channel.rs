@@ -223,12 +223,7 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
                     y.shared
                         .block_mut(self.offset_in(&y.shared, n, 0), xs.len())
                 };
-                let c = self.c;
-                for (yrow, xrow) in ys.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
-                    for k in 0..c {
-                        yrow[k] = reduce::affine(xrow[k], m[k], a[k], b[k]);
-                    }
-                }
+                reduce::apply_rows(xs, ys, self.c, m, a, b);
             }
             Access::Planes => {
                 for c in 0..self.c {
@@ -238,10 +233,7 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
                         y.shared
                             .block_mut(self.offset_in(&y.shared, n, c), xs.len())
                     };
-                    let (mc, ac, bc) = (m[c], a[c], b[c]);
-                    for (o, &v) in ys.iter_mut().zip(xs) {
-                        *o = reduce::affine(v, mc, ac, bc);
-                    }
+                    reduce::apply_slice(xs, ys, m[c], a[c], b[c], None, None);
                 }
             }
             Access::Strided => {
@@ -253,6 +245,24 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
                     reduce::apply_view(&xpl, &mut ypl, m[c], a[c], b[c]);
                 }
             }
+        }
+    }
+
+    /// Writes y = (x − m)·a + b over plane (n, c). Tasks calling this for distinct planes
+    /// write disjoint memory.
+    pub fn apply_plane(&self, n: usize, c: usize, y: &ChannelOut<'_, T>, m: f64, a: f64, b: f64) {
+        if y.access == Access::Planes {
+            let xs = self.plane_slice(n, c);
+            // SAFETY: plane (n, c) of y is contiguous (Planes access) and owned by the caller.
+            let ys = unsafe {
+                y.shared
+                    .block_mut(self.offset_in(&y.shared, n, c), xs.len())
+            };
+            reduce::apply_slice(xs, ys, m, a, b, None, None);
+        } else {
+            // SAFETY: the caller owns plane (n, c) of y.
+            let mut ypl = unsafe { y.shared.sub(&[n, c]) };
+            reduce::apply_view(&self.plane(n, c), &mut ypl, m, a, b);
         }
     }
 

@@ -32,7 +32,13 @@ extern "C" fn child_after_fork() {
     FORK_GENERATION.fetch_add(1, Ordering::SeqCst);
 }
 
+/// Read once: `available_parallelism` parses cgroup files (~60 µs), far too slow per call.
 fn default_threads() -> usize {
+    static DEFAULT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *DEFAULT.get_or_init(read_default_threads)
+}
+
+fn read_default_threads() -> usize {
     if let Ok(v) = std::env::var("RAYON_NUM_THREADS") {
         if let Ok(n) = v.trim().parse::<usize>() {
             if n > 0 {

@@ -10,6 +10,7 @@
 //! The 8 lanes also let the compiler vectorize the loop (no fast-math needed).
 
 use crate::scalar::Scalar;
+use multiversion::multiversion;
 use ndarray::{ArrayView, ArrayViewMut, IxDyn, RawArrayViewMut, Zip};
 
 /// Number of accumulator lanes of the canonical sum.
@@ -21,7 +22,7 @@ pub fn tree(a: &[f64; LANES]) -> f64 {
 }
 
 /// Canonical sum of `f(x)` over a contiguous slice.
-#[inline]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 pub fn sum_slice<T: Scalar, F: Fn(f64) -> f64>(s: &[T], f: F) -> f64 {
     let mut acc = [0.0f64; LANES];
     let mut chunks = s.chunks_exact(LANES);
@@ -51,6 +52,7 @@ pub fn sum_view<T: Scalar, F: Fn(f64) -> f64>(v: &ArrayView<'_, T, IxDyn>, f: F)
 /// Canonical sums for the channels `cs` of a channels-last block: rows of `row_len`
 /// contiguous values (`s[r*row_len + k]`): `out[k - cs.start] = Σ_r f(s[r*row_len + k], k)`,
 /// the lane of row r being r mod 8. Identical, bit for bit, to `sum_slice` over each column.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 pub fn sum_rows<T: Scalar, F: Fn(f64, usize) -> f64>(
     s: &[T],
     row_len: usize,
@@ -86,6 +88,56 @@ pub fn affine<T: Scalar>(x: T, m: f64, a: f64, b: f64) -> T {
     T::from_f64((x.to_f64() - m) * a + b)
 }
 
+/// y = (x − m)·a + b over slices; `w`, `bias` (if given) make a and b per element:
+/// a_j = a·w_j, b_j = bias_j. One loop per combination, so each vectorizes.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+pub fn apply_slice<T: Scalar>(
+    xs: &[T],
+    ys: &mut [T],
+    m: f64,
+    a: f64,
+    b: f64,
+    w: Option<&[f64]>,
+    bias: Option<&[f64]>,
+) {
+    match (w, bias) {
+        (None, None) => {
+            for (o, &v) in ys.iter_mut().zip(xs) {
+                *o = affine(v, m, a, b);
+            }
+        }
+        (Some(w), None) => {
+            for ((o, &v), &wj) in ys.iter_mut().zip(xs).zip(w) {
+                *o = affine(v, m, a * wj, b);
+            }
+        }
+        (None, Some(bias)) => {
+            for ((o, &v), &bj) in ys.iter_mut().zip(xs).zip(bias) {
+                *o = affine(v, m, a, bj);
+            }
+        }
+        (Some(w), Some(bias)) => {
+            for (((o, &v), &wj), &bj) in ys.iter_mut().zip(xs).zip(w).zip(bias) {
+                *o = affine(v, m, a * wj, bj);
+            }
+        }
+    }
+}
+
+/// Rows of `c` channels: y[r, k] = (x[r, k] − m_k)·a_k + b_k.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+pub fn apply_rows<T: Scalar>(xs: &[T], ys: &mut [T], c: usize, m: &[f64], a: &[f64], b: &[f64]) {
+    if c == 0 {
+        return;
+    }
+    let (m, a, b) = (&m[..c], &a[..c], &b[..c]);
+    for (yrow, xrow) in ys.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+        for ((((o, &v), &mk), &ak), &bk) in yrow.iter_mut().zip(xrow).zip(m).zip(a).zip(b) {
+            *o = affine(v, mk, ak, bk);
+        }
+    }
+}
+
 /// Applies `affine` with one (m, a, b) to a whole view.
 pub fn apply_view<T: Scalar>(
     x: &ArrayView<'_, T, IxDyn>,
@@ -95,9 +147,7 @@ pub fn apply_view<T: Scalar>(
     b: f64,
 ) {
     if let (Some(xs), Some(ys)) = (x.as_slice(), y.as_slice_mut()) {
-        for (o, &v) in ys.iter_mut().zip(xs) {
-            *o = affine(v, m, a, b);
-        }
+        apply_slice(xs, ys, m, a, b, None, None);
         return;
     }
     Zip::from(y)

@@ -105,18 +105,7 @@ impl<'a, T: Scalar> RowView<'a, T> {
         let f = self.features;
         if let (Some(xs), Some(ys)) = (self.contiguous, yr.as_slice_mut()) {
             let xs = &xs[r * f..(r + 1) * f];
-            match (w, b) {
-                (None, None) => {
-                    for (o, &v) in ys.iter_mut().zip(xs) {
-                        *o = reduce::affine(v, m, scale, 0.0);
-                    }
-                }
-                _ => {
-                    for (j, (o, &v)) in ys.iter_mut().zip(xs).enumerate() {
-                        *o = reduce::affine(v, m, a(j), bj(j));
-                    }
-                }
-            }
+            reduce::apply_slice(xs, ys, m, scale, 0.0, w, b);
             return;
         }
         let mut xv = self.x.clone();

@@ -51,15 +51,12 @@ def moments(x, axis: int = 1) -> Moments:
 
 
 def __getattr__(name: str):
-    # `rsnorm.gpu` imports wgpu; load it only when asked for, so `import rsnorm` stays light.
-    if name == "gpu":
+    # The optional front ends import wgpu, mpi4py or dask: load them only when asked for, so
+    # `import rsnorm` stays light and works without those extras.
+    if name in ("gpu", "dask", "distributed", "nn", "demo_train"):
         import importlib
 
-        return importlib.import_module(".gpu", __name__)
-    if name in ("nn", "demo_train"):
-        import importlib
-
-        return importlib.import_module("." + name, __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'rsnorm' has no attribute {name!r}")
 
 

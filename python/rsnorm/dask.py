@@ -12,7 +12,7 @@ the array is rechunked along those axes (``rechunk=True``, the default) or a ``V
 the axes (``rechunk=False``).
 
 Everything stays lazy and runs on any Dask scheduler: threads, processes, synchronous or a
-``dask.distributed`` cluster. Arguments, defaults and errors follow the NumPy functions of the
+``dask.distributed`` cluster. Arguments, defaults and errors follow the rsnorm functions of the
 same names. NumPy inputs are accepted and wrapped as one-chunk Dask arrays.
 
 Larger-than-memory arrays: a lazy ``y`` whose graph also holds the statistics keeps every chunk of
@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import uuid
 
 import dask
 import dask.array as da
@@ -37,7 +38,11 @@ import numpy as np
 
 import rsnorm as _rn
 from rsnorm._types import Moments, Stats
-from rsnorm.distributed import _check_running, _update_running  # MPI is imported lazily there
+from rsnorm.distributed import (  # mpi4py is imported there only when a communicator is needed
+    _check_running,
+    _local_moments,
+    _update_running,
+)
 
 __all__ = [
     "batch_norm",
@@ -154,7 +159,7 @@ def _flatten(parts):
 def _moments_chunk(x, axis=None, keepdims=None, *, ax, computing_meta=False):
     if computing_meta:
         return x
-    m = _rn.moments(x, ax)
+    m = _local_moments(x, ax)
     return {"count": int(m.count), "mean": m.mean, "m2": m.m2}
 
 
@@ -177,10 +182,15 @@ def _moments_aggregate(parts, axis=None, keepdims=None, computing_meta=False):
 
 def _moments_array(x: da.Array, ax: int, split_every=None) -> da.Array:
     red = tuple(i for i in range(x.ndim) if i != ax)
+    # Keys unique to this call: the same statistics submitted again inside another graph (e.g.
+    # computed now for the running statistics, after a lazy y that held them) would otherwise
+    # reach a dask.distributed scheduler under the same keys with differently fused tasks, which
+    # it warns "can cause failures and deadlocks" (dask/dask#9888).
+    name = f"rsnorm-moments-{uuid.uuid4().hex[:12]}"
     return da.reduction(
         x, functools.partial(_moments_chunk, ax=ax), _moments_aggregate, axis=red,
         combine=_moments_combine, concatenate=False, dtype=_MOMENTS_DTYPE,
-        meta=np.empty((0,), _MOMENTS_DTYPE), split_every=split_every, name="rsnorm-moments",
+        meta=np.empty((0,), _MOMENTS_DTYPE), split_every=split_every, name=name,
     )
 
 
@@ -405,11 +415,11 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, rechunk=True):
     return _map(fn, x, token="rsnorm-rms-norm")
 
 
-def _group_block(xb, *params, groups_per_channel, eps, ax, has_weight, has_bias):
+def _group_block(xb, *params, channels_per_group, eps, ax, has_weight, has_bias):
     it = iter(params)
     w = next(it).ravel() if has_weight else None
     b = next(it).ravel() if has_bias else None
-    g = xb.shape[ax] // groups_per_channel if xb.shape[ax] else 1
+    g = xb.shape[ax] // channels_per_group if xb.shape[ax] else 1
     return _rn.group_norm(xb, g, w, b, eps, axis=ax)
 
 
@@ -440,7 +450,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, rechu
         spatial.append(ax)  # chunks that cut a group: make the channel axis whole too
     x = _whole(x, spatial, rechunk, "group_norm")
     params = [_per_channel(v, x, ax) for v in (weight, bias)]
-    fn = functools.partial(_group_block, groups_per_channel=per_group, eps=eps, ax=ax,
+    fn = functools.partial(_group_block, channels_per_group=per_group, eps=eps, ax=ax,
                            has_weight=weight is not None, has_bias=bias is not None)
     return _map(fn, x, *[p for p in params if p is not None], token="rsnorm-group-norm")
 

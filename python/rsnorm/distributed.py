@@ -151,6 +151,15 @@ def _bshape(ndim, ax):
     return tuple(shape)
 
 
+def _local_moments(x, ax) -> Moments:
+    """``rsnorm.moments(x, ax)``."""
+    if x.ndim == 2 and ax == 1:
+        # A (rows, C) table seen as one (1, rows, C) channels-last sample: the same statistics
+        # (to rounding), but the core's 2-D path is ~15x slower today (2026-11).
+        return _rn.moments(x[None], -1)
+    return _rn.moments(x, ax)
+
+
 def _check_running(running_mean, running_var, num_batches_tracked, momentum):
     """The checks of ``rsnorm.batch_norm`` on what a training call updates in place."""
     if momentum is not None and not (isinstance(momentum, (int, float, np.floating))
@@ -183,7 +192,7 @@ def _global_moments(x, axis, comm, params=(), check=None) -> Moments:
             _check_vec(v, name, x.shape[ax])
         if check is not None:
             check()
-        m = _rn.moments(x, ax)
+        m = _local_moments(x, ax)
         return (int(m.count), np.asarray(m.mean, _F64), np.asarray(m.m2, _F64))
 
     parts = _collective(comm, local)

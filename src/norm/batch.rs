@@ -9,7 +9,7 @@
 //! ```
 
 use super::common::{bytes_of, check_eps, check_momentum, check_out, rstd, GroupStats};
-use crate::channel::{check_channel_param, ChannelView};
+use crate::channel::{check_channel_param, Access, ChannelView};
 use crate::error::{fmt_shape, NormError, Result};
 use crate::pool;
 use crate::scalar::Scalar;
@@ -112,28 +112,45 @@ pub fn batch_norm<T: Scalar>(
         }
     }
 
-    let (mean, var, m2) = if use_batch {
-        let (mean, m2) = channel_moments(&cv, parallel);
-        let var = m2.iter().map(|&s| s / count as f64).collect::<Vec<_>>();
+    let b: Vec<f64> = (0..c).map(|k| p.bias.map_or(0.0, |b| b[k])).collect();
+    let scale = |k: usize, rs: f64| rs * p.weight.map_or(1.0, |w| w[k]);
+    let yo = cv.output(y);
+    let (mean, var, m2) = if use_batch && cv.access == Access::Planes {
+        // NCHW: one task per channel computes its statistics and normalizes it while its
+        // planes are still in cache: one DRAM read and one write instead of three reads.
+        let per_channel = pool::map_tasks(c, parallel, |k| {
+            let (m, m2) = channel_plane_moments(&cv, k);
+            let rs = rstd(m2 / count as f64, p.eps);
+            let a = scale(k, rs);
+            for n in 0..cv.n {
+                // Planes of channel k belong to this task only.
+                cv.apply_plane(n, k, &yo, m, a, b[k]);
+            }
+            (m, m2)
+        });
+        let (mean, m2): (Vec<f64>, Vec<f64>) = per_channel.into_iter().unzip();
+        let var = m2.iter().map(|&s| s / count as f64).collect();
         (mean, var, Some(m2))
     } else {
-        let (rm, rv) = running.expect("checked above");
-        (rm.to_vec(), rv.to_vec(), None)
+        let (mean, var, m2) = if use_batch {
+            let (mean, m2) = channel_moments(&cv, parallel);
+            let var = m2.iter().map(|&s| s / count as f64).collect::<Vec<_>>();
+            (mean, var, Some(m2))
+        } else {
+            let (rm, rv) = running.expect("checked above");
+            (rm.to_vec(), rv.to_vec(), None)
+        };
+        let a: Vec<f64> = (0..c).map(|k| scale(k, rstd(var[k], p.eps))).collect();
+        let per = cv.samples_per_task();
+        // Each task writes its own block of samples of y.
+        pool::for_each_task(cv.n.div_ceil(per), parallel, |t| {
+            for n in t * per..((t + 1) * per).min(cv.n) {
+                cv.apply_sample(n, &yo, &mean, &a, &b);
+            }
+        });
+        (mean, var, m2)
     };
     let rs: Vec<f64> = var.iter().map(|&v| rstd(v, p.eps)).collect();
-
-    let a: Vec<f64> = (0..c)
-        .map(|k| rs[k] * p.weight.map_or(1.0, |w| w[k]))
-        .collect();
-    let b: Vec<f64> = (0..c).map(|k| p.bias.map_or(0.0, |b| b[k])).collect();
-    let yo = cv.output(y);
-    let per = cv.samples_per_task();
-    // Each task writes its own block of samples of y.
-    pool::for_each_task(cv.n.div_ceil(per), parallel, |t| {
-        for n in t * per..((t + 1) * per).min(cv.n) {
-            cv.apply_sample(n, &yo, &mean, &a, &b);
-        }
-    });
 
     let mut out = BatchNormOutput {
         stats: GroupStats {
@@ -189,36 +206,102 @@ pub(crate) fn channel_moments<T: Scalar>(
     (mean, m2)
 }
 
+/// (mean, M2) of one channel with the same arithmetic as [`channel_moments`].
+fn channel_plane_moments<T: Scalar>(cv: &ChannelView<'_, T>, k: usize) -> (f64, f64) {
+    let count = (cv.n * cv.s) as f64;
+    let mut part = [0.0f64];
+    let mut scratch = Vec::new();
+    let mut total = 0.0f64;
+    for n in 0..cv.n {
+        cv.sample_sums(n, k..k + 1, |v, _| v, &mut scratch, &mut part);
+        total += part[0];
+    }
+    let m = total / count;
+    let mut m2 = 0.0f64;
+    for n in 0..cv.n {
+        cv.sample_sums(
+            n,
+            k..k + 1,
+            |v, _| (v - m) * (v - m),
+            &mut scratch,
+            &mut part,
+        );
+        m2 += part[0];
+    }
+    (m, m2)
+}
+
 /// Channels per task in the channels-last path: 16 f32 = one cache line, so two tasks never
 /// share a line of a row.
 const ROW_CHANNEL_CHUNK: usize = 16;
 
-/// Σ over n of the canonical plane sums of f, per channel.
+/// From this many spatial positions per sample on, channels-last sums run one task per block
+/// of samples and keep the N×C plane sums (at most 1/64 of the input's size in f64).
+const ROW_SAMPLE_TASKS_MIN_S: usize = 64;
+
+/// Σ over n of the canonical plane sums of f, per channel. Every branch performs the same f64
+/// operations in the same order; they differ in how memory is walked and work is split.
 fn channel_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy + Sync>(
     cv: &ChannelView<'_, T>,
     parallel: bool,
     f: F,
 ) -> Vec<f64> {
     let c = cv.c;
-    let chunk = if cv.access == crate::channel::Access::Rows {
-        ROW_CHANNEL_CHUNK
-    } else {
-        1
-    };
-    let parts = pool::map_tasks(c.div_ceil(chunk), parallel, |t| {
-        let cs = t * chunk..((t + 1) * chunk).min(c);
-        let mut scratch = Vec::new();
-        let mut part = vec![0.0f64; cs.len()];
-        let mut acc = vec![0.0f64; cs.len()];
-        for n in 0..cv.n {
-            cv.sample_sums(n, cs.clone(), f, &mut scratch, &mut part);
-            for (a, p) in acc.iter_mut().zip(&part) {
-                *a += *p;
+    match cv.access {
+        Access::Rows if cv.s >= ROW_SAMPLE_TASKS_MIN_S => {
+            // NHWC: each task sums whole contiguous samples; planes folded in batch order.
+            let planes = pool::map_tasks(cv.n, parallel, |n| {
+                let mut scratch = Vec::new();
+                let mut part = vec![0.0f64; c];
+                cv.sample_sums(n, 0..c, f, &mut scratch, &mut part);
+                part
+            });
+            let mut total = vec![0.0f64; c];
+            for part in planes {
+                for (t, p) in total.iter_mut().zip(part) {
+                    *t += p;
+                }
             }
+            total
         }
-        acc
-    });
-    parts.concat()
+        Access::Rows if cv.s == 1 => {
+            // (N, C): a plane is one value, whose canonical sum is the value itself, so the
+            // fold over the batch is a plain running sum per channel.
+            let parts = pool::map_tasks(c.div_ceil(ROW_CHANNEL_CHUNK), parallel, |t| {
+                let cs = t * ROW_CHANNEL_CHUNK..((t + 1) * ROW_CHANNEL_CHUNK).min(c);
+                let mut acc = vec![0.0f64; cs.len()];
+                for n in 0..cv.n {
+                    let row = &cv.sample_rows(n)[cs.clone()];
+                    for (j, (a, x)) in acc.iter_mut().zip(row).enumerate() {
+                        *a += f(x.to_f64(), cs.start + j);
+                    }
+                }
+                acc
+            });
+            parts.concat()
+        }
+        _ => {
+            let chunk = if cv.access == Access::Rows {
+                ROW_CHANNEL_CHUNK
+            } else {
+                1
+            };
+            let parts = pool::map_tasks(c.div_ceil(chunk), parallel, |t| {
+                let cs = t * chunk..((t + 1) * chunk).min(c);
+                let mut scratch = Vec::new();
+                let mut part = vec![0.0f64; cs.len()];
+                let mut acc = vec![0.0f64; cs.len()];
+                for n in 0..cv.n {
+                    cv.sample_sums(n, cs.clone(), f, &mut scratch, &mut part);
+                    for (a, p) in acc.iter_mut().zip(&part) {
+                        *a += *p;
+                    }
+                }
+                acc
+            });
+            parts.concat()
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -51,11 +51,14 @@ fn float_array<'a, 'py>(
     let kind = dt.kind();
     let size = dt.itemsize();
     let ok = kind == b'f' && matches!(size, 2 | 4 | 8);
-    let dname = dt
-        .str()
-        .map(|s| s.to_string())
-        .unwrap_or_else(|_| "?".into());
+    // Built only on the error paths: the happy path stays free of Python string work.
+    let dname = || {
+        dt.str()
+            .map(|s| s.to_string())
+            .unwrap_or_else(|_| "?".into())
+    };
     if !ok {
+        let dname = dname();
         return Err(type_error(format!(
             "{name} has dtype {dname}; rsnorm accepts {ACCEPTED} (convert explicitly, e.g. \
              {name}.astype(np.float32))"
@@ -65,7 +68,7 @@ fn float_array<'a, 'py>(
         return Err(type_error(format!(
             "{name} has non-native byte order (dtype {}); convert with \
              {name}.astype({name}.dtype.newbyteorder('='))",
-            dt.repr().map(|s| s.to_string()).unwrap_or(dname)
+            dt.repr().map(|s| s.to_string()).unwrap_or_else(|_| dname())
         )));
     }
     if arr.ndim() > MAX_NDIM {

@@ -15,8 +15,9 @@ use pyo3::prelude::*;
 
 /// `normalized_shape`: an int or a sequence of ints, as in PyTorch.
 pub fn parse_normalized_shape(obj: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
-    let dims: Vec<i64> = if let Ok(v) = obj.extract::<i64>() {
-        vec![v]
+    // An int is the common case: test the type first, as a failed extract builds an exception.
+    let dims: Vec<i64> = if obj.is_instance_of::<pyo3::types::PyInt>() {
+        vec![obj.extract::<i64>()?]
     } else {
         obj.extract::<Vec<i64>>().map_err(|_| {
             type_error("normalized_shape must be an int or a sequence of ints".into())

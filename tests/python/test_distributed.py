@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import threading
 from pathlib import Path
 
@@ -228,6 +229,30 @@ def test_empty_batch_on_every_rank(rng):
         assert not rm.any() and np.array_equal(rv, np.ones(3)) and int(nbt) == 2
 
 
+def test_nan_stays_in_its_channel(rng):
+    xg = rng.standard_normal((6, 3, 4))
+    clean = xg.copy()
+    xg[4, 1, 2] = np.nan  # on rank 1
+    counts = [3, 3]
+    sl = slices(counts)
+    state = [(np.zeros(3), np.ones(3)) for _ in counts]
+
+    def run(data):
+        def rank_fn(comm):
+            rm, rv = state[comm.rank]
+            rm[:], rv[:] = 0, 1
+            return sync_batch_norm(data[sl[comm.rank]], rm, rv, training=True, comm=comm)
+        return run_ranks(2, rank_fn)
+
+    want = np.concatenate(run(clean))
+    got = np.concatenate(run(xg))
+    assert np.isnan(got[:, 1]).all()
+    np.testing.assert_array_equal(got[:, [0, 2]], want[:, [0, 2]])
+    for rm, rv in state:
+        assert np.isnan(rm[1]) and np.isnan(rv[1])
+        assert np.isfinite(rm[[0, 2]]).all() and np.isfinite(rv[[0, 2]]).all()
+
+
 def test_error_on_one_rank_reaches_all_ranks():
     def rank_fn(comm):
         x = np.ones((3, 2), dtype=np.int64 if comm.rank == 2 else F64)
@@ -373,9 +398,10 @@ def test_convert_sync_batchnorm():
 def _mpiexec():
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py is not installed (pip install 'rsnorm[distributed]': mpi4py mpich)")
-    exe = shutil.which("mpiexec")
+    # The mpich wheel installs mpiexec beside the interpreter's scripts, which may not be on PATH.
+    exe = shutil.which("mpiexec") or shutil.which("mpiexec", path=sysconfig.get_path("scripts"))
     if exe is None:
-        pytest.skip("mpiexec is not on PATH (pip install mpich provides it)")
+        pytest.skip("mpiexec is not installed (pip install mpich provides it)")
     return exe
 
 

@@ -516,6 +516,24 @@ def test_channels_last_column_path(rng):
     np.testing.assert_allclose(gg.weight, g.weight, rtol=1e-4, atol=1e-2)
 
 
+def test_per_thread_channel_equals_generic_indexing(rng):
+    # The apply passes keep one channel per invocation when the grid allows it; the generic
+    # per-element indexing must give the same bits.
+    for shape, axis in (((5, 3, 7, 9), 1), ((4, 6, 5, 3), -1)):
+        x = randn(rng, *shape)
+        dy = randn(rng, *shape)
+        C = shape[axis]
+        w = rng.standard_normal(C).astype(np.float32)
+        runs = []
+        for fixed in (True, False):
+            with _device._limits(fixed_c=fixed):
+                runs.append([gpu.batch_norm(x, weight=w, bias=w, training=True, axis=axis),
+                             gpu.batch_norm_backward(dy, x, weight=w, training=True, axis=axis).x,
+                             gpu.tlu(x, w, axis=axis)])
+        for u, v in zip(*runs):
+            assert np.array_equal(u, v)
+
+
 def test_split_windows_with_odd_offsets(rng):
     # float16 data (2-byte elements) and windows that start inside rows.
     x = randn(rng, 9, 3, 1001).astype(np.float16)
@@ -578,6 +596,76 @@ def test_pipelines_cached_and_outputs_recycled(rng):
     w = gpu.rms_norm(d, 64)
     assert w._buffer is not v._buffer  # a live view keeps its buffer out of the pool
     gpu.empty_cache()
+
+
+def test_repeated_calls_do_not_grow_memory(rng):
+    import resource
+
+    x = randn(rng, 64, 256)
+    d = gpu.asarray(x)
+    for _ in range(50):
+        gpu.layer_norm(x, 256)
+        gpu.batch_norm(d, training=True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(600):  # a 64 KiB upload and output per host call: 38 MiB if they leaked
+        gpu.layer_norm(x, 256)
+        gpu.batch_norm(d, training=True)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 12 * 1024
+    assert _device._pool_bytes <= 16 * 65536
+
+
+def test_threads_share_the_device(rng):
+    # wgpu-native aborts the process when threads encode at once: ops serialize on a lock.
+    import threading
+
+    xs = [randn(rng, 16, 300) for _ in range(6)]
+    want = [gpu.layer_norm(x, 300) for x in xs]
+    bad = []
+
+    def work(i):
+        try:
+            for _ in range(15):
+                if not np.array_equal(gpu.layer_norm(xs[i], 300), want[i]):
+                    bad.append(i)
+                gpu.batch_norm(gpu.asarray(xs[i]).reshape(16, 3, 100), training=True).numpy()
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            bad.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert bad == []
+
+
+# Python >= 3.12 warns that fork() in a multi-threaded process (wgpu has threads) may deadlock:
+# exactly the situation under test.
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+def test_forked_child_gets_a_clear_error(rng):
+    # wgpu-native does not survive fork(): the child must fail fast instead of hanging.
+    import multiprocessing as mp
+
+    x = randn(rng, 4, 10)
+    want = gpu.layer_norm(x, 10)
+    mpc = mp.get_context("fork")
+    q = mpc.Queue()
+    p = mpc.Process(target=_fork_child, args=(q, x))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    kind, msg = q.get(timeout=5)
+    assert kind == "RuntimeError" and "spawn" in msg
+    assert np.array_equal(gpu.layer_norm(x, 10), want)  # the parent is unaffected
+
+
+def _fork_child(q, x):
+    try:
+        gpu.layer_norm(x, 10)
+        q.put(("ok", ""))
+    except Exception as exc:  # noqa: BLE001 - the parent checks the kind
+        q.put((type(exc).__name__, str(exc)))
 
 
 def test_out_argument(rng):
@@ -664,6 +752,58 @@ def test_errors(rng):
     ro = np.zeros(4)
     ro.flags.writeable = False
     _raises_like_cpu(ValueError, "batch_norm", x, ro, np.ones(4), training=True)
+
+
+# ----------------------------------------------------------------------------- random layouts
+
+
+def _random_case(rng):
+    ndim = int(rng.integers(2, 5))
+    shape = [int(s) for s in rng.integers(1, 7, size=ndim)]
+    shape[0] = int(rng.integers(2, 5))
+    axis = int(rng.integers(1, ndim))
+    if rng.random() < 0.3:
+        shape[-1] = int(rng.integers(100, 3000))  # long rows: multi-chunk reductions
+    return tuple(shape), axis
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_shapes_and_axes(seed):
+    # Channel axes in the middle (S1 > 1 and I > 1), odd sizes, long and 1-element groups.
+    rng = np.random.default_rng(seed)
+    shape, axis = _random_case(rng)
+    x = randn(rng, *shape, loc=float(rng.choice([0.0, 50.0])))
+    C = shape[axis]
+    G = int(rng.choice([g for g in range(1, C + 1) if C % g == 0]))
+    w = rng.standard_normal(C).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    ax = axis - x.ndim if rng.random() < 0.5 else axis  # negative and positive spellings
+    close(gpu.batch_norm(x, None, None, w, b, training=True, axis=ax),
+          ref.batch_norm(x, None, None, w, b, True, axis=axis)[0])
+    close(gpu.group_norm(x, G, w, b, axis=ax), ref.group_norm(x, G, w, b, axis=axis)[0])
+    if x.size // (shape[0] * C) > 1:
+        close(gpu.instance_norm(x, weight=w, axis=ax), ref.instance_norm(x, w, axis=axis)[0])
+    close(gpu.filter_response_norm(x, w, b, tau=b, axis=ax), ref.frn(x, w, b, b, axis=axis))
+    k = int(rng.integers(1, x.ndim))
+    close(gpu.layer_norm(x, shape[-k:]), ref.layer_norm(x, k)[0])
+    close(gpu.rms_norm(x, shape[-k:]), ref.rms_norm(x, k)[0])
+    if x.ndim >= 3:
+        size = int(rng.integers(1, 6))
+        close(gpu.local_response_norm(x, size, 0.1, 0.75, 1.0, axis=ax),
+              ref.lrn(x, size, 0.1, 0.75, 1.0, axis=axis))
+    gamma = (0.1 * rng.random((C, C))).astype(np.float32)
+    close(gpu.gdn(x, np.ones(C, np.float32), gamma, axis=ax),
+          ref.gdn(x, np.ones(C, np.float32), gamma, axis=axis))
+    dy = randn(rng, *shape)
+    gb = gpu.group_norm_backward(dy, x, G, w, b, axis=ax)
+    dx, dw, db = ref.group_norm_backward(dy, x, G, w, axis=axis)
+    scale = np.abs(dx).max()
+    np.testing.assert_allclose(gb.x, dx, rtol=1e-3, atol=1e-4 * scale)
+    np.testing.assert_allclose(gb.weight, dw, rtol=1e-3, atol=1e-4 * np.abs(dw).max())
+    np.testing.assert_allclose(gb.bias, db, rtol=1e-3, atol=1e-4 * np.abs(db).max())
+    gbn = gpu.batch_norm_backward(dy, x, weight=w, training=True, axis=ax)
+    dx = ref.batch_norm_backward(dy, x, None, None, w, True, axis=axis)[0]
+    np.testing.assert_allclose(gbn.x, dx, rtol=1e-3, atol=1e-4 * np.abs(dx).max())
 
 
 # ----------------------------------------------------------------------------- device loss (last)

@@ -224,6 +224,27 @@ def test_backward_device_arrays_bitwise_repeat_and_split(rng):
     assert np.array_equal(again.x, base[0]) and np.array_equal(again.weight, base[1])
 
 
+def test_fused_backward_equals_two_pass_bitwise(rng):
+    x = randn(rng, 3, 8, 900, loc=3.0)
+    dy = randn(rng, 3, 8, 900)
+    w = np.linspace(-1, 1, 8).astype(np.float32)
+    w2 = np.linspace(-1, 1, 900).astype(np.float32)
+
+    def run():
+        return [gpu.layer_norm_backward(dy, x, 900, w2, w2).x,
+                gpu.layer_norm_backward(dy, x, (8, 900)).x,  # two chunks per group
+                gpu.rms_norm_backward(dy, x, 900, w2).x,
+                gpu.group_norm_backward(dy, x, 4, w, w).x,
+                gpu.layer_norm_backward(dy.reshape(-1, 9), x.reshape(-1, 9), 9).x]
+
+    fused = run()
+    with _device._limits(fused_chunks=0):
+        two = run()
+    for u, v in zip(fused, two):
+        assert np.array_equal(u, v)
+    gclose(fused[3], ref.group_norm_backward(dy, x, 4, w)[0])
+
+
 def test_backward_errors(rng):
     x = randn(rng, 2, 4, 3)
     with pytest.raises(ValueError):

@@ -34,3 +34,19 @@ def test_bench_smoke(tmp_path, capsys):
 def test_bench_rejects_unknown_op():
     with pytest.raises(SystemExit):
         bench.main(["--ops", "nope"])
+
+
+@pytest.mark.parametrize("op", ["bn", "ln", "rms", "gn", "gdn", "ln_bwd", "bn_bwd"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_torch_side_runs(op, layout):
+    # The torch half of the comparison only runs on CUDA machines; exercise its code on the CPU.
+    pytest.importorskip("torch")
+    import numpy as np
+
+    shape, kw = bench._shapes(op, 2**14, layout)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32) if op.endswith("_bwd") else None
+    C = shape[-1] if kw.get("axis") == -1 or op in ("ln", "rms", "ln_bwd") else shape[1]
+    res = bench._torch_bench(op, x, dy, bench._params(rng, C), kw, 2, dev="cpu")
+    assert res is not None and res[0] > 0 and res[1] > 0

@@ -124,14 +124,23 @@ Benchmark
 kernel time from timestamp queries, wall time, NumPy round trip, GB/s against a same-run buffer
 copy and nominal HBM, and PyTorch CUDA on the same device when installed.
 
+Threads and processes
+---------------------
+Ops may be called from several threads; GPU work is serialized on one lock (wgpu-native aborts
+when threads encode at once). wgpu does not survive ``fork()``: in a child forked after the
+parent used the GPU, calls raise ``RuntimeError`` (use the ``spawn`` start method). A call is not
+interrupted by Ctrl-C while it waits for the GPU (as NumPy ufuncs are not); the interrupt is
+raised when it returns.
+
 Large inputs
 ------------
 Inputs larger than one storage binding (``max-storage-buffer-binding-size``, 128 MiB by default)
 are processed in windows bound at aligned offsets, split on reduction-chunk and row boundaries
-(bitwise equal to an unsplit run); outputs are recycled buffers (see ``empty_cache``); more than 65 535 workgroups use a 2-D grid or a grid-stride
-loop. Limits: fewer than 2^32 - 2^26 elements (32-bit indices), one array within the device's
-``max-buffer-size``; LRN and GDN need one sample slice x[o] (all channels of one outer index) to fit
-in one binding, and a channels-last reduction needs 256 rows of C channels to fit in one binding.
+(bitwise equal to an unsplit run); more than 65 535 workgroups use a 2-D grid or a grid-stride
+loop. Outputs are recycled buffers (see ``empty_cache``). Limits: fewer than 2^32 - 2^26
+elements (32-bit indices), one array within the device's ``max-buffer-size``; LRN and GDN need
+one slice x[o] (all channels of one outer index) to fit in one binding, and a channels-last
+reduction needs 256 rows of C channels to fit in one binding.
 """
 
 from __future__ import annotations

@@ -30,9 +30,9 @@ class GPUArray:
     """A C-contiguous float32/float16 array in one wgpu storage buffer.
 
     ``shape``, ``dtype``, ``size``, ``ndim``, ``nbytes``, ``numpy()`` (read back to the host) and
-    ``reshape``. Arrays made by :func:`asarray` or returned by GPU ops stay on the device, so a chain
-    of ops makes no round trips. On adapters without ``shader-f16`` a float16 array is stored as
-    float32 (``dtype`` stays float16; ``numpy()`` rounds to float16).
+    ``reshape``. Arrays made by :func:`asarray` or returned by GPU ops stay on the device, so a
+    chain of ops makes no round trips. On adapters without ``shader-f16`` a float16 array is
+    stored as float32 (``dtype`` stays float16; ``numpy()`` rounds to float16).
     """
 
     __slots__ = ("__weakref__", "_dtype", "_gen", "_owner", "_shape", "_storage")
@@ -154,10 +154,8 @@ def asarray(a, dtype=None) -> GPUArray:
 def _upload_checked(ctx, arr: np.ndarray) -> GPUArray:
     storage = storage_for(ctx, arr.dtype)
     host = np.ascontiguousarray(arr, dtype=np.float16 if storage == "f16" else np.float32)
-    buf = _device.upload(ctx, host)
-    nb = _device._bucket(host.nbytes)
-    owner = _device.Block(buf, ctx.generation, nb) if buf.size == nb else buf
-    return GPUArray(owner, arr.shape, arr.dtype.newbyteorder("="), storage, ctx.generation)
+    block = _device.upload_block(ctx, host)
+    return GPUArray(block, arr.shape, arr.dtype.newbyteorder("="), storage, ctx.generation)
 
 
 def empty(ctx, shape, dtype, storage=None) -> GPUArray:

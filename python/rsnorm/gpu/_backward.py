@@ -7,7 +7,10 @@ With ``g = dy * weight`` and ``xhat = (x - mean) * rstd`` per normalization grou
     dx      = g * rstd                                              (BN eval: an affine map)
     dweight = sum over all but the channel/feature axes of dy * xhat;  dbias = sum of dy
 
-All sums are float32 workgroup trees in a fixed order (bitwise reproducible).
+All sums are float32 workgroup trees in a fixed order (bitwise reproducible). For groups the
+fused forward kernel takes (up to 4 chunks), the group sums and dx come from one kernel
+(grad_fused.wgsl) with the same bits as the separate passes; dweight/dbias are column sums
+(coalesced column kernels for layer norm and channels-last layouts).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ._engine import (
     check_x,
     collect,
     grad_apply_pass,
+    grad_fused_pass,
     map_channels,
     map_grouped,
     map_rows,
@@ -37,6 +41,7 @@ from ._engine import (
     running_stats_pass,
     stats_pass,
     sum_pass,
+    use_fused,
 )
 from ._ops import _grouped_dims, _prod, _rows, _run, rms_eps
 
@@ -133,15 +138,18 @@ def _rowwise_backward(grad_y, x, normalized_shape, weight, bias, eps, stats, rms
             mean = lo = None
         wb = param_buffer(ctx, weight)
         gmap = map_rows(F)
-        sums, _, _ = sum_pass(enc, data, dy, red_rows(R, F), gmap, mean, rstd, wb, not rms,
-                              lo=lo)
+        red = red_rows(R, F)
         gw = gb = None
         if weight is not None or bias is not None:
             # Column sums over the rows: the (R, F, 1) view reduced per "channel" = feature.
             _, gw, gb = sum_pass(enc, data, dy, red_channels(R, F, 1), gmap, mean, rstd, None,
                                  not rms, grads_shape=(F,), lo=lo)
         dx = data.like()
-        grad_apply_pass(enc, data, dy, dx, gmap, mean, rstd, sums, wb, int(rms), F, lo=lo)
+        if use_fused(red):
+            grad_fused_pass(enc, data, dy, dx, red, gmap, mean, rstd, wb, not rms, F, lo=lo)
+        else:
+            sums, _, _ = sum_pass(enc, data, dy, red, gmap, mean, rstd, wb, not rms, lo=lo)
+            grad_apply_pass(enc, data, dy, dx, gmap, mean, rstd, sums, wb, int(rms), F, lo=lo)
         enc.submit()
         return _result(ctx, host, dx, gw, gb, weight, bias, ns)
 
@@ -196,14 +204,17 @@ def group_norm_backward(grad_y, x, num_groups, weight=None, bias=None, eps=1e-5,
             mean, rstd = _stats_arrays(ctx, stats, True)
         wb = param_buffer(ctx, weight)
         gmap = map_grouped(S1, C, I, G)
-        sums, _, _ = sum_pass(enc, data, dy, red, gmap, mean, rstd, wb, True, lo=lo)
         gw = gb = None
         if weight is not None or bias is not None:
             _, gw, gb = sum_pass(enc, data, dy, red_channels(N * S1, C, I), gmap, mean, rstd,
                                  None, True, grads_shape=(C,), lo=lo)
         dx = data.like()
-        grad_apply_pass(enc, data, dy, dx, gmap, mean, rstd, sums, wb, 0, S1 * (C // G) * I,
-                        lo=lo)
+        n = S1 * (C // G) * I
+        if use_fused(red):
+            grad_fused_pass(enc, data, dy, dx, red, gmap, mean, rstd, wb, True, n, lo=lo)
+        else:
+            sums, _, _ = sum_pass(enc, data, dy, red, gmap, mean, rstd, wb, True, lo=lo)
+            grad_apply_pass(enc, data, dy, dx, gmap, mean, rstd, sums, wb, 0, n, lo=lo)
         enc.submit()
         return _result(ctx, host, dx, gw, gb, weight, bias, (C,))
 

@@ -34,6 +34,7 @@ BINDINGS = {
     "sum_partial": "urrrrrwr",
     "sum_finalize": "urwww",
     "grad_apply": "urrwrrrrr",
+    "grad_fused": "urrwrrrr",
     "col_stats": "urw",
     "col_sums": "urrrrrwr",
     "lrn": "urw",
@@ -201,12 +202,22 @@ def _create() -> Context:
     return ctx
 
 
+_pid = os.getpid()
+
+
 def context() -> Context:
     """The live context, created on first use and re-created after a device loss."""
     global _ctx
+    if _ctx is not None and os.getpid() != _pid:
+        # wgpu-native's instance and threads do not survive fork(): using them in the child hangs.
+        raise RuntimeError(
+            "rsnorm.gpu was initialized in the parent of this forked process and cannot be used "
+            "here; start worker processes with the 'spawn' or 'forkserver' method"
+        )
     with _lock:
         if _ctx is None or _lost:
             _ctx = _create()
+            globals()["_pid"] = os.getpid()
         return _ctx
 
 
@@ -260,6 +271,7 @@ def new_buffer(ctx: Context, nbytes: int):
 # back to the pool when the last device array using it dies, and is reused for the next output of
 # the same size (queue order makes the reuse safe). Bounded by _POOL_CAP bytes.
 _POOL_CAP = 2 * 2**30
+_POOL_PER_SIZE = 4
 _pool: dict = {}
 _pool_bytes = 0
 
@@ -288,16 +300,17 @@ class Block:
 def _release(block: Block) -> None:
     global _pool_bytes
     buf = block.buffer
-    if buf is None:
+    if buf is None or os.getpid() != _pid:
         return
     block.buffer = None
     with _lock:
         if (_ctx is not None and not _lost and block.gen == _ctx.generation
-                and _pool_bytes + block.size <= _POOL_CAP):
+                and _pool_bytes + block.size <= _POOL_CAP
+                and len(_pool.get(block.size, ())) < _POOL_PER_SIZE):
             _pool.setdefault(block.size, []).append(buf)
             _pool_bytes += block.size
             return
-    buf.destroy()
+        buf.destroy()
 
 
 def alloc(ctx: Context, nbytes: int) -> Block:
@@ -319,8 +332,21 @@ def empty_cache() -> None:
         bufs = [b for lst in _pool.values() for b in lst]
         _pool.clear()
         _pool_bytes = 0
-    for b in bufs:
-        b.destroy()
+        for b in bufs:
+            b.destroy()
+
+
+def upload_block(ctx: Context, arr: np.ndarray) -> Block:
+    """A recycled (or new) storage buffer holding the bytes of a C-contiguous array."""
+    data = arr.tobytes()
+    if len(data) % 4:
+        data += b"\0" * (-len(data) % 4)
+    with _lock:
+        block = alloc(ctx, len(data))
+        if data:
+            COUNTERS["uploads"] += 1
+            ctx.device.queue.write_buffer(block.buffer, 0, data)
+    return block
 
 
 def upload(ctx: Context, arr: np.ndarray):
@@ -339,6 +365,11 @@ def upload(ctx: Context, arr: np.ndarray):
 
 def download(ctx: Context, items) -> list[bytes]:
     """Copy several ``(buffer, nbytes)`` into one staging buffer in one submit and map it once."""
+    with _lock:
+        return _download(ctx, items)
+
+
+def _download(ctx: Context, items) -> list[bytes]:
     wgpu = _wgpu()
     offs = []
     total = 0
@@ -447,7 +478,10 @@ class Encoder:
             entries.append({"binding": i, "resource": {"buffer": buf, "offset": off, "size": size}})
         bg = ctx.device.create_bind_group(layout=bgl, entries=entries)
         tw = _timing.next_writes() if _timing is not None else None
-        cp = self.enc.begin_compute_pass(timestamp_writes=tw) if tw else self.enc.begin_compute_pass()
+        if tw:
+            cp = self.enc.begin_compute_pass(timestamp_writes=tw)
+        else:
+            cp = self.enc.begin_compute_pass()
         cp.set_pipeline(pipe)
         cp.set_bind_group(0, bg)
         cp.dispatch_workgroups(int(grid[0]), int(grid[1]), 1)

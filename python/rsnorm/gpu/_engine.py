@@ -197,7 +197,8 @@ def check_out(out, x, host: bool):
             raise value_error("out overlaps the input x")
     else:
         if not isinstance(out, GPUArray):
-            raise TypeError(f"out must be a device array for device input, got {type(out).__name__}")
+            raise TypeError(
+                f"out must be a device array for device input, got {type(out).__name__}")
         if out.shape != x.shape or out.dtype != x.dtype:
             raise value_error(
                 f"out must have shape {x.shape} and dtype {x.dtype}, got {out.shape} {out.dtype}"
@@ -487,11 +488,9 @@ def normalize(enc, data: Data, y: GPUArray, red: Reduction, gmap: GroupMap, mode
     """Normalize with statistics of the data: the fused kernel for groups of at most
     FUSED_CHUNKS chunks, else the two statistics passes and the apply pass (same bits either
     way). Returns (mean, rstd) device arrays."""
-    col = column_shape(red) if _device._overrides.get("columns", True) else None
     # Channels-last per-channel groups (instance norm over NHWC) would have each invocation of the
     # fused kernel read one element per row, C apart; the column kernels read whole rows instead.
-    strided = col is not None and col[2] > 1 and red.length > PER
-    if not strided and red.n_chunks <= _device._overrides.get("fused_chunks", FUSED_CHUNKS):
+    if use_fused(red):
         return fused_pass(enc, data, y, red, gmap, mode, eps, w, b, tau)
     st = stats_pass(enc, data, red, mode, eps)
     apply_pass(enc, data, y, gmap, st.gstat, mode, w, b, tau)
@@ -509,16 +508,28 @@ def running_stats_pass(enc, ctx, rm_buf, rv_buf, C: int, eps: float):
     return GroupStats(gstat, mean, rstd, None, None)
 
 
+def apply_grid(ctx, count: int, gmap: GroupMap):
+    """(workgroups, FIXED_C) of an elementwise pass over ``count`` elements. When the groups are
+    channels, the workgroup count is made a multiple of the channel period I * C / gcd(I * C, WG)
+    so that every invocation stays on one channel (no integer division per element)."""
+    want = min(math.ceil(count / APPLY_WG), ctx.max_wg)
+    if gmap.mode == 0 and _device._overrides.get("fixed_c", True):
+        period = gmap.I * gmap.C // math.gcd(gmap.I * gmap.C, APPLY_WG)
+        if period <= ctx.max_wg:
+            return max(want // period, 1) * period, 1
+    return max(want, 1), 0
+
+
 def apply_pass(enc, data: Data, y: GPUArray, gmap: GroupMap, gstat, mode: int,
                w=None, b=None, tau=None):
     ctx = data.ctx
     d = ctx.dummy
-    consts = {"WG": APPLY_WG, "MODE": mode, "HAS_W": int(w is not None),
-              "HAS_B": int(b is not None), "HAS_TAU": int(tau is not None)}
     for first, count, ws, off, size in _device.element_windows(ctx, data.size, data.itemsize):
         params = pack([(first, "u"), (count, "u"), (ws, "u"), *gmap.fields(),
                        (0, "u"), (0, "u"), (0, "u")])
-        nwg = min(math.ceil(count / APPLY_WG), ctx.max_wg)
+        nwg, fixed = apply_grid(ctx, count, gmap)
+        consts = {"WG": APPLY_WG, "MODE": mode, "HAS_W": int(w is not None), "FIXED_C": fixed,
+                  "HAS_B": int(b is not None), "HAS_TAU": int(tau is not None)}
         enc.dispatch("norm_apply", data.storage, consts, params,
                      [(data.buffer, off, size), (y._buffer, off, size), gstat or d, w or d,
                       b or d, tau or d], (nwg, 1))
@@ -570,16 +581,46 @@ def sum_pass(enc, data: Data, dy: Data, red: Reduction, gmap: GroupMap, mean, rs
     return sums, gw, gb
 
 
+def use_fused(red: Reduction) -> bool:
+    """Whether the fused kernels take this reduction (see ``normalize``)."""
+    col = column_shape(red) if _device._overrides.get("columns", True) else None
+    strided = col is not None and col[2] > 1 and red.length > PER
+    return not strided and red.n_chunks <= _device._overrides.get("fused_chunks", FUSED_CHUNKS)
+
+
+def grad_fused_pass(enc, data: Data, dy: Data, dx: GPUArray, red: Reduction, gmap: GroupMap,
+                    mean, rstd, w, center: bool, n: int, lo=None):
+    """dx of layer/RMS/group norm in one kernel per group (bitwise equal to sum_pass +
+    grad_apply_pass)."""
+    ctx = data.ctx
+    d = ctx.dummy
+    isz = data.itemsize
+    consts = {"WG": red.wg, "USE_W": int(w is not None), "CENTER": int(center),
+              "HAS_LO": int(lo is not None)}
+    for q0, q1, _, _, wlo, whi in plan_blocks(ctx, red, isz):
+        off, size = _window(ctx, wlo, whi, isz)
+        params = pack([
+            (red.n_g, "u"), (red.outer_stride, "u"), (red.g_stride, "u"), (red.run_len, "u"),
+            (red.run_stride, "u"), (red.length, "u"), (q0, "u"), (q1 - q0, "u"),
+            (off // isz, "u"), (gmap.I, "u"), (gmap.C, "u"), (red.n_chunks, "u"),
+            (float(n), "f"), (0, "u"), (0, "u"), (0, "u"),
+        ])
+        enc.dispatch("grad_fused", data.storage, consts, params,
+                     [(data.buffer, off, size), (dy.buffer, off, size), (dx._buffer, off, size),
+                      mean._buffer if mean is not None else d, rstd._buffer, w or d,
+                      lo._buffer if lo is not None else d], _device.grid2d(ctx, q1 - q0))
+
+
 def grad_apply_pass(enc, data: Data, dy: Data, dx: GPUArray, gmap: GroupMap, mean, rstd, sums,
                     w, mode: int, n: int, w_on_sums: bool = False, lo=None):
     ctx = data.ctx
     d = ctx.dummy
-    consts = {"WG": APPLY_WG, "MODE": mode, "HAS_W": int(w is not None),
-              "W_ON_SUMS": int(w_on_sums), "HAS_LO": int(lo is not None)}
     for first, count, ws, off, size in _device.element_windows(ctx, data.size, data.itemsize):
         params = pack([(first, "u"), (count, "u"), (ws, "u"), *gmap.fields(), (float(n), "f"),
                        (0, "u"), (0, "u")])
-        nwg = min(math.ceil(count / APPLY_WG), ctx.max_wg)
+        nwg, fixed = apply_grid(ctx, count, gmap)
+        consts = {"WG": APPLY_WG, "MODE": mode, "HAS_W": int(w is not None), "FIXED_C": fixed,
+                  "W_ON_SUMS": int(w_on_sums), "HAS_LO": int(lo is not None)}
         enc.dispatch("grad_apply", data.storage, consts, params,
                      [(data.buffer, off, size), (dy.buffer, off, size), (dx._buffer, off, size),
                       mean._buffer if mean is not None else d, rstd._buffer, sums or d, w or d,

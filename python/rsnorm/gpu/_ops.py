@@ -78,9 +78,11 @@ def _prod(shape) -> int:
 
 
 def _run(ctx, fn):
-    """Run an op body; a device-loss error marks the device lost for the next call."""
+    """Run an op body under the GPU lock (wgpu-native aborts the process when several threads
+    encode and submit at once); a device-loss error marks the device lost for the next call."""
     try:
-        return fn()
+        with _device._lock:
+            return fn()
     except Exception as exc:
         if _device.is_lost_error(exc) and not isinstance(exc, (TypeError, ValueError)):
             _device.mark_lost()
@@ -96,14 +98,15 @@ def _empty_result(x, host, stats_shape, return_stats, rstd_only=False, out=None)
     else:
         from ._array import empty
 
-        y = out if out is not None else empty(ctx, x.shape, x.dtype, x._storage)
-        st = make_stats(None if rstd_only else f32_array(ctx, stats_shape),
-                        f32_array(ctx, stats_shape))
-        if _prod(stats_shape):
-            nanbytes = np.full(stats_shape, np.nan, np.float32).tobytes()
-            if st.mean is not None:
-                ctx.device.queue.write_buffer(st.mean._buffer, 0, nanbytes)
-            ctx.device.queue.write_buffer(st.rstd._buffer, 0, nanbytes)
+        with _device._lock:
+            y = out if out is not None else empty(ctx, x.shape, x.dtype, x._storage)
+            st = make_stats(None if rstd_only else f32_array(ctx, stats_shape),
+                            f32_array(ctx, stats_shape))
+            if _prod(stats_shape):
+                nanbytes = np.full(stats_shape, np.nan, np.float32).tobytes()
+                if st.mean is not None:
+                    ctx.device.queue.write_buffer(st.mean._buffer, 0, nanbytes)
+                ctx.device.queue.write_buffer(st.rstd._buffer, 0, nanbytes)
     return (y, st) if return_stats else y
 
 
@@ -164,7 +167,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         check_param(p, (C,), name)
     eps = check_eps(eps)
     if momentum_convention not in ("torch", "onnx"):
-        raise value_error(f"momentum_convention must be 'torch' or 'onnx', got {momentum_convention!r}")
+        raise value_error(
+            f"momentum_convention must be 'torch' or 'onnx', got {momentum_convention!r}")
     if (running_mean is None) != (running_var is None):
         raise value_error("running_mean and running_var must be given together")
     has_running = running_mean is not None

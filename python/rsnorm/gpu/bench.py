@@ -14,6 +14,8 @@ For each op and size it reports, side by side in one process on one device:
   norm training really moves 3N (x twice, y once); the minimal figure counts 2N;
 * with PyTorch and CUDA: the same op in torch on the same GPU in the same run (CUDA events,
   ``no_grad``, median of the same repeats), its GB/s, and rsnorm's time / torch's time.
+  Backward ops are timed alone on both sides: rsnorm gets the forward's ``stats``, torch runs
+  ``autograd.grad`` on a kept graph.
 
 Outputs are checked against the float64 references of ``rsnorm._reference`` on a slice before any
 timing. Numbers from a CPU adapter (lavapipe) are a smoke test, not performance: the table says so.
@@ -128,15 +130,30 @@ def _gpu_call(gpu, op, x, dy, p, kw):
         return gpu.local_response_norm(x, 5, 1e-4, 0.75, 2.0)
     if op == "gdn":
         return gpu.gdn(x, p["beta"], p["gamma"])
+    st = p.get("stats")  # the forward's statistics, as a training step would pass them
     if op == "ln_bwd":
-        return gpu.layer_norm_backward(dy, x, x.shape[-1], p["w"], p["b"])
+        return gpu.layer_norm_backward(dy, x, x.shape[-1], p["w"], p["b"], stats=st)
     if op == "rms_bwd":
-        return gpu.rms_norm_backward(dy, x, x.shape[-1], p["w"])
+        return gpu.rms_norm_backward(dy, x, x.shape[-1], p["w"], stats=st)
     if op == "gn_bwd":
-        return gpu.group_norm_backward(dy, x, min(32, C), p["w"], p["b"], **kw)
+        return gpu.group_norm_backward(dy, x, min(32, C), p["w"], p["b"], stats=st, **kw)
     if op == "bn_bwd":
-        return gpu.batch_norm_backward(dy, x, None, None, p["w"], p["b"], training=True, **kw)
+        return gpu.batch_norm_backward(dy, x, None, None, p["w"], p["b"], training=True,
+                                       stats=st, **kw)
     raise ValueError(op)
+
+
+def _forward_stats(gpu, op, x, p, kw):
+    fwd = {"ln_bwd": "ln", "rms_bwd": "rms", "gn_bwd": "gn", "bn_bwd": "bn"}[op]
+    q = dict(p, rm=None, rv=None)
+    if fwd == "bn":
+        return gpu.batch_norm(x, None, None, q["w"], q["b"], training=True, return_stats=True,
+                              **kw)[1]
+    if fwd == "ln":
+        return gpu.layer_norm(x, x.shape[-1], q["w"], q["b"], return_stats=True)[1]
+    if fwd == "rms":
+        return gpu.rms_norm(x, x.shape[-1], q["w"], return_stats=True)[1]
+    return gpu.group_norm(x, min(32, p["C"]), q["w"], q["b"], return_stats=True, **kw)[1]
 
 
 def _reference(op, x, dy, p, kw):
@@ -229,24 +246,30 @@ def _device_mod():
     return _device
 
 
-def _torch_bench(op, x, dy, p, kw, repeats):
-    """Median ms of the same op in torch on CUDA, or None."""
+def _torch_bench(op, x, dy, p, kw, repeats, dev="cuda"):
+    """(median ms of the same op in torch, median ms of a same-size copy) on CUDA, or None.
+    ``dev="cpu"`` exists for the smoke test of this code path on machines without CUDA."""
     try:
         import torch
         import torch.nn.functional as F
     except ImportError:
         return None
-    if not torch.cuda.is_available():
+    cuda = dev == "cuda"
+    if cuda and not torch.cuda.is_available():
         return None
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    dev = "cuda"
+    if cuda:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     axis = kw.get("axis", 1)
     xt = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
     if axis == -1:
         # Channels-last: the same memory order as rsnorm's NHWC input.
         xt = xt.permute(0, 3, 1, 2)
     t = {k: torch.from_numpy(v).to(dev) for k, v in p.items() if isinstance(v, np.ndarray)}
+    # Affine parameters in x's dtype (torch's layer/group norm want them to match); batch norm
+    # keeps float32 parameters and running statistics, as cuDNN takes them for half input.
+    if op not in ("bn", "bn_eval", "bn_bwd"):
+        t = {k: v.to(xt.dtype) for k, v in t.items()}
     C = p["C"]
     grad = op.endswith("_bwd")
     if grad:
@@ -282,37 +305,43 @@ def _torch_bench(op, x, dy, p, kw, repeats):
             return xt * torch.rsqrt(s)
         return None
 
+    yg = fwd() if grad else None  # backward is timed alone, from a kept graph
+
     def call():
         if grad:
-            y = fwd()
-            if y is None:
+            if yg is None:
                 return None
-            return torch.autograd.grad(y, (xt, w, b) if op != "rms_bwd" else (xt, w), dyt)
+            ins = (xt, w, b) if op != "rms_bwd" else (xt, w)
+            return torch.autograd.grad(yg, ins, dyt, retain_graph=True)
         with torch.no_grad():
             return fwd()
 
     if call() is None:
         return None
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        call()
-        e.record()
+
+    def timed(fn):
+        out = []
+        for _ in range(repeats):
+            if cuda:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn()
+                e.record()
+                torch.cuda.synchronize()
+                out.append(s.elapsed_time(e))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(out)
+
+    if cuda:
         torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
+    op_ms = timed(call)
     with torch.no_grad():
         y = torch.empty_like(xt)
-        cps = []
-        for _ in range(repeats):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            y.copy_(xt)
-            e.record()
-            torch.cuda.synchronize()
-            cps.append(s.elapsed_time(e))
-    return statistics.median(times), statistics.median(cps)
+        copy_ms = timed(lambda: y.copy_(xt))
+    return op_ms, copy_ms
 
 
 def run(ops, sizes_mib, dtype="float32", layout="nchw", repeats=10, warmup=2, torch=True,
@@ -362,6 +391,8 @@ def run(ops, sizes_mib, dtype="float32", layout="nchw", repeats=10, warmup=2, to
             dyd = asarray(dy) if dy is not None else None
             pd = {k: (asarray(v) if isinstance(v, np.ndarray) and v.dtype == np.float32 else v)
                   for k, v in p.items()}
+            if op.endswith("_bwd"):
+                pd["stats"] = _forward_stats(gpu, op, xd, pd, kw)
             for _ in range(warmup):
                 _gpu_call(gpu, op, xd, dyd, pd, kw)
             wait()
@@ -401,7 +432,11 @@ def run(ops, sizes_mib, dtype="float32", layout="nchw", repeats=10, warmup=2, to
                 "max_err_over_tol": err, "device": inf["adapter"], "fallback": fallback,
             }
             if torch and not fallback:
-                tb = _torch_bench(op, x, dy, p, kw, repeats)
+                try:
+                    tb = _torch_bench(op, x, dy, p, kw, repeats)
+                except Exception as exc:  # noqa: BLE001 - a torch limitation must not stop the run
+                    tb = None
+                    row["torch_error"] = f"{type(exc).__name__}: {exc}"[:200]
                 if tb is not None:
                     tms, tcopy = tb
                     row["torch_ms"] = tms

@@ -20,7 +20,8 @@ fn to_t(v: f32) -> T {
 }
 """
 
-# f32 -> f16 of a value outside the f16 range is indeterminate in WGSL, so overflow is made explicit:
+# f32 -> f16 of a value outside the f16 range is indeterminate in WGSL, so overflow is made
+# explicit:
 # 65520 is the first value that rounds to infinity under round-to-nearest, and a run-time f16
 # product 65504 * 2 overflows to infinity. NaN converts to NaN on every backend we know.
 _PRELUDE_F16 = """\

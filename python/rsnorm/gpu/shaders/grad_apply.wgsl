@@ -19,6 +19,10 @@
 //   they are scaled by w[c] here; this lets one reduction serve dx, dweight and dbias.
 
 override WG: u32 = 256u;
+// FIXED_C == 1: the grid stride (nwg.x * WG) is a multiple of I * C and the group is the channel
+// (group_mode 0), so channel and group stay the same for all elements of an invocation and are
+// computed once, not with two integer divisions per element.
+override FIXED_C: u32 = 0u;
 override MODE: u32 = 0u;
 override HAS_W: u32 = 0u;
 override W_ON_SUMS: u32 = 0u;
@@ -53,12 +57,17 @@ struct Params {
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) t: u32) {
     let stride = nwg.x * WG;
-    for (var l = wid.x * WG + t; l < P.count; l += stride) {
+    let l0 = wid.x * WG + t;
+    let c0 = ((P.first + l0) / P.I) % P.C;
+    for (var l = l0; l < P.count; l += stride) {
         let i = P.first + l;
         let li = i - P.win_start;
-        let c = (i / P.I) % P.C;
+        var c = c0;
+        if (FIXED_C == 0u) {
+            c = (i / P.I) % P.C;
+        }
         var grp = c / P.cpg;
-        if (P.group_mode == 1u) {
+        if (P.group_mode == 1u && FIXED_C == 0u) {
             grp = (i / P.a_stride) * P.G + grp;
         }
         let r = rstd[grp];

@@ -16,6 +16,10 @@
 // A zero deviation stays exactly 0 even when rstd is infinite (constant group with eps = 0).
 
 override WG: u32 = 256u;
+// FIXED_C == 1: the grid stride (nwg.x * WG) is a multiple of I * C and the group is the channel
+// (group_mode 0), so channel and group stay the same for all elements of an invocation and are
+// computed once, not with two integer divisions per element.
+override FIXED_C: u32 = 0u;
 override MODE: u32 = 0u;
 override HAS_W: u32 = 0u;
 override HAS_B: u32 = 0u;
@@ -48,14 +52,19 @@ struct Params {
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) t: u32) {
     let stride = nwg.x * WG;
-    for (var l = wid.x * WG + t; l < P.count; l += stride) {
+    let l0 = wid.x * WG + t;
+    let c0 = ((P.first + l0) / P.I) % P.C;
+    for (var l = l0; l < P.count; l += stride) {
         let i = P.first + l;
-        let c = (i / P.I) % P.C;
+        var c = c0;
+        if (FIXED_C == 0u) {
+            c = (i / P.I) % P.C;
+        }
         let xv = f32(x[i - P.win_start]);
         var yv = xv;
         if (MODE != 2u) {
             var grp = c / P.cpg;
-            if (P.group_mode == 1u) {
+            if (P.group_mode == 1u && FIXED_C == 0u) {
                 grp = (i / P.a_stride) * P.G + grp;
             }
             yv = normalize_value(xv, gstat[grp], MODE);

@@ -58,6 +58,15 @@ struct Params {
 
 var<workgroup> sh: array<Part, WG>;
 
+// Global index of the k-th element of the group at base; one contiguous run needs no division.
+fn index_of(base: u32, k: u32) -> u32 {
+    if (P.run_len >= P.len) {
+        return base + k;
+    }
+    let r = k / P.run_len;
+    return base + r * P.run_stride + (k - r * P.run_len);
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) t: u32) {
@@ -78,8 +87,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         var bad = false;
         let k1 = min((j + 1u) * WG * PER, P.len);
         for (var k = j * WG * PER + t; k < k1; k += WG) {
-            let r = k / P.run_len;
-            let val = f32(x[base + r * P.run_stride + (k - r * P.run_len) - P.win_start]);
+            let val = f32(x[index_of(base, k) - P.win_start]);
             v[cnt] = val;
             cnt += 1u;
             bad = bad || is_nonfinite(val);
@@ -110,10 +118,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
         rstd_out[q] = gs.rstd;
     }
+    // Layer/RMS norm rows: the affine index is k itself.
+    let c_is_k = P.I == 1u && P.C == P.len && P.run_len >= P.len;
     for (var k = t; k < P.len; k += WG) {
-        let r = k / P.run_len;
-        let i = base + r * P.run_stride + (k - r * P.run_len);
-        let c = (i / P.I) % P.C;
+        let i = index_of(base, k);
+        var c = k;
+        if (!c_is_k) {
+            c = (i / P.I) % P.C;
+        }
         var yv = normalize_value(f32(x[i - P.win_start]), gs, MODE);
         if (HAS_W == 1u) {
             yv = yv * w[c];

@@ -54,6 +54,9 @@ struct Params {
 @group(0) @binding(7) var<storage, read_write> rstd_out: array<f32>;
 
 fn index_of(base: u32, k: u32) -> u32 {
+    if (P.run_len >= P.len) {
+        return base + k;
+    }
     let r = k / P.run_len;
     return base + r * P.run_stride + (k - r * P.run_len);
 }

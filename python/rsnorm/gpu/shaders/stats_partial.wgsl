@@ -58,9 +58,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     var cnt = 0u;
     var amax = 0.0;
     var bad = false;
+    let single_run = P.run_len >= P.len;
     for (var k = k0 + t; k < k1; k += WG) {
-        let r = k / P.run_len;
-        let val = f32(x[base + r * P.run_stride + (k - r * P.run_len)]);
+        var idx = base + k;
+        if (!single_run) {
+            let r = k / P.run_len;
+            idx = base + r * P.run_stride + (k - r * P.run_len);
+        }
+        let val = f32(x[idx]);
         v[cnt] = val;
         cnt += 1u;
         bad = bad || is_nonfinite(val);
