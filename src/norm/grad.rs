@@ -21,6 +21,7 @@ use crate::channel::{Access, ChannelView};
 use crate::error::{fmt_shape, NormError, Result};
 use crate::reduce::{tree, SharedMut, LANES};
 use crate::scalar::Scalar;
+use multiversion::multiversion;
 use ndarray::{ArrayView, ArrayViewMut, Axis, IxDyn, Zip};
 
 /// Gradients of the parameters that were given (f64; the bindings round them to x's dtype).
@@ -142,7 +143,7 @@ pub fn pair_sums<T: Scalar>(
 }
 
 /// [`pair_sums`] over two slices (the contiguous-plane path; bitwise the same sums).
-#[inline]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 pub fn pair_sums_slices<T: Scalar>(dy: &[T], x: &[T], m: f64) -> [f64; 2] {
     let mut a = [0.0f64; LANES];
     let mut b = [0.0f64; LANES];
@@ -187,6 +188,14 @@ impl Coef {
     pub fn dx<T: Scalar>(&self, dy: T, x: T) -> T {
         let g = self.s * dy.to_f64();
         T::from_f64(self.r * (g - self.mu - (x.to_f64() - self.m) * self.k))
+    }
+}
+
+/// `dx = cf.dx(dy, x)` over contiguous slices (one vectorizable loop).
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+pub fn apply_slices<T: Scalar>(dx: &mut [T], dy: &[T], x: &[T], cf: Coef) {
+    for ((o, &g), &v) in dx.iter_mut().zip(dy).zip(x) {
+        *o = cf.dx(g, v);
     }
 }
 
@@ -304,9 +313,7 @@ impl<'a, 'b, T: Scalar> ChannelPair<'a, 'b, T> {
             if let (Some(d), Some(g), Some(xv)) =
                 (dpl.as_slice_mut(), gpl.as_slice(), xpl.as_slice())
             {
-                for ((o, &gv), &v) in d.iter_mut().zip(g).zip(xv) {
-                    *o = cf.dx(gv, v);
-                }
+                apply_slices(d, g, xv, cf);
                 continue;
             }
             Zip::from(&mut dpl)

@@ -9,6 +9,7 @@ use crate::error::Result;
 use crate::pool;
 use crate::rows::{check_normalized_shape, check_row_param, rows_per_task, shared_out, RowView};
 use crate::scalar::Scalar;
+use multiversion::multiversion;
 use ndarray::{ArrayView, ArrayViewMut, IxDyn};
 
 /// Layer norm of `x` into `y`; weight/bias flattened in logical order with their shapes.
@@ -217,7 +218,7 @@ pub(crate) fn row_backward<T: Scalar>(
 /// d = x − m), and the row's dweight (`dy·d·rs`) and dbias (`dy`) terms added in place.
 /// The const flags select the work at compile time; the f64 operations per value are those of
 /// the general path in `row_backward`.
-#[inline(always)]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 #[allow(clippy::too_many_arguments)]
 fn row_sums<T: Scalar, const W: bool, const PW: bool, const PB: bool>(
     gs: &[T],
@@ -274,7 +275,7 @@ fn row_sums<T: Scalar, const W: bool, const PW: bool, const PB: bool>(
 }
 
 /// Pass 2 over a contiguous row: `dx = rs·(g − mu − (x − m)·kk)`.
-#[inline(always)]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 #[allow(clippy::too_many_arguments)]
 fn row_apply<T: Scalar, const W: bool>(
     o: &mut [T],
