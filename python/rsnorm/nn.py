@@ -31,6 +31,7 @@ parameters (``x`` first), as the ``rsnorm`` ``*_backward`` functions return.
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from typing import Any
 
@@ -491,3 +492,115 @@ class GroupNorm(Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel-mixing layers: defined only when the functional ops exist in this build (they are
+# another family's work and land separately).
+# ---------------------------------------------------------------------------------------------
+
+
+def _ops():
+    # The package namespace (imported before this submodule), where those ops are exported.
+    return sys.modules[__name__.rpartition(".")[0]]
+
+
+def _have(*names: str) -> bool:
+    pkg = _ops()
+    return all(hasattr(pkg, n) for n in names)
+
+
+if _have("local_response_norm", "local_response_norm_backward"):
+
+    class LocalResponseNorm(Module):
+        """Local response norm across channels (PyTorch's ``LocalResponseNorm``; no
+        parameters): ``y_c = x_c / (k + α/size·Σ_{j∈W(c)} x_j²)^β``."""
+
+        def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0,
+                     *, axis: int = 1) -> None:
+            super().__init__()
+            self.size, self.alpha, self.beta, self.k = int(size), float(alpha), float(beta), k
+            self.axis = axis
+
+        def _forward(self, x):
+            y = _ops().local_response_norm(x, self.size, self.alpha, self.beta, self.k,
+                                           axis=self.axis)
+            return y, x
+
+        def _backward(self, grad_y, x):
+            return _ops().local_response_norm_backward(grad_y, x, self.size, self.alpha,
+                                                       self.beta, self.k, axis=self.axis)
+
+        def extra_repr(self) -> str:
+            return f"{self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+
+    __all__ += ["LocalResponseNorm"]
+
+
+if _have("tlu", "tlu_backward"):
+
+    class TLU(Module):
+        """Thresholded linear unit ``max(x, τ_c)`` (Singh & Krishnan 2019); parameter ``tau``
+        (C,), initialized to 0."""
+
+        def __init__(self, num_features: int, device=None, dtype=None, *,
+                     axis: int = 1) -> None:
+            super().__init__()
+            if device not in (None, "cpu"):
+                raise RsnormError(f"rsnorm.nn layers run on the CPU, got device={device!r}")
+            self.num_features = int(num_features)
+            self.axis = axis
+            self._param("tau", np.zeros(self.num_features, _dtype(dtype)))
+
+        def _forward(self, x):
+            return _ops().tlu(x, self.tau, axis=self.axis), x
+
+        def _backward(self, grad_y, x):
+            return _ops().tlu_backward(grad_y, x, self.tau, axis=self.axis)
+
+        def extra_repr(self) -> str:
+            return f"{self.num_features}"
+
+    __all__ += ["TLU"]
+
+
+if _have("filter_response_norm", "filter_response_norm_backward"):
+
+    class FilterResponseNorm(Module):
+        """Filter response norm with its fused TLU (Singh & Krishnan 2019):
+        ``y = max(γ·x/sqrt(mean_spatial(x²) + eps + |learned_eps|) + β, τ)``.
+
+        Parameters ``weight`` (γ, ones), ``bias`` (β, zeros), ``tau`` (τ, zeros; absent with
+        ``tlu=False``) of shape (C,), and with ``learnable_eps=True`` a ``learned_eps`` of shape
+        (1,) initialized to ``1e-4``."""
+
+        def __init__(self, num_features: int, eps: float = 1e-6, learnable_eps: bool = False,
+                     tlu: bool = True, device=None, dtype=None, *, axis: int = 1) -> None:
+            super().__init__()
+            if device not in (None, "cpu"):
+                raise RsnormError(f"rsnorm.nn layers run on the CPU, got device={device!r}")
+            dt = _dtype(dtype)
+            c = self.num_features = int(num_features)
+            self.eps = float(eps)
+            self.axis = axis
+            self._param("weight", np.ones(c, dt))
+            self._param("bias", np.zeros(c, dt))
+            self._param("tau", np.zeros(c, dt) if tlu else None)
+            self._param("learned_eps", np.full(1, 1e-4, dt) if learnable_eps else None)
+
+        def _forward(self, x):
+            y, stats = _ops().filter_response_norm(
+                x, self.weight, self.bias, self.tau, self.eps, learned_eps=self.learned_eps,
+                axis=self.axis, return_stats=True)
+            return y, (x, stats)
+
+        def _backward(self, grad_y, ctx):
+            x, stats = ctx
+            return _ops().filter_response_norm_backward(
+                grad_y, x, self.weight, self.bias, self.tau, self.eps,
+                learned_eps=self.learned_eps, axis=self.axis, stats=stats)
+
+        def extra_repr(self) -> str:
+            return f"{self.num_features}, eps={self.eps}"
+
+    __all__ += ["FilterResponseNorm"]

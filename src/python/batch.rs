@@ -222,7 +222,7 @@ impl<'py> XPair<'py> {
 
 /// Dispatches once on the dtype of (grad_y, x); `$g`, `$x` become the typed borrows.
 #[macro_export]
-macro_rules! dispatch_pair {
+macro_rules! dispatch_xpair {
     ($pair:expr, $g:ident, $x:ident => $body:expr) => {
         match $pair {
             $crate::python::batch::XPair::F16($g, $x) => $body,
@@ -366,6 +366,6 @@ pub fn batch_norm_backward<'py>(
         stats: st.as_ref().map(|s| s.view()),
     };
     let cshape = [w.as_ref().or(b.as_ref()).map_or(0, |v| v.len())];
-    dispatch_pair!(pair, g, xt => run_backward(py, g, xt, &cshape, &cshape,
+    dispatch_xpair!(pair, g, xt => run_backward(py, g, xt, &cshape, &cshape,
         |g, xv, d| crate::norm::batch_norm_backward(g, xv, d, &p)))
 }

@@ -153,7 +153,7 @@ pub fn group_norm_backward<'py>(
     let st = super::batch::read_stats(stats)?;
     let sv = st.as_ref().map(|s| s.view());
     let cshape = [w.as_ref().or(b.as_ref()).map_or(0, |v| v.len())];
-    crate::dispatch_pair!(pair, g, xt => super::batch::run_backward(py, g, xt, &cshape, &cshape,
+    crate::dispatch_xpair!(pair, g, xt => super::batch::run_backward(py, g, xt, &cshape, &cshape,
         |g, xv, d| crate::norm::group_norm_backward(g, xv, d, num_groups, w.as_deref(),
             b.as_deref(), eps, axis, sv)))
 }
@@ -195,6 +195,6 @@ pub fn instance_norm_backward<'py>(
         stats: st.as_ref().map(|s| s.view()),
     };
     let cshape = [w.as_ref().or(b.as_ref()).map_or(0, |v| v.len())];
-    crate::dispatch_pair!(pair, g, xt => super::batch::run_backward(py, g, xt, &cshape, &cshape,
+    crate::dispatch_xpair!(pair, g, xt => super::batch::run_backward(py, g, xt, &cshape, &cshape,
         |g, xv, d| crate::norm::instance_norm_backward(g, xv, d, &p)))
 }

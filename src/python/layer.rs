@@ -160,7 +160,7 @@ pub fn layer_norm_backward<'py>(
     let b = read_param(bias, "bias")?;
     let st = super::batch::read_stats(stats)?;
     let sv = st.as_ref().map(|s| s.view());
-    crate::dispatch_pair!(pair, g, xt => super::batch::run_backward(py, g, xt, &ns, &ns,
+    crate::dispatch_xpair!(pair, g, xt => super::batch::run_backward(py, g, xt, &ns, &ns,
         |g, xv, d| crate::norm::layer_norm_backward(g, xv, d, &ns, pv(&w), pv(&b), eps, sv)))
 }
 
@@ -181,6 +181,6 @@ pub fn rms_norm_backward<'py>(
     let w = read_param(weight, "weight")?;
     let st = super::batch::read_stats(stats)?;
     let sv = st.as_ref().map(|s| s.view());
-    crate::dispatch_pair!(pair, g, xt => super::batch::run_backward(py, g, xt, &ns, &ns,
+    crate::dispatch_xpair!(pair, g, xt => super::batch::run_backward(py, g, xt, &ns, &ns,
         |g, xv, d| crate::norm::rms_norm_backward(g, xv, d, &ns, pv(&w), eps, sv)))
 }

@@ -3,6 +3,8 @@ running statistics in closed form, backward and gradient bookkeeping, errors."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import pytest
 import rsnorm as rn
@@ -362,3 +364,59 @@ def test_attribute_assignment_replaces_parameter(rng):
     np.testing.assert_allclose(ln(np.float32([[1, 2, 3]])), 2 * rn.layer_norm(
         np.float32([[1, 2, 3]]), 3), rtol=1e-6)
     assert "LayerNorm((3,)" in repr(ln)
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel-mixing layers (present when the build has those ops)
+# ---------------------------------------------------------------------------------------------
+
+needs_mixing = pytest.mark.skipif(
+    not hasattr(rn, "filter_response_norm_backward"),
+    reason="this build has no channel-mixing ops (LRN/FRN/TLU)")
+
+
+def _fd_layer_check(layer, x, rng):
+    """Layer backward (input and every parameter) against central differences of its forward."""
+    gy = rng.standard_normal(x.shape)
+    layer(x)
+    layer.zero_grad()
+    dx = layer.backward(gy)
+    h = 1e-6
+
+    def loss():
+        return float(np.sum(layer(x) * gy))
+
+    for arr, got in [(x, dx)] + list(zip(layer.parameters(), layer.grads())):
+        flat = arr.reshape(-1)
+        num = np.zeros(flat.size)
+        for i in range(flat.size):
+            v = flat[i]
+            flat[i] = v + h
+            p = loss()
+            flat[i] = v - h
+            m = loss()
+            flat[i] = v
+            num[i] = (p - m) / (2 * h)
+        np.testing.assert_allclose(np.asarray(got).reshape(-1), num, rtol=1e-3, atol=1e-5)
+
+
+@needs_mixing
+def test_mixing_layers_gradcheck_and_state(rng):
+    lrn = rnn.LocalResponseNorm(3, alpha=0.5, k=2.0)
+    assert lrn.state_dict() == OrderedDict() or list(lrn.state_dict()) == []
+    _fd_layer_check(lrn, rng.standard_normal((2, 5, 3)), rng)
+    tlu = rnn.TLU(4, dtype=np.float64)
+    tlu.tau[...] = rng.standard_normal(4) * 0.3
+    assert list(tlu.state_dict()) == ["tau"]
+    _fd_layer_check(tlu, rng.standard_normal((3, 4, 5)), rng)
+    frn = rnn.FilterResponseNorm(3, learnable_eps=True, dtype=np.float64)
+    assert list(frn.state_dict()) == ["weight", "bias", "tau", "learned_eps"]
+    frn.weight[...] = rng.uniform(0.5, 1.5, 3)
+    frn.bias[...] = rng.standard_normal(3) * 0.1
+    frn.tau[...] = -0.5
+    _fd_layer_check(frn, rng.standard_normal((2, 3, 4, 2)), rng)
+    other = rnn.FilterResponseNorm(3, learnable_eps=True, dtype=np.float64)
+    other.load_state_dict(frn.state_dict())
+    x = rng.standard_normal((2, 3, 4, 2))
+    assert other(x).tobytes() == frn(x).tobytes()
+    assert list(rnn.FilterResponseNorm(3, tlu=False).state_dict()) == ["weight", "bias"]
