@@ -249,3 +249,21 @@ def _plot(out, path) -> str | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return str(path)
+
+
+def cli_hook(rn, args) -> bool:
+    """A ``rsnorm demo`` section (``cli.DEMO_EXTRAS.append(demo_train.cli_hook)``): trains every
+    variant, prints the curves (and saves ``args.train_plot`` / ``args.plot`` as a PNG when set
+    and matplotlib is installed), and passes when batch norm ends below the plain network."""
+    del rn
+    steps = int(getattr(args, "train_steps", None) or 300)
+    plot = getattr(args, "train_plot", None) or getattr(args, "plot", None)
+    print()
+    r = run(steps=steps, seed=0, plot=plot)
+    if r["plot"]:
+        print(f"loss curves saved to {r['plot']}")
+    v = r["variants"]
+    ok = v["batchnorm"]["final_loss"] < v["plain"]["final_loss"]
+    print(f"batch norm {'speeds up' if ok else 'did NOT speed up'} training: final loss "
+          f"{v['batchnorm']['final_loss']:.4f} vs {v['plain']['final_loss']:.4f} without")
+    return ok

@@ -46,3 +46,12 @@ def test_prints_table_and_saves_plot(tmp_path, capsys):
 def test_unknown_variant():
     with pytest.raises(ValueError, match="unknown variant"):
         demo_train.run(steps=1, variants=("dropout",))
+
+
+def test_cli_hook(capsys):
+    import argparse
+
+    import rsnorm as rn
+
+    assert demo_train.cli_hook(rn, argparse.Namespace(train_steps=40)) is True
+    assert "batch norm speeds up training" in capsys.readouterr().out
