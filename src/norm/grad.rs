@@ -142,35 +142,29 @@ pub fn pair_sums<T: Scalar>(
     [tree(&a), tree(&b)]
 }
 
-/// [`pair_sums`] over two slices (the contiguous-plane path; bitwise the same sums).
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+/// [`pair_sums`] over two slices (the contiguous-plane path; bitwise the same sums). The two
+/// sums run as two loops over the (cache-resident) plane: each then has one accumulator array
+/// and vectorizes, where one fused loop would not.
+#[inline]
 pub fn pair_sums_slices<T: Scalar>(dy: &[T], x: &[T], m: f64) -> [f64; 2] {
-    let mut a = [0.0f64; LANES];
+    [crate::reduce::sum_slice(dy, |g| g), centred_dot(dy, x, m)]
+}
+
+/// Canonical `Σ dy·(x − m)` over two slices.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+pub fn centred_dot<T: Scalar>(dy: &[T], x: &[T], m: f64) -> f64 {
     let mut b = [0.0f64; LANES];
     let mut dc = dy.chunks_exact(LANES);
     let mut xc = x.chunks_exact(LANES);
-    // Widening, the two accumulations and their lanes written out separately: the compiler
-    // then packs each into SIMD registers (the same f64 operations per lane as `visit_pairs`).
     for (d8, x8) in (&mut dc).zip(&mut xc) {
-        let mut g = [0.0f64; LANES];
-        let mut d = [0.0f64; LANES];
         for l in 0..LANES {
-            g[l] = d8[l].to_f64();
-            d[l] = x8[l].to_f64() - m;
-        }
-        for l in 0..LANES {
-            a[l] += g[l];
-        }
-        for l in 0..LANES {
-            b[l] += g[l] * d[l];
+            b[l] += d8[l].to_f64() * (x8[l].to_f64() - m);
         }
     }
-    for (l, (gv, v)) in dc.remainder().iter().zip(xc.remainder()).enumerate() {
-        let g = gv.to_f64();
-        a[l] += g;
-        b[l] += g * (v.to_f64() - m);
+    for (l, (g, v)) in dc.remainder().iter().zip(xc.remainder()).enumerate() {
+        b[l] += g.to_f64() * (v.to_f64() - m);
     }
-    [tree(&a), tree(&b)]
+    tree(&b)
 }
 
 /// The coefficients of `dx = r·(s·dy − μ − (x − m)·k)` for one channel (or group).
@@ -301,6 +295,24 @@ impl<'a, 'b, T: Scalar> ChannelPair<'a, 'b, T> {
                     for k in 0..c {
                         drow[k] = coef[k].dx(grow[k], xrow[k]);
                     }
+                }
+                return;
+            }
+        }
+        if self.x.access == Access::Planes && self.dy.access == Access::Planes && self.x.s > 0 {
+            // dx planes contiguous too (a fresh C-order output): address them directly instead
+            // of building a view per plane.
+            if ds.ndim() >= 1 && ds.index_axis(Axis(0), 0).is_standard_layout() {
+                let st0 = ds.strides()[0];
+                let base = ds.as_mut_ptr();
+                for (c, cf) in coef.iter().enumerate().take(self.x.c) {
+                    // SAFETY: plane c of this sample of dx is a standard-layout block of s
+                    // elements starting at base + c·stride (dx never self-overlaps), inside
+                    // the sample this task owns.
+                    let d = unsafe {
+                        std::slice::from_raw_parts_mut(base.offset(c as isize * st0), self.x.s)
+                    };
+                    apply_slices(d, self.dy.plane_slice(n, c), self.x.plane_slice(n, c), *cf);
                 }
                 return;
             }
