@@ -1,24 +1,35 @@
 //! The canonical reduction every statistic goes through, and the element-wise apply step.
 //!
 //! **Canonical sum.** A sequence v₀ … vₙ₋₁ (in the *logical* order of the array, whatever its
-//! strides) is summed in f64 into 8 lanes, lane l receiving vᵢ for i ≡ l (mod 8) in increasing
-//! i, and the lanes are combined by the fixed tree ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)).
+//! strides) is summed in f64 into 32 lanes, lane l receiving vᵢ for i ≡ l (mod 32) in
+//! increasing i, and the lanes are combined by a fixed pairwise tree (l0+l1, l2+l3, …, then
+//! pairs of those, …).
 //! Every memory layout path (a contiguous slice, a strided view, rows of a channels-last
 //! sample) reproduces exactly this sequence of f64 operations, so a strided input gives bitwise
 //! the result of its contiguous copy, and the thread count never changes a bit: work is split
 //! by data (whole sums per task), and partial sums are folded in a fixed order by the caller.
-//! The 8 lanes also let the compiler vectorize the loop (no fast-math needed).
+//! The 32 lanes are four independent 8-wide f64 accumulators: the compiler vectorizes the loop
+//! (no fast-math needed) and the add latency is hidden (4 cycles × 2 adds per cycle).
 
 use crate::scalar::Scalar;
 use multiversion::multiversion;
 use ndarray::{ArrayView, ArrayViewMut, IxDyn, RawArrayViewMut, Zip};
 
 /// Number of accumulator lanes of the canonical sum.
-pub const LANES: usize = 8;
+pub const LANES: usize = 32;
 
+/// The fixed pairwise combination of the lanes.
 #[inline(always)]
 pub fn tree(a: &[f64; LANES]) -> f64 {
-    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+    let mut v = *a;
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            v[i] = v[2 * i] + v[2 * i + 1];
+        }
+    }
+    v[0]
 }
 
 /// Canonical sum of `f(x)` over a contiguous slice.
@@ -27,6 +38,8 @@ pub fn sum_slice<T: Scalar, F: Fn(f64) -> f64>(s: &[T], f: F) -> f64 {
     let mut acc = [0.0f64; LANES];
     let mut chunks = s.chunks_exact(LANES);
     for c in &mut chunks {
+        // A fixed-size chunk lets the compiler keep the lanes in vector registers.
+        let c: &[T; LANES] = c.try_into().expect("chunks_exact yields LANES values");
         for l in 0..LANES {
             acc[l] += f(c[l].to_f64());
         }
@@ -51,7 +64,7 @@ pub fn sum_view<T: Scalar, F: Fn(f64) -> f64>(v: &ArrayView<'_, T, IxDyn>, f: F)
 
 /// Canonical sums for the channels `cs` of a channels-last block: rows of `row_len`
 /// contiguous values (`s[r*row_len + k]`): `out[k - cs.start] = Σ_r f(s[r*row_len + k], k)`,
-/// the lane of row r being r mod 8. Identical, bit for bit, to `sum_slice` over each column.
+/// the lane of row r being r mod LANES. Identical, bit for bit, to `sum_slice` over each column.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 pub fn sum_rows<T: Scalar, F: Fn(f64, usize) -> f64>(
     s: &[T],
@@ -86,6 +99,14 @@ pub fn sum_rows<T: Scalar, F: Fn(f64, usize) -> f64>(
 #[inline(always)]
 pub fn affine<T: Scalar>(x: T, m: f64, a: f64, b: f64) -> T {
     T::from_f64((x.to_f64() - m) * a + b)
+}
+
+/// acc[k] += f(row[k], k) for every k: one row of a channels-last block.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+pub fn accumulate_row<T: Scalar, F: Fn(f64, usize) -> f64>(acc: &mut [f64], row: &[T], f: F) {
+    for (k, (a, x)) in acc.iter_mut().zip(row).enumerate() {
+        *a += f(x.to_f64(), k);
+    }
 }
 
 /// y = (x − m)·a + b over slices; `w`, `bias` (if given) make a and b per element:

@@ -35,6 +35,13 @@ from ._rsnorm import (
     set_num_threads,
 )
 from ._types import Moments, Stats
+from .whitening import (
+    IterNormGrads,
+    IterNormStats,
+    Whitening,
+    iter_norm,
+    iter_norm_backward,
+)
 
 __version__: str = _rsnorm.__version__
 
@@ -62,10 +69,13 @@ def __getattr__(name: str):
 
 __all__ = [
     "Grads",
+    "IterNormGrads",
+    "IterNormStats",
     "Moments",
     "RsnormError",
     "ShapeError",
     "Stats",
+    "Whitening",
     "__version__",
     "batch_norm",
     "batch_norm_backward",
@@ -75,6 +85,8 @@ __all__ = [
     "group_norm_backward",
     "instance_norm",
     "instance_norm_backward",
+    "iter_norm",
+    "iter_norm_backward",
     "layer_norm",
     "layer_norm_backward",
     "moments",

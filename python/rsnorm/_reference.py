@@ -21,6 +21,7 @@ __all__ = [
     "group_norm_backward",
     "instance_norm",
     "instance_norm_backward",
+    "iter_norm",
     "layer_norm",
     "layer_norm_backward",
     "local_response_norm",
@@ -380,3 +381,40 @@ def whiten(x, method="zca", eps=1e-5, unbiased=False):
     else:
         raise ValueError(f"method must be 'zca', 'pca' or 'cholesky', got {method!r}")
     return xc @ w.T, mean, lam
+
+
+def iter_norm(x, running_mean=None, running_wm=None, num_groups=1, T=5, eps=1e-5,
+              training=True, momentum=0.1, *, axis=1):
+    """IterNorm (Huang et al. 2019), returns ``(y, new_running_mean, new_running_wm)``.
+
+    Per group of d = C/G channels over all m other positions: ``Σ = xc xcᵀ/m + eps·I``,
+    ``Σ_N = Σ/tr(Σ)``, ``P₀ = I``, ``P_{k+1} = ½(3P_k − P_k³ Σ_N)``, ``W = P_T/sqrt(tr Σ)``,
+    ``y = W xc``. Eval: ``y = running_wm (x − running_mean)``.
+    """
+    x = _f64(x)
+    axis = axis % x.ndim
+    xt = np.moveaxis(x, axis, 0)
+    c = xt.shape[0]
+    d = c // num_groups
+    xs = xt.reshape(num_groups, d, -1)
+    new_rm, new_wm = _f64(running_mean), _f64(running_wm)
+    if training:
+        mean = xs.mean(axis=2, keepdims=True)
+        xc = xs - mean
+        sigma = xc @ np.swapaxes(xc, 1, 2) / xs.shape[2] + eps * np.eye(d)
+        tr = np.trace(sigma, axis1=1, axis2=2)[:, None, None]
+        sn = sigma / tr
+        p = np.broadcast_to(np.eye(d), sigma.shape)
+        for _ in range(T):
+            p = 1.5 * p - 0.5 * (p @ p @ p @ sn)
+        wm = p / np.sqrt(tr)
+        if running_mean is not None:
+            new_rm = (1 - momentum) * new_rm + momentum * mean.reshape(new_rm.shape)
+        if running_wm is not None:
+            new_wm = (1 - momentum) * new_wm + momentum * wm.reshape(new_wm.shape)
+    else:
+        mean = new_rm.reshape(num_groups, d, 1)
+        wm = new_wm.reshape(num_groups, d, d)
+        xc = xs - mean
+    y = (wm @ xc).reshape(xt.shape)
+    return np.moveaxis(y, 0, axis), new_rm, new_wm

@@ -15,7 +15,8 @@ Conventions shared by every op:
   subclass for shape problems.
 """
 
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, TypeAlias
 
 import numpy as np
 from numpy.typing import NDArray
@@ -25,22 +26,22 @@ __version__: str
 class RsnormError(ValueError): ...
 class ShapeError(RsnormError): ...
 
-_Arr = NDArray[Any]
+_Arr: TypeAlias = NDArray[Any]
 
 def batch_norm(
     x: _Arr,
-    running_mean: Optional[_Arr] = None,
-    running_var: Optional[_Arr] = None,
-    weight: Optional[_Arr] = None,
-    bias: Optional[_Arr] = None,
+    running_mean: _Arr | None = None,
+    running_var: _Arr | None = None,
+    weight: _Arr | None = None,
+    bias: _Arr | None = None,
     training: bool = False,
-    momentum: Optional[float] = 0.1,
+    momentum: float | None = 0.1,
     eps: float = 1e-5,
     *,
     axis: int = 1,
-    out: Optional[_Arr] = None,
+    out: _Arr | None = None,
     return_stats: bool = False,
-    num_batches_tracked: Optional[_Arr] = None,
+    num_batches_tracked: _Arr | None = None,
     momentum_convention: str = "torch",
 ) -> Any:
     """Batch normalization per channel over the batch and spatial axes.
@@ -55,12 +56,12 @@ def batch_norm(
 
 def layer_norm(
     x: _Arr,
-    normalized_shape: Union[int, Sequence[int]],
-    weight: Optional[_Arr] = None,
-    bias: Optional[_Arr] = None,
+    normalized_shape: int | Sequence[int],
+    weight: _Arr | None = None,
+    bias: _Arr | None = None,
     eps: float = 1e-5,
     *,
-    out: Optional[_Arr] = None,
+    out: _Arr | None = None,
     return_stats: bool = False,
 ) -> Any:
     """Layer normalization over the trailing ``normalized_shape`` dims:
@@ -69,11 +70,11 @@ def layer_norm(
 
 def rms_norm(
     x: _Arr,
-    normalized_shape: Union[int, Sequence[int]],
-    weight: Optional[_Arr] = None,
-    eps: Optional[float] = None,
+    normalized_shape: int | Sequence[int],
+    weight: _Arr | None = None,
+    eps: float | None = None,
     *,
-    out: Optional[_Arr] = None,
+    out: _Arr | None = None,
     return_stats: bool = False,
 ) -> Any:
     """RMS normalization: ``y = x/sqrt(mean(x²) + eps)·weight`` over the trailing dims;
@@ -83,12 +84,12 @@ def rms_norm(
 def group_norm(
     x: _Arr,
     num_groups: int,
-    weight: Optional[_Arr] = None,
-    bias: Optional[_Arr] = None,
+    weight: _Arr | None = None,
+    bias: _Arr | None = None,
     eps: float = 1e-5,
     *,
     axis: int = 1,
-    out: Optional[_Arr] = None,
+    out: _Arr | None = None,
     return_stats: bool = False,
 ) -> Any:
     """Group normalization: statistics per (n, group of C/G channels), per-channel affine.
@@ -96,16 +97,16 @@ def group_norm(
 
 def instance_norm(
     x: _Arr,
-    running_mean: Optional[_Arr] = None,
-    running_var: Optional[_Arr] = None,
-    weight: Optional[_Arr] = None,
-    bias: Optional[_Arr] = None,
+    running_mean: _Arr | None = None,
+    running_var: _Arr | None = None,
+    weight: _Arr | None = None,
+    bias: _Arr | None = None,
     use_input_stats: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,
     *,
     axis: int = 1,
-    out: Optional[_Arr] = None,
+    out: _Arr | None = None,
     return_stats: bool = False,
 ) -> Any:
     """Instance normalization: statistics per (n, c) over the spatial axes. Running stats, if
@@ -198,6 +199,64 @@ def instance_norm_backward(
 
 def moments(x: _Arr, axis: int = 1) -> tuple[int, NDArray[np.float64], NDArray[np.float64]]:
     """Per-channel (count, mean, M2) over every axis but ``axis``, float64."""
+
+def covariance_moments(
+    x: _Arr, num_groups: int = 1, *, axis: int = 1
+) -> tuple[int, NDArray[np.float64], NDArray[np.float64]]:
+    """Per-channel mean and per-group co-moment of x: (count, mean (C,), comoment (G, C/G, C/G)),
+    float64, two-pass, deterministic."""
+
+def whitening_matrix(
+    cov: _Arr, method: str = "zca", eps: float = 1e-5
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Whitening matrix of a (d, d) covariance: (W, W_inv, eigenvalues descending), float64."""
+
+def group_whiten_apply(
+    x: _Arr,
+    mats: _Arr,
+    sub: _Arr,
+    add: _Arr | None = None,
+    *,
+    axis: int = 1,
+    out: _Arr | None = None,
+) -> _Arr:
+    """y[p, g] = A_g (x[p, g] − sub_g) + add_g per group of channels; y has x's dtype."""
+
+def group_cross_moments(
+    a: _Arr, b: _Arr, mean_b: _Arr, num_groups: int = 1, *, axis: int = 1
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Per-channel sums of a and per-group cross co-moments Σ_p a_p (b_p − mean_b)ᵀ:
+    (sum (C,), cross (G, C/G, C/G)), float64, deterministic."""
+
+def group_whiten_apply2(
+    a: _Arr,
+    b: _Arr,
+    mats_a: _Arr,
+    mats_b: _Arr,
+    offset: _Arr,
+    *,
+    axis: int = 1,
+    out: _Arr | None = None,
+) -> _Arr:
+    """y[p, g] = A_g a[p, g] + B_g b[p, g] + offset_g per group of channels; y has a's dtype."""
+
+def iter_norm(
+    x: _Arr,
+    running_mean: _Arr | None = None,
+    running_wm: _Arr | None = None,
+    num_groups: int = 1,
+    T: int = 5,
+    eps: float = 1e-5,
+    training: bool = True,
+    momentum: float = 0.1,
+    *,
+    axis: int = 1,
+    out: _Arr | None = None,
+    return_stats: bool = False,
+) -> Any:
+    """Iterative normalization (forward). Returns y, or (y, (mean, sigma, wm)) with
+    `return_stats=True`: mean (G, C/G), sigma = Σ + eps·I (G, C/G, C/G) (None in eval), wm
+    (G, C/G, C/G); float64 for float64 x, else float32."""
 
 def set_num_threads(n: int) -> None:
     """Threads for the kernels (0: default, RAYON_NUM_THREADS or the CPU count)."""

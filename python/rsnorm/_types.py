@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Stats", "Moments"]
+__all__ = ["Moments", "Stats"]
 
 
 class Stats(NamedTuple):
@@ -15,7 +15,7 @@ class Stats(NamedTuple):
     ``mean`` is ``None`` for RMS norm. float64 for float64 inputs, float32 otherwise.
     """
 
-    mean: Optional[np.ndarray]
+    mean: np.ndarray | None
     rstd: np.ndarray
 
 
@@ -36,7 +36,7 @@ class Moments(NamedTuple):
         return self.m2 / d
 
     @staticmethod
-    def merge(*parts: "Moments") -> "Moments":
+    def merge(*parts: Moments) -> Moments:
         """Merges parts in the order given (Chan, Golub & LeVeque 1979)::
 
             n = nₐ + n_b,  δ = mean_b − meanₐ,  mean = meanₐ + δ·n_b/n,

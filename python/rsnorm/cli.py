@@ -524,6 +524,34 @@ def _whitening_case(method, unbiased=False):
     return build
 
 
+def _iter_norm_case(groups, training=True, axis=1):
+    def build(rn, rng, dtype, shape):
+        c = _chan(shape, axis)
+        d = c // groups
+        x = _x(rng, shape, dtype)
+        rm0 = rng.standard_normal(c).astype(dtype)
+        # A well-conditioned symmetric matrix per group stands in for a trained running one.
+        a = rng.standard_normal((groups, d, d)) * 0.1
+        rwm0 = (np.eye(d) + a + np.swapaxes(a, 1, 2)).astype(dtype)
+        kw = {"axis": axis} if axis != 1 else {}
+        state = {}
+
+        def run():
+            state["rm"], state["rwm"] = rm0.copy(), rwm0.copy()
+            return rn.iter_norm(x, state["rm"], state["rwm"], groups, 5, 1e-5, training, 0.1,
+                                **kw)
+
+        def compare(y):
+            ey, erm, ewm = ref.iter_norm(x, rm0, rwm0, groups, 5, 1e-5, training, 0.1,
+                                         axis=axis)
+            return [("y", y, ey), ("running_mean", state["rm"], erm),
+                    ("running_wm", state["rwm"], ewm)]
+
+        return Prepared(run, compare)
+
+    return build
+
+
 _F4, _F8, _F2 = "float32", "float64", "float16"
 # Gradients round a few more times than forwards (dx = rstd*(g - mean g - xhat*mean(g*xhat))).
 _BWD_TOL = {"float32": (3e-5, 3e-5)}
@@ -602,6 +630,10 @@ register(
              _whitening_case("pca", unbiased=True), tolerances={_F8: (1e-9, 1e-9)}),
     DemoCase("Whitening cholesky", "Whitening", _F8, (200, 6), _whitening_case("cholesky"),
              tolerances={_F8: (1e-9, 1e-9)}),
+    DemoCase("iter_norm G=2 train", "iter_norm", _F4, (8, 6, 4, 4), _iter_norm_case(2)),
+    DemoCase("iter_norm G=1 train NHWC (axis=-1)", "iter_norm", _F8, (5, 3, 3, 4),
+             _iter_norm_case(1, axis=-1)),
+    DemoCase("iter_norm G=2 eval", "iter_norm", _F8, (4, 6, 5), _iter_norm_case(2, False)),
     DemoCase("mean_variance_norm", "mean_variance_norm", _F4, (4, 8, 6, 6), _mvn_case()),
     DemoCase("normalize p=2", "normalize", _F4, (16, 32), _normalize_case()),
     DemoCase("normalize p=1 axis=-1", "normalize", _F8, (4, 5, 6), _normalize_case(1.0, -1)),

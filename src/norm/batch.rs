@@ -12,6 +12,7 @@ use super::common::{bytes_of, check_eps, check_momentum, check_out, rstd, GroupS
 use crate::channel::{check_channel_param, Access, ChannelView};
 use crate::error::{fmt_shape, NormError, Result};
 use crate::pool;
+use crate::reduce;
 use crate::scalar::Scalar;
 use ndarray::{ArrayView, ArrayViewMut, IxDyn};
 
@@ -115,7 +116,7 @@ pub fn batch_norm<T: Scalar>(
     let b: Vec<f64> = (0..c).map(|k| p.bias.map_or(0.0, |b| b[k])).collect();
     let scale = |k: usize, rs: f64| rs * p.weight.map_or(1.0, |w| w[k]);
     let yo = cv.output(y);
-    let (mean, var, m2) = if use_batch && cv.access == Access::Planes {
+    let (mean, var, m2) = if use_batch && cv.access == Access::Planes && cv.s > 1 {
         // NCHW: one task per channel computes its statistics and normalizes it while its
         // planes are still in cache: one DRAM read and one write instead of three reads.
         let per_channel = pool::map_tasks(c, parallel, |k| {
@@ -239,6 +240,60 @@ const ROW_CHANNEL_CHUNK: usize = 16;
 /// of samples and keep the N×C plane sums (at most 1/64 of the input's size in f64).
 const ROW_SAMPLE_TASKS_MIN_S: usize = 64;
 
+/// Rows per block of the (N, C) reduction (see [`batch_block_sums`]).
+const BATCH_BLOCK: usize = 256;
+
+/// Per-channel sums of f for inputs with one value per plane, (N, C) and the like.
+///
+/// Planes of one value would make the batch fold a serial chain of N adds per channel, so
+/// these shapes use their own canonical order instead (chosen by the shape alone, hence the
+/// same for every layout): blocks of `BATCH_BLOCK` consecutive rows, each summed in row order,
+/// blocks folded in order. Blocks run in parallel, a C-contiguous input streams whole rows, and
+/// the vectors run across channels (C accumulators: one row's worth, in L1).
+fn batch_block_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy + Sync>(
+    cv: &ChannelView<'_, T>,
+    parallel: bool,
+    f: F,
+) -> Vec<f64> {
+    let c = cv.c;
+    let blocks = cv.n.div_ceil(BATCH_BLOCK);
+    let rows_of = |b: usize| b * BATCH_BLOCK..((b + 1) * BATCH_BLOCK).min(cv.n);
+    let partials: Vec<Vec<f64>> = if cv.access == Access::Rows {
+        pool::map_tasks(blocks, parallel, |b| {
+            let mut acc = vec![0.0f64; c];
+            for n in rows_of(b) {
+                reduce::accumulate_row(&mut acc, cv.sample_rows(n), f);
+            }
+            acc
+        })
+    } else {
+        // Any other layout: one task per channel walks its column in logical order.
+        let per_channel = pool::map_tasks(c, parallel, |k| {
+            let col = cv.x.index_axis(ndarray::Axis(1), k);
+            let mut it = col.iter();
+            (0..blocks)
+                .map(|b| {
+                    let mut acc = 0.0f64;
+                    for x in it.by_ref().take(rows_of(b).len()) {
+                        acc += f(x.to_f64(), k);
+                    }
+                    acc
+                })
+                .collect::<Vec<f64>>()
+        });
+        (0..blocks)
+            .map(|b| per_channel.iter().map(|p| p[b]).collect())
+            .collect()
+    };
+    let mut total = vec![0.0f64; c];
+    for p in partials {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
+}
+
 /// Σ over n of the canonical plane sums of f, per channel. Every branch performs the same f64
 /// operations in the same order; they differ in how memory is walked and work is split.
 fn channel_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy + Sync>(
@@ -264,22 +319,7 @@ fn channel_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy + Sync>(
             }
             total
         }
-        Access::Rows if cv.s == 1 => {
-            // (N, C): a plane is one value, whose canonical sum is the value itself, so the
-            // fold over the batch is a plain running sum per channel.
-            let parts = pool::map_tasks(c.div_ceil(ROW_CHANNEL_CHUNK), parallel, |t| {
-                let cs = t * ROW_CHANNEL_CHUNK..((t + 1) * ROW_CHANNEL_CHUNK).min(c);
-                let mut acc = vec![0.0f64; cs.len()];
-                for n in 0..cv.n {
-                    let row = &cv.sample_rows(n)[cs.clone()];
-                    for (j, (a, x)) in acc.iter_mut().zip(row).enumerate() {
-                        *a += f(x.to_f64(), cs.start + j);
-                    }
-                }
-                acc
-            });
-            parts.concat()
-        }
+        _ if cv.s == 1 => batch_block_sums(cv, parallel, f),
         _ => {
             let chunk = if cv.access == Access::Rows {
                 ROW_CHANNEL_CHUNK

@@ -5,9 +5,11 @@ pub mod batch;
 pub mod common;
 pub mod group;
 pub mod instance;
+pub mod iternorm;
 pub mod layer;
 pub mod moments;
 pub mod rms;
+pub mod whiten;
 
 pub use batch::{batch_norm, BatchNormOutput, BatchNormParams, MomentumConvention};
 pub use common::GroupStats;

@@ -7,6 +7,7 @@ pub mod batch;
 pub mod errors;
 mod group;
 mod layer;
+mod whiten;
 
 use pyo3::prelude::*;
 
@@ -95,6 +96,12 @@ fn _rsnorm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(layer::rms_norm_backward, m)?)?;
     m.add_function(wrap_pyfunction!(group::group_norm_backward, m)?)?;
     m.add_function(wrap_pyfunction!(group::instance_norm_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(whiten::covariance_moments, m)?)?;
+    m.add_function(wrap_pyfunction!(whiten::whitening_matrix, m)?)?;
+    m.add_function(wrap_pyfunction!(whiten::group_whiten_apply, m)?)?;
+    m.add_function(wrap_pyfunction!(whiten::iter_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(whiten::group_cross_moments, m)?)?;
+    m.add_function(wrap_pyfunction!(whiten::group_whiten_apply2, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;

@@ -351,3 +351,28 @@ def test_bench_run_in_process_with_thread_scaling():
     assert res["skipped"]["torch"] == "not selected"
     summary = _bench.summarize([res])
     assert summary["thread_scaling.median"] == res["thread_scaling"]
+
+
+def test_plain_text_tables_without_rich(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_have_rich", lambda: False)
+    assert cli.main(["demo", "--ops", "layer_norm", "--no-timing"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(ln for ln in lines if ln.startswith("case"))
+    assert "max abs err" in header and "max ulp" in header and "status" in header
+    rows = [ln for ln in lines if ln.startswith("layer_norm")]
+    assert len(rows) == sum(c.op == "layer_norm" for c in cli.DEMO_CASES)
+    assert all(ln.split()[-1] == "ok" for ln in rows)
+
+
+def test_reference_iter_norm_converges_to_zca_and_whitening_whitens():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((400, 4)) @ np.diag([1.0, 1.3, 1.6, 1.2]) + 2
+    # Newton iterations converge to Σ^-½: many steps give the ZCA map of the same Σ + eps·I.
+    y = _reference.iter_norm(x, num_groups=1, T=40, eps=1e-5)[0]
+    np.testing.assert_allclose(y, _reference.whiten(x, "zca", 1e-5)[0], atol=1e-10)
+    for method in ("zca", "pca", "cholesky"):
+        w, mean, lam = _reference.whiten(x, method, eps=0.0)
+        np.testing.assert_allclose(np.cov(w.T, bias=True), np.eye(4), atol=1e-10)
+        np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-14)
+        assert np.all(np.diff(lam) <= 0)

@@ -158,6 +158,25 @@ def test_batch_norm_many_chunks(rng):
     assert np.abs(g.x).max() < 1e-3  # dy = x: the gradient through the statistics is ~0
 
 
+def test_batch_norm_chunks_inside_and_across_runs(rng):
+    # H*W = 5000 > 4096: some chunks lie inside one contiguous run (no per-element division),
+    # others straddle two runs; both must agree with the reference and split bitwise alike.
+    x = randn(rng, 3, 2, 5000, loc=-7.0)
+    dy = randn(rng, 3, 2, 5000)
+    w = np.array([0.5, 2.0], np.float32)
+    y = gpu.batch_norm(x, weight=w, training=True)
+    close(y, ref.batch_norm(x, None, None, w, None, True)[0])
+    g = gpu.batch_norm_backward(dy, x, weight=w, bias=w, training=True)
+    dx, dw, db = ref.batch_norm_backward(dy, x, None, None, w, True)
+    np.testing.assert_allclose(g.x, dx, rtol=1e-3, atol=1e-4 * np.abs(dx).max())
+    np.testing.assert_allclose(g.weight, dw, rtol=1e-3, atol=1e-4 * np.abs(dw).max())
+    np.testing.assert_allclose(g.bias, db, rtol=1e-3, atol=1e-4 * np.abs(db).max())
+    with _device._limits(max_binding=40000):
+        assert np.array_equal(gpu.batch_norm(x, weight=w, training=True), y)
+        assert np.array_equal(gpu.batch_norm_backward(dy, x, weight=w, bias=w,
+                                                      training=True).x, g.x)
+
+
 def test_fused_kernel_equals_two_pass_bitwise(rng):
     x = randn(rng, 3, 8, 900, loc=2.0)
     w = np.linspace(-1, 1, 8).astype(np.float32)
@@ -722,7 +741,8 @@ def _raises_like_cpu(exc, name, *args, cpu_too=True, **kw):
     if cpu is not None and cpu_too:
         with pytest.raises(Exception) as cerr:
             cpu(*args, **kw)
-        assert isinstance(cerr.value, exc), cerr.value
+        # The very same class (e.g. rsnorm.ShapeError, not just ValueError).
+        assert type(cerr.value) is type(gerr.value), (cerr.value, gerr.value)
     return gerr.value
 
 
@@ -752,6 +772,12 @@ def test_errors(rng):
     ro = np.zeros(4)
     ro.flags.writeable = False
     _raises_like_cpu(ValueError, "batch_norm", x, ro, np.ones(4), training=True)
+    _raises_like_cpu(ValueError, "batch_norm", randn(rng, 3))  # rank 1
+    _raises_like_cpu(ValueError, "group_norm", randn(rng, 3), 1)
+    _raises_like_cpu(ValueError, "layer_norm", x, 3, out=np.zeros((2, 4), np.float32))
+    _raises_like_cpu(TypeError, "layer_norm", [[1.0, 2.0]], 2)
+    _raises_like_cpu(TypeError, "group_norm", x, 2, np.ones(4, np.int32))
+    _raises_like_cpu(ValueError, "layer_norm", x, (), cpu_too=True)
 
 
 # ----------------------------------------------------------------------------- random layouts

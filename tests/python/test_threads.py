@@ -238,7 +238,7 @@ def test_gil_is_released_during_a_long_call(restore_threads):
     import time
 
     rn.set_num_threads(1)
-    x = np.random.default_rng(5).standard_normal((2048, 8192), dtype=np.float32)
+    x = np.random.default_rng(5).standard_normal((6144, 8192), dtype=np.float32)
     rn.layer_norm(x[:64], (8192,))
     t0 = time.perf_counter()
     rn.layer_norm(x, (8192,))

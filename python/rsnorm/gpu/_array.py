@@ -26,6 +26,18 @@ def value_error(msg: str) -> Exception:
     return _error_class()(msg)
 
 
+def shape_error(msg: str) -> Exception:
+    """``rsnorm.ShapeError`` (a ``RsnormError``, so a ``ValueError``) for shape mismatches, as
+    the CPU path raises."""
+    try:
+        import rsnorm
+
+        cls = getattr(rsnorm, "ShapeError", None)
+    except ImportError:  # pragma: no cover
+        cls = None
+    return (cls or _error_class())(msg)
+
+
 class GPUArray:
     """A C-contiguous float32/float16 array in one wgpu storage buffer.
 
@@ -102,7 +114,7 @@ class GPUArray:
             rest = math.prod(s for s in shape if s != -1)
             shape[shape.index(-1)] = self.size // rest if rest else 0
         if math.prod(shape) != self.size:
-            raise value_error(f"cannot reshape a device array of shape {self._shape} into {shape}")
+            raise shape_error(f"cannot reshape a device array of shape {self._shape} into {shape}")
         return GPUArray(self._owner, shape, self._dtype, self._storage, self._gen)
 
     def __len__(self) -> int:

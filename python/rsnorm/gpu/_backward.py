@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _device
-from ._array import GPUArray, asarray, value_error
+from ._array import GPUArray, asarray, shape_error, value_error
 from ._engine import (
     Data,
     check_eps,
@@ -60,7 +60,7 @@ def _prep(grad_y, x):
     if check_x(grad_y, "grad_y") != host:
         raise TypeError("grad_y and x must both be NumPy arrays or both device arrays")
     if tuple(grad_y.shape) != tuple(x.shape):
-        raise value_error(
+        raise shape_error(
             f"grad_y must have the shape of x {tuple(x.shape)}, got {tuple(grad_y.shape)}")
     if np.dtype(grad_y.dtype) != np.dtype(x.dtype):
         raise TypeError(f"grad_y has dtype {grad_y.dtype} but x has dtype {x.dtype}")
@@ -174,7 +174,7 @@ def group_norm_backward(grad_y, x, num_groups, weight=None, bias=None, eps=1e-5,
     """Gradients of :func:`rsnorm.gpu.group_norm`: ``Grads(x, weight, bias)``."""
     host = _prep(grad_y, x)
     if x.ndim < 2:
-        raise value_error(f"group_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
+        raise shape_error(f"group_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
     N, S1, C, I = _grouped_dims(x, ax)
     if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool):
@@ -231,7 +231,7 @@ def batch_norm_backward(grad_y, x, running_mean=None, running_var=None, weight=N
     del momentum, momentum_convention, num_batches_tracked
     host = _prep(grad_y, x)
     if x.ndim < 2:
-        raise value_error(f"batch_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
+        raise shape_error(f"batch_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
     C = int(x.shape[ax])
     O = _prod(x.shape[:ax])

@@ -5,7 +5,8 @@ wgpu is imported lazily here, never at ``import rsnorm``. The device is wgpu-py'
 device (configured before creation with ``shader-f16`` and ``timestamp-query`` when the adapter
 has them, and with the adapter's binding and buffer size limits), so rsnorm cooperates with other
 wgpu users in the process. After a device loss a fresh device is requested from the adapter on the
-next call; device arrays of the lost device then raise ``RuntimeError``.
+next call; device arrays of the lost device then raise ``RuntimeError``. All GPU work holds one
+lock (wgpu-native aborts when several threads encode at once).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import numpy as np
 
 from .shaders import shader_source
 
-# Bytes per uniform/storage binding kind: "u" uniform, "r" read-only storage, "w" storage.
-# One entry per shader, in binding order (must match the shader header comments).
+# Bind-group layout of each shader, one letter per binding in order: "u" uniform, "r" read-only
+# storage, "w" read-write storage (checked against the shader headers and declarations by
+# test_gpu.py::test_every_shader_compiles_and_headers_match_layouts).
 BINDINGS = {
     "stats_partial": "urw",
     "stats_finalize": "urwwwww",
@@ -160,10 +162,14 @@ def _create() -> Context:
     wgpu = _wgpu()
     device = None
     adapter = None
+    wdev = None
     if not _configured and not _lost:
         _configured = True
-        from wgpu.utils import device as wdev
-
+        try:
+            from wgpu.utils import device as wdev
+        except ImportError:  # an older wgpu-py without the shared-device helpers
+            wdev = None
+    if wdev is not None and hasattr(wdev, "preconfigure_default_device"):
         adapter = _request_adapter(wgpu)
         feats, limits = _wanted(adapter)
         try:
@@ -180,12 +186,16 @@ def _create() -> Context:
             raise RuntimeError(f"{_NO_ADAPTER} ({type(exc).__name__}: {exc})") from exc
         adapter = getattr(device, "adapter", adapter)
     else:
-        # After a loss the default device is dead: ask the adapter for a fresh one.
+        # After a loss the default device is dead (and older wgpu-py cannot preconfigure it):
+        # ask the adapter for a device of our own.
         adapter = _request_adapter(wgpu)
         feats, limits = _wanted(adapter)
-        device = adapter.request_device_sync(
-            required_features=sorted(feats), required_limits=limits, label="rsnorm.gpu"
-        )
+        try:
+            device = adapter.request_device_sync(
+                required_features=sorted(feats), required_limits=limits, label="rsnorm.gpu"
+            )
+        except Exception as exc:
+            raise RuntimeError(f"{_NO_ADAPTER} ({type(exc).__name__}: {exc})") from exc
     _generation += 1
     _lost = False
     _pool.clear()

@@ -22,7 +22,14 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _device
-from ._array import GPUArray, _upload_checked, check_dtype, empty, storage_for, value_error
+from ._array import (
+    GPUArray,
+    _upload_checked,
+    check_dtype,
+    empty,
+    shape_error,
+    value_error,
+)
 from ._device import APPLY_WG, PER, SMALL_WG, pack
 
 # Global element indices are u32 in the shaders; grid-stride loops need some headroom.
@@ -169,7 +176,7 @@ def check_param(p, shape: tuple, name: str):
     else:
         raise TypeError(f"{name} must be a NumPy array or a device array, got {type(p).__name__}")
     if tuple(p.shape) != tuple(shape):
-        raise value_error(f"{name} must have shape {tuple(shape)}, got {tuple(p.shape)}")
+        raise shape_error(f"{name} must have shape {tuple(shape)}, got {tuple(p.shape)}")
     return p
 
 
@@ -187,10 +194,10 @@ def check_out(out, x, host: bool):
     if host:
         if not isinstance(out, np.ndarray):
             raise TypeError(f"out must be a NumPy array for NumPy input, got {type(out).__name__}")
-        if out.shape != x.shape or out.dtype != x.dtype:
-            raise value_error(
-                f"out must have shape {x.shape} and dtype {x.dtype}, got {out.shape} {out.dtype}"
-            )
+        if out.shape != x.shape:
+            raise shape_error(f"out must have the input's shape {x.shape}, got {out.shape}")
+        if out.dtype != x.dtype:
+            raise TypeError(f"out must have the input's dtype {x.dtype}, got {out.dtype}")
         if not out.flags.writeable:
             raise value_error("out is read-only")
         if np.shares_memory(out, x):
@@ -199,10 +206,10 @@ def check_out(out, x, host: bool):
         if not isinstance(out, GPUArray):
             raise TypeError(
                 f"out must be a device array for device input, got {type(out).__name__}")
-        if out.shape != x.shape or out.dtype != x.dtype:
-            raise value_error(
-                f"out must have shape {x.shape} and dtype {x.dtype}, got {out.shape} {out.dtype}"
-            )
+        if out.shape != x.shape:
+            raise shape_error(f"out must have the input's shape {x.shape}, got {out.shape}")
+        if out.dtype != x.dtype:
+            raise TypeError(f"out must have the input's dtype {x.dtype}, got {out.dtype}")
         if out._buffer is x._buffer:
             raise value_error("out overlaps the input x")
     return out
@@ -639,10 +646,6 @@ def gstat_host(raw: bytes, n_groups: int):
     return rec["n"].astype(np.int64), mean, m2
 
 
-def is_host_like(*args) -> bool:
-    return any(isinstance(a, np.ndarray) for a in args)
-
-
 __all__ = [
     "Data",
     "GroupMap",
@@ -655,12 +658,15 @@ __all__ = [
     "check_x",
     "collect",
     "f32_array",
+    "fused_pass",
     "grad_apply_pass",
+    "grad_fused_pass",
     "gstat_host",
     "map_channels",
     "map_grouped",
     "map_rows",
     "norm_axis",
+    "normalize",
     "param_buffer",
     "plan_blocks",
     "red_channels",
@@ -668,6 +674,6 @@ __all__ = [
     "red_rows",
     "running_stats_pass",
     "stats_pass",
-    "storage_for",
     "sum_pass",
+    "use_fused",
 ]

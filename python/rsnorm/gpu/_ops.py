@@ -8,7 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _device
-from ._array import GPUArray, value_error
+from ._array import GPUArray, shape_error, value_error
 from ._engine import (
     Data,
     apply_pass,
@@ -156,7 +156,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     """
     host = check_x(x)
     if x.ndim < 2:
-        raise value_error(f"batch_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
+        raise shape_error(f"batch_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
     check_size(x)
     C = int(x.shape[ax])
@@ -248,7 +248,7 @@ def _ns(normalized_shape):
 def _rows(x, normalized_shape):
     ns = _ns(normalized_shape)
     if len(ns) == 0 or x.ndim == 0 or len(ns) > x.ndim or tuple(x.shape[-len(ns):]) != ns:
-        raise value_error(
+        raise shape_error(
             f"normalized_shape {ns} does not match the trailing dimensions of an input of shape "
             f"{tuple(x.shape)}"
         )
@@ -319,7 +319,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     axes, per-channel affine; see ``rsnorm.group_norm``. Stats have shape (N, G)."""
     host = check_x(x)
     if x.ndim < 2:
-        raise value_error(f"group_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
+        raise shape_error(f"group_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
     N, S1, C, I = _grouped_dims(x, ax)
     if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool):
@@ -366,7 +366,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     """
     host = check_x(x)
     if x.ndim < 2:
-        raise value_error(
+        raise shape_error(
             f"instance_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
     N, S1, C, I = _grouped_dims(x, ax)
@@ -454,7 +454,7 @@ def filter_response_norm(x, weight=None, bias=None, tau=None, eps=1e-6, *, learn
     is given. ``learned_eps`` is a scalar (a size-1 array or a float) on the GPU path."""
     host = check_x(x)
     if x.ndim < 2:
-        raise value_error(
+        raise shape_error(
             f"filter_response_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
     N, S1, C, I = _grouped_dims(x, ax)
@@ -499,7 +499,7 @@ def tlu(x, tau, *, axis=1, out=None):
     """Thresholded linear unit ``max(x, tau)`` with ``tau`` per channel (NaN stays NaN)."""
     host = check_x(x)
     if x.ndim < 1:
-        raise value_error("tlu expects an input of rank >= 1")
+        raise shape_error("tlu expects an input of rank >= 1")
     ax = norm_axis(axis, x.ndim)
     C = int(x.shape[ax])
     I = _prod(x.shape[ax + 1 :])
@@ -529,7 +529,7 @@ def moments(x, axis=1):
     on the host; computed in float32 on the device, so it carries the GPU tolerance)."""
     host = check_x(x)
     if x.ndim < 1:
-        raise value_error("moments expects an input of rank >= 1")
+        raise shape_error("moments expects an input of rank >= 1")
     ax = norm_axis(axis, x.ndim)
     check_size(x)
     C = int(x.shape[ax])
@@ -585,7 +585,7 @@ def local_response_norm(x, size, alpha=1e-4, beta=0.75, k=1.0, *, alpha_over_siz
     ``exp2(-beta * log2(.))`` in float32."""
     host = check_x(x)
     if x.ndim < 3:
-        raise value_error(
+        raise shape_error(
             f"local_response_norm expects an input of rank >= 3, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
     if not isinstance(size, (int, np.integer)) or isinstance(size, bool):
@@ -630,7 +630,7 @@ def gdn(x, beta, gamma, *, inverse=False, variant="gdn", axis=1, out=None):
     and ``gamma >= 0`` are checked for NumPy parameters (device parameters are not read back)."""
     host = check_x(x)
     if x.ndim < 2:
-        raise value_error(f"gdn expects an input of rank >= 2, got shape {tuple(x.shape)}")
+        raise shape_error(f"gdn expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
     if variant not in ("gdn", "gdn1"):
         raise value_error(f"variant must be 'gdn' or 'gdn1', got {variant!r}")

@@ -58,10 +58,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     var cnt = 0u;
     var amax = 0.0;
     var bad = false;
-    let single_run = P.run_len >= P.len;
+    // A chunk inside one run (e.g. batch norm over NCHW with H*W >= chunk) needs no division per
+    // element (u32 arithmetic wraps, so the sum is exact even when cbase "underflows").
+    let r0 = k0 / P.run_len;
+    let contiguous = k1 == k0 || (k1 - 1u) / P.run_len == r0;
+    let cbase = base + r0 * P.run_stride - r0 * P.run_len;
     for (var k = k0 + t; k < k1; k += WG) {
-        var idx = base + k;
-        if (!single_run) {
+        var idx = cbase + k;
+        if (!contiguous) {
             let r = k / P.run_len;
             idx = base + r * P.run_stride + (k - r * P.run_len);
         }

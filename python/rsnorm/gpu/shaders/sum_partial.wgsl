@@ -71,9 +71,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let k0 = j * (WG * PER);
     let k1 = min(k0 + WG * PER, P.len);
     var acc = vec2<f32>(0.0, 0.0);
+    // A chunk inside one run needs no division per element (see stats_partial.wgsl).
+    let r0 = k0 / P.run_len;
+    let contiguous = k1 == k0 || (k1 - 1u) / P.run_len == r0;
+    let cbase = base + r0 * P.run_stride - r0 * P.run_len;
     for (var k = k0 + t; k < k1; k += WG) {
-        let r = k / P.run_len;
-        let i = base + r * P.run_stride + (k - r * P.run_len);
+        var i = cbase + k;
+        if (!contiguous) {
+            let r = k / P.run_len;
+            i = base + r * P.run_stride + (k - r * P.run_len);
+        }
         let c = (i / P.I) % P.C;
         var grp = c / P.cpg;
         if (P.group_mode == 1u) {
