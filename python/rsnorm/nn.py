@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from . import _rsnorm
+from ._grads import Grads
 from ._rsnorm import RsnormError
 
 __all__ = [
@@ -604,3 +605,67 @@ if _have("filter_response_norm", "filter_response_norm_backward"):
             return f"{self.num_features}, eps={self.eps}"
 
     __all__ += ["FilterResponseNorm"]
+
+
+if _have("iter_norm", "iter_norm_backward"):
+
+    class IterNorm(Module):
+        """Iterative normalization (Huang et al., CVPR 2019): group whitening by T Newton
+        iterations, then a per-channel affine, as the authors' ``IterNorm`` module
+        (huangleiBuaa/IterNorm) with its constructor arguments and state-dict keys:
+        ``weight`` / ``bias`` of shape (1, C, 1, 1) (``dim=4``) or (1, C) (``dim=2``),
+        buffers ``running_mean`` (G, C/G, 1) and ``running_wm`` (G, C/G, C/G, identity at
+        start). ``num_channels`` (channels per group) overrides ``num_groups`` as there."""
+
+        def __init__(self, num_features: int, num_groups: int = 1, num_channels=None,
+                     T: int = 5, dim: int = 4, eps: float = 1e-5, momentum: float = 0.1,
+                     affine: bool = True, dtype=None) -> None:
+            super().__init__()
+            dt = _dtype(dtype)
+            c = self.num_features = int(num_features)
+            if num_channels is not None:
+                num_groups = (c - 1) // int(num_channels) + 1
+            if num_groups <= 0 or c % num_groups != 0:
+                raise RsnormError(f"num_features={c} is not divisible by num_groups={num_groups}")
+            self.num_groups, self.T, self.dim = int(num_groups), int(T), int(dim)
+            self.eps, self.momentum, self.affine = float(eps), float(momentum), bool(affine)
+            d = c // self.num_groups
+            shape = (1, c) + (1,) * (self.dim - 2)
+            self._param("weight", np.ones(shape, dt) if affine else None)
+            self._param("bias", np.zeros(shape, dt) if affine else None)
+            self._buffer("running_mean", np.zeros((self.num_groups, d, 1), dt))
+            self._buffer("running_wm", np.broadcast_to(np.eye(d, dtype=dt),
+                                                       (self.num_groups, d, d)).copy())
+
+        def _forward(self, x):
+            if np.ndim(x) != self.dim:
+                raise RsnormError(f"IterNorm(dim={self.dim}) expected {self.dim}D input "
+                                  f"(got {np.ndim(x)}D input)")
+            xn, stats = _ops().iter_norm(
+                x, self.running_mean, self.running_wm, self.num_groups, self.T, self.eps,
+                self.training, self.momentum, return_stats=True)
+            y = xn
+            if self.affine:
+                y = (xn * self.weight + self.bias).astype(xn.dtype, copy=False)
+            return y, (x, xn, stats, self.training)
+
+        def _backward(self, grad_y, ctx):
+            x, xn, stats, training = ctx
+            gy = grad_y
+            grads = {}
+            if self.affine:
+                red = tuple(i for i in range(x.ndim) if i != 1)
+                g64 = np.asarray(grad_y, dtype=np.float64)
+                grads["weight"] = (g64 * xn).sum(axis=red, keepdims=True).astype(x.dtype)
+                grads["bias"] = g64.sum(axis=red, keepdims=True).astype(x.dtype)
+                gy = (g64 * self.weight).astype(x.dtype)
+            gx = _ops().iter_norm_backward(
+                gy, x, self.running_mean, self.running_wm, self.num_groups, self.T, self.eps,
+                training, self.momentum, stats=stats)
+            return Grads(gx.x, grads.get("weight"), grads.get("bias"))
+
+        def extra_repr(self) -> str:
+            return (f"{self.num_features}, num_groups={self.num_groups}, T={self.T}, "
+                    f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}")
+
+    __all__ += ["IterNorm"]

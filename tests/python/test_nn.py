@@ -420,3 +420,23 @@ def test_mixing_layers_gradcheck_and_state(rng):
     x = rng.standard_normal((2, 3, 4, 2))
     assert other(x).tobytes() == frn(x).tobytes()
     assert list(rnn.FilterResponseNorm(3, tlu=False).state_dict()) == ["weight", "bias"]
+
+
+@pytest.mark.skipif(not hasattr(rn, "iter_norm_backward"), reason="no iter_norm in this build")
+def test_iter_norm_layer(rng):
+    m = rnn.IterNorm(4, num_groups=2, T=3, dtype=np.float64)
+    assert {k: v.shape for k, v in m.state_dict().items()} == {
+        "weight": (1, 4, 1, 1), "bias": (1, 4, 1, 1), "running_mean": (2, 2, 1),
+        "running_wm": (2, 2, 2)}
+    m.weight[...] = rng.uniform(0.5, 1.5, (1, 4, 1, 1))
+    m.bias[...] = rng.standard_normal((1, 4, 1, 1))
+    x = rng.standard_normal((6, 4, 2, 2)) * 2 + 1
+    _fd_layer_check(m, x, rng)  # training: through the batch whitening
+    assert not np.allclose(m.running_wm, np.eye(2))  # updated by the forwards
+    m.eval()
+    _fd_layer_check(m, x, rng)  # eval: the fixed running whitening
+    other = rnn.IterNorm(4, num_groups=2, T=3, dtype=np.float64).eval()
+    other.load_state_dict(m.state_dict())
+    assert other(x).tobytes() == m(x).tobytes()
+    with pytest.raises(rn.RsnormError, match="expected 4D input"):
+        m(x[0])
