@@ -669,3 +669,65 @@ if _have("iter_norm", "iter_norm_backward"):
                     f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}")
 
     __all__ += ["IterNorm"]
+
+
+if _have("gdn", "gdn_backward", "gdn_params_from_compressai",
+         "gdn_params_from_compressai_backward", "gdn_params_to_compressai", "gdn_init"):
+
+    class GDN(Module):
+        """Generalized divisive normalization (Ballé et al. 2016) as CompressAI's ``GDN``:
+        ``y_i = x_i / sqrt(β_i + Σ_j γ_ij x_j²)`` (``inverse=True``: IGDN, multiplied;
+        ``variant="gdn1"``: CompressAI's ``GDN1``, ``x_i / (β_i + Σ_j γ_ij |x_j|)``).
+
+        Stores what CompressAI stores, under its keys, so its checkpoints load unchanged: the
+        reparametrized parameters ``beta`` (C,) and ``gamma`` (C, C) (effective
+        ``max(p, bound)² − pedestal``, which keeps β ≥ ``beta_min`` and γ ≥ 0 during
+        training) and the buffers ``beta_reparam.pedestal``, ``beta_reparam.lower_bound.bound``,
+        ``gamma_reparam.pedestal``, ``gamma_reparam.lower_bound.bound`` (shape (1,)). Gradients
+        are those of the stored parameters (chain rule through the reparametrization, as
+        CompressAI's ``LowerBound``). Initialized as CompressAI: β = 1, γ = ``gamma_init``·I."""
+
+        def __init__(self, in_channels: int, inverse: bool = False, beta_min: float = 1e-6,
+                     gamma_init: float = 0.1, dtype=None, *, variant: str = "gdn",
+                     axis: int = 1) -> None:
+            super().__init__()
+            ops = _ops()
+            dt = _dtype(dtype)
+            c = self.in_channels = int(in_channels)
+            self.inverse, self.beta_min = bool(inverse), float(beta_min)
+            self.variant, self.axis = variant, axis
+            beta, gamma = ops.gdn_init(c, gamma_init=gamma_init)
+            bp, gp = ops.gdn_params_to_compressai(beta, gamma)
+            self._param("beta", np.asarray(bp, dt))
+            self._param("gamma", np.asarray(gp, dt))
+            offset = 2.0**-18
+            ped = offset**2
+            self._buffer("beta_reparam.pedestal", np.array([ped], dt))
+            self._buffer("beta_reparam.lower_bound.bound",
+                         np.array([np.sqrt(self.beta_min + ped)], dt))
+            self._buffer("gamma_reparam.pedestal", np.array([ped], dt))
+            self._buffer("gamma_reparam.lower_bound.bound", np.array([np.sqrt(ped)], dt))
+
+        def effective(self):
+            """The effective (β, γ) in float64."""
+            return _ops().gdn_params_from_compressai(self.beta, self.gamma,
+                                                     beta_min=self.beta_min)
+
+        def _forward(self, x):
+            beta, gamma = self.effective()
+            y = _ops().gdn(x, beta, gamma, inverse=self.inverse, variant=self.variant,
+                           axis=self.axis)
+            return y, (x, beta, gamma)
+
+        def _backward(self, grad_y, ctx):
+            x, beta, gamma = ctx
+            g = _ops().gdn_backward(grad_y, x, beta, gamma, inverse=self.inverse,
+                                    variant=self.variant, axis=self.axis)
+            db, dg = _ops().gdn_params_from_compressai_backward(
+                g.beta, g.gamma, self.beta, self.gamma, beta_min=self.beta_min)
+            return g._replace(beta=db, gamma=dg)
+
+        def extra_repr(self) -> str:
+            return f"{self.in_channels}, inverse={self.inverse}, variant={self.variant!r}"
+
+    __all__ += ["GDN"]

@@ -440,3 +440,21 @@ def test_iter_norm_layer(rng):
     assert other(x).tobytes() == m(x).tobytes()
     with pytest.raises(rn.RsnormError, match="expected 4D input"):
         m(x[0])
+
+
+@pytest.mark.skipif(not hasattr(rn, "gdn_backward"), reason="no gdn in this build")
+def test_gdn_layer(rng):
+    m = rnn.GDN(3, dtype=np.float64)
+    assert list(m.state_dict()) == [
+        "beta", "gamma", "beta_reparam.pedestal", "beta_reparam.lower_bound.bound",
+        "gamma_reparam.pedestal", "gamma_reparam.lower_bound.bound"]
+    beta, gamma = m.effective()
+    np.testing.assert_allclose(beta, 1.0, rtol=1e-12)
+    np.testing.assert_allclose(gamma, 0.1 * np.eye(3), atol=1e-12)
+    m.gamma[...] += rng.uniform(0.01, 0.2, (3, 3))
+    x = rng.standard_normal((2, 3, 2, 2))
+    _fd_layer_check(m, x, rng)
+    for kw in ({"inverse": True}, {"variant": "gdn1"}):
+        mk = rnn.GDN(3, dtype=np.float64, **kw)
+        mk.load_state_dict(m.state_dict())
+        _fd_layer_check(mk, x, rng)
