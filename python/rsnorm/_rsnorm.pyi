@@ -124,18 +124,18 @@ def instance_norm(
 def batch_norm_backward(
     grad_y: _Arr,
     x: _Arr,
-    running_mean: Optional[_Arr] = None,
-    running_var: Optional[_Arr] = None,
-    weight: Optional[_Arr] = None,
-    bias: Optional[_Arr] = None,
+    running_mean: _Arr | None = None,
+    running_var: _Arr | None = None,
+    weight: _Arr | None = None,
+    bias: _Arr | None = None,
     training: bool = False,
-    momentum: Optional[float] = 0.1,
+    momentum: float | None = 0.1,
     eps: float = 1e-5,
     stats: Any = None,
     *,
     axis: int = 1,
     momentum_convention: str = "torch",
-    num_batches_tracked: Optional[_Arr] = None,
+    num_batches_tracked: _Arr | None = None,
 ) -> Any:
     """Gradients of ``batch_norm``. Training (or no running statistics): through the batch
     statistics, ``dx = w·rstd·(dy − mean(dy) − x̂·mean(dy·x̂))``; eval with running statistics:
@@ -145,9 +145,9 @@ def batch_norm_backward(
 def layer_norm_backward(
     grad_y: _Arr,
     x: _Arr,
-    normalized_shape: Union[int, Sequence[int]],
-    weight: Optional[_Arr] = None,
-    bias: Optional[_Arr] = None,
+    normalized_shape: int | Sequence[int],
+    weight: _Arr | None = None,
+    bias: _Arr | None = None,
     eps: float = 1e-5,
     stats: Any = None,
 ) -> Any:
@@ -158,9 +158,9 @@ def layer_norm_backward(
 def rms_norm_backward(
     grad_y: _Arr,
     x: _Arr,
-    normalized_shape: Union[int, Sequence[int]],
-    weight: Optional[_Arr] = None,
-    eps: Optional[float] = None,
+    normalized_shape: int | Sequence[int],
+    weight: _Arr | None = None,
+    eps: float | None = None,
     stats: Any = None,
 ) -> Any:
     """Gradients of ``rms_norm``: ``dx = rstd·(g − x·rstd²·mean(g·x))``, ``g = w·dy``;
@@ -170,8 +170,8 @@ def group_norm_backward(
     grad_y: _Arr,
     x: _Arr,
     num_groups: int,
-    weight: Optional[_Arr] = None,
-    bias: Optional[_Arr] = None,
+    weight: _Arr | None = None,
+    bias: _Arr | None = None,
     eps: float = 1e-5,
     stats: Any = None,
     *,
@@ -183,10 +183,10 @@ def group_norm_backward(
 def instance_norm_backward(
     grad_y: _Arr,
     x: _Arr,
-    running_mean: Optional[_Arr] = None,
-    running_var: Optional[_Arr] = None,
-    weight: Optional[_Arr] = None,
-    bias: Optional[_Arr] = None,
+    running_mean: _Arr | None = None,
+    running_var: _Arr | None = None,
+    weight: _Arr | None = None,
+    bias: _Arr | None = None,
     use_input_stats: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,

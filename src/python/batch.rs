@@ -327,7 +327,10 @@ where
 #[pyfunction]
 #[pyo3(signature = (grad_y, x, running_mean=None, running_var=None, weight=None, bias=None,
     training=false, momentum=Some(0.1), eps=1e-5, stats=None, *, axis=1,
-    momentum_convention="torch", num_batches_tracked=None))]
+    momentum_convention="torch", num_batches_tracked=None),
+    text_signature = "(grad_y, x, running_mean=None, running_var=None, weight=None, bias=None, \
+        training=False, momentum=0.1, eps=1e-05, stats=None, *, axis=1, \
+        momentum_convention='torch', num_batches_tracked=None)")]
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm_backward<'py>(
     py: Python<'py>,
