@@ -458,3 +458,28 @@ def test_gdn_layer(rng):
         mk = rnn.GDN(3, dtype=np.float64, **kw)
         mk.load_state_dict(m.state_dict())
         _fd_layer_check(mk, x, rng)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: rnn.BatchNorm1d(8), (64, 8)),
+    (lambda: rnn.LayerNorm(64), (16, 64)),
+    (lambda: rnn.GroupNorm(2, 8), (4, 8, 16)),
+    (lambda: rnn.InstanceNorm1d(8), (4, 8, 16)),
+])
+def test_float32_layers_are_exact_far_from_zero(rng, make, shape):
+    # float32 statistics would lose ~6e-4 here (the mean's rounding at 1e4); the layers let the
+    # backward recompute them in float64 instead.
+    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
+    gy = rng.standard_normal(shape).astype(np.float32)
+    layer = make()
+    layer(x)
+    dx = layer.backward(gy)
+    # The same layer in float64 on the same values.
+    r64 = {"BatchNorm1d": lambda: rnn.BatchNorm1d(8, dtype=np.float64),
+           "LayerNorm": lambda: rnn.LayerNorm(64, dtype=np.float64),
+           "GroupNorm": lambda: rnn.GroupNorm(2, 8, dtype=np.float64),
+           "InstanceNorm1d": lambda: rnn.InstanceNorm1d(8, dtype=np.float64)}[type(layer).__name__]()
+    r64(x.astype(np.float64))
+    expect = r64.backward(gy.astype(np.float64))
+    err = np.abs(dx.astype(np.float64) - expect).max() / np.abs(expect).max()
+    assert err < 1e-6, err
