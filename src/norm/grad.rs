@@ -230,6 +230,17 @@ impl<'a, 'b, T: Scalar> ChannelPair<'a, 'b, T> {
         scratch: &mut Vec<f64>,
         out: &mut [[f64; 2]],
     ) {
+        if self.rows() && self.x.s == 1 {
+            // One value per plane ((N, C) input): its canonical sum is the value plus 0.0 (the
+            // first add of the lane tree, which turns −0.0 into +0.0), without lanes.
+            let xs = self.x.sample_rows(n);
+            let ds = self.dy.sample_rows(n);
+            for (o, k) in out.iter_mut().zip(cs) {
+                let g = ds[k].to_f64();
+                *o = [g + 0.0, g * (xs[k].to_f64() - m(k)) + 0.0];
+            }
+            return;
+        }
         if self.rows() {
             let xs = self.x.sample_rows(n);
             let ds = self.dy.sample_rows(n);
