@@ -25,3 +25,19 @@ pub use scalar::Scalar;
 
 #[cfg(feature = "python")]
 mod python;
+
+/// The instruction set the hot loops run with on this CPU, chosen at run time (`multiversion`
+/// clones in `reduce`): the wheel itself targets the x86-64 baseline.
+pub fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") {
+            return "avx512 (runtime dispatch)";
+        }
+        if has!("avx2") && has!("fma") {
+            return "avx2+fma (runtime dispatch)";
+        }
+    }
+    "baseline"
+}

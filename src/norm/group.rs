@@ -7,9 +7,10 @@
 //! G = 1 is layer norm over (C, …); G = C is instance norm.
 
 use super::common::{bytes_of, check_eps, check_out, rstd, GroupStats};
-use crate::channel::{check_channel_param, ChannelView};
+use crate::channel::{check_channel_param, Access, ChannelView};
 use crate::error::{NormError, Result};
 use crate::pool;
+use crate::reduce;
 use crate::scalar::Scalar;
 use ndarray::{ArrayView, ArrayViewMut, IxDyn};
 
@@ -67,6 +68,38 @@ pub(crate) fn grouped<T: Scalar>(
     let cpg = c.checked_div(groups).unwrap_or(0);
     let count = (cpg * cv.s) as f64;
     let yo = cv.output(y);
+    if fixed.is_none() && cv.access == Access::Planes && cpg > 0 {
+        // NCHW: a group is cpg contiguous planes. One task per (n, g) computes the group's
+        // statistics and normalizes it while it is in L1/L2: one read of x from memory.
+        // Same sums, folded in the same channel order, as the sample-wide path below.
+        let per_group = pool::map_tasks(cv.n * groups, parallel, |t| {
+            let (n, g) = (t / groups, t % groups);
+            let cs = g * cpg..(g + 1) * cpg;
+            let total = cs.clone().fold(0.0, |acc, k| {
+                acc + reduce::sum_slice(cv.plane_slice(n, k), |v| v)
+            });
+            let m = total / count;
+            let m2 = cs.clone().fold(0.0, |acc, k| {
+                acc + reduce::sum_slice(cv.plane_slice(n, k), |v| (v - m) * (v - m))
+            });
+            let var = m2 / count;
+            let rs = rstd(var, eps);
+            for k in cs {
+                let a = rs * weight.map_or(1.0, |w| w[k]);
+                // Planes of group (n, g) belong to this task only.
+                cv.apply_plane(n, k, &yo, m, a, bias.map_or(0.0, |b| b[k]));
+            }
+            (m, rs, var)
+        });
+        let mut stats = GroupStats::default();
+        let mut var = Vec::with_capacity(per_group.len());
+        for (m, r, v) in per_group {
+            stats.mean.push(m);
+            stats.rstd.push(r);
+            var.push(v);
+        }
+        return (stats, var);
+    }
     let per_sample = pool::map_tasks(cv.n, parallel, |n| {
         let mut scratch = Vec::new();
         let (gmean, gvar): (Vec<f64>, Vec<f64>) = match fixed {

@@ -218,10 +218,11 @@ pub fn prepare_out<'py, T: Element>(
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<(Bound<'py, PyArrayDyn<T>>, PyReadwriteArrayDyn<'py, T>)> {
     let arr = match out.filter(|o| !o.is_none()) {
-        None => {
+        None => match super::outbuf::pooled_array::<T>(py, shape) {
+            Some(a) => a,
             // SAFETY: every element is written by the kernel before Python can see the array.
-            unsafe { PyArrayDyn::<T>::new(py, shape, false) }
-        }
+            None => unsafe { PyArrayDyn::<T>::new(py, shape, false) },
+        },
         Some(o) => {
             let u = o.cast::<PyUntypedArray>().map_err(|_| {
                 type_error(format!("out must be a numpy.ndarray, got {}", describe(o)))

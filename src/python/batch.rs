@@ -83,7 +83,8 @@ fn bn_typed<'py, T: Scalar + Element>(
 #[pyfunction]
 #[pyo3(signature = (x, running_mean=None, running_var=None, weight=None, bias=None, training=false,
     momentum=Some(0.1), eps=1e-5, *, axis=1, out=None, return_stats=false, num_batches_tracked=None,
-    momentum_convention="torch"))]
+    momentum_convention="torch"),
+    text_signature = "(x, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1, eps=1e-05, *, axis=1, out=None, return_stats=False, num_batches_tracked=None, momentum_convention='torch')")]
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm<'py>(
     py: Python<'py>,

@@ -7,6 +7,7 @@ pub mod batch;
 pub mod errors;
 mod group;
 mod layer;
+mod outbuf;
 mod whiten;
 
 use pyo3::prelude::*;
@@ -68,15 +69,11 @@ fn build_info(py: Python<'_>) -> PyResult<Py<PyAny>> {
             "release"
         },
     )?;
-    // Kernels are portable Rust auto-vectorized for the baseline target; runtime SIMD dispatch
-    // is the CPU-performance issue's work. Report what the machine offers next to what is used.
-    d.set_item(
-        "simd",
-        "baseline (auto-vectorized, no runtime dispatch yet)",
-    )?;
+    d.set_item("simd", crate::simd_level())?;
     d.set_item("cpu_features", cpu_features())?;
     d.set_item("num_threads", crate::pool::num_threads())?;
     d.set_item("target", std::env::consts::ARCH)?;
+    d.set_item("output_pool_idle_bytes", outbuf::idle_bytes())?;
     Ok(d.into_any().unbind())
 }
 
