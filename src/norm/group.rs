@@ -257,6 +257,10 @@ pub(crate) fn grouped_backward<'a, T: Scalar>(
     let cpg = c.checked_div(groups).unwrap_or(0);
     let count = (cpg * cv.s) as f64;
     let dxp = crate::reduce::SharedMut::new(cv.permute_out(dx));
+    let planes = cv.access == Access::Planes && pair.dy.access == Access::Planes;
+    if p.fixed.is_none() && planes && cpg > 0 && planes_standard(dxp.shape(), dxp.strides()) {
+        return Ok(grouped_backward_planes(cv, &pair, &dxp, &p, cpg));
+    }
     let per_sample = pool::map_tasks(cv.n, p.parallel, |n| {
         let mut scratch = Vec::new();
         // Per-channel (mean, rstd) of the group each channel belongs to.
@@ -350,4 +354,89 @@ pub(crate) fn grouped_backward<'a, T: Scalar>(
         weight: p.weight.map(|_| dw),
         bias: p.want_bias.then_some(db),
     })
+}
+
+/// Whether every plane (n, c) of a permuted (N, C, S…) array is a standard-layout block.
+fn planes_standard(shape: &[usize], strides: &[isize]) -> bool {
+    let mut expect = 1isize;
+    for (&d, &st) in shape.iter().zip(strides).skip(2).rev() {
+        if d > 1 && st != expect {
+            return false;
+        }
+        expect = expect.saturating_mul(d as isize);
+    }
+    true
+}
+
+/// NCHW backward of group/instance norm: one task per (n, group) computes the group's sums and
+/// writes its dx while the group's planes are in L1/L2 (one read of x and grad_y from memory).
+/// The same sums in the same order as the sample-wide path, so bitwise its results.
+fn grouped_backward_planes<T: Scalar>(
+    cv: &ChannelView<'_, T>,
+    pair: &super::grad::ChannelPair<'_, '_, T>,
+    dxp: &crate::reduce::SharedMut<'_, T>,
+    p: &GroupedBackward<'_>,
+    cpg: usize,
+) -> super::grad::ParamGrads {
+    use super::grad::{apply_slices, pair_sums_slices, Coef, ParamGrads};
+    let (c, groups) = (cv.c, p.groups);
+    let count = (cpg * cv.s) as f64;
+    let wk = |k: usize| p.weight.map_or(1.0, |w| w[k]);
+    let (st0, st1) = (dxp.strides()[0], dxp.strides()[1]);
+    let per_group = pool::map_tasks(cv.n * groups, p.parallel, |t| {
+        let (n, g) = (t / groups, t % groups);
+        let cs = g * cpg..(g + 1) * cpg;
+        let (m, r) = match p.stats {
+            Some(s) => (s.mean.map_or(0.0, |m| m[t]), s.rstd[t]),
+            None => {
+                // The forward's sums, in its order: bitwise its statistics.
+                let total = cs.clone().fold(0.0, |acc, k| {
+                    acc + reduce::sum_slice(cv.plane_slice(n, k), |v| v)
+                });
+                let m = total / count;
+                let m2 = cs.clone().fold(0.0, |acc, k| {
+                    acc + reduce::sum_slice(cv.plane_slice(n, k), |v| (v - m) * (v - m))
+                });
+                (m, rstd(m2 / count, p.eps))
+            }
+        };
+        let sums: Vec<[f64; 2]> = cs
+            .clone()
+            .map(|k| pair_sums_slices(pair.dy.plane_slice(n, k), cv.plane_slice(n, k), m))
+            .collect();
+        let mut gs = [0.0f64; 2];
+        for (k, s) in cs.clone().zip(&sums) {
+            gs[0] += wk(k) * s[0];
+            gs[1] += wk(k) * s[1];
+        }
+        for k in cs.clone() {
+            let cf = Coef {
+                m,
+                r,
+                s: wk(k),
+                mu: gs[0] / count,
+                k: r * r * gs[1] / count,
+            };
+            // SAFETY: plane (n, k) of dx is a standard-layout block of s elements (checked by
+            // the caller) that only this task, the owner of group (n, g), writes.
+            let d = unsafe { dxp.block_mut(n as isize * st0 + k as isize * st1, cv.s) };
+            apply_slices(d, pair.dy.plane_slice(n, k), cv.plane_slice(n, k), cf);
+        }
+        sums.iter().map(|s| [r * s[1], s[0]]).collect::<Vec<_>>()
+    });
+    // Parameter gradients: per-channel contributions folded in batch order.
+    let mut dw = vec![0.0f64; c];
+    let mut db = vec![0.0f64; c];
+    for n in 0..cv.n {
+        for g in 0..groups {
+            for (j, q) in per_group[n * groups + g].iter().enumerate() {
+                dw[g * cpg + j] += q[0];
+                db[g * cpg + j] += q[1];
+            }
+        }
+    }
+    ParamGrads {
+        weight: p.weight.map(|_| dw),
+        bias: p.want_bias.then_some(db),
+    }
 }
