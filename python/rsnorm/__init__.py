@@ -16,13 +16,35 @@ The GPU path is ``rsnorm.gpu`` (optional extra ``rsnorm[gpu]``), imported on fir
 from __future__ import annotations
 
 from . import _rsnorm
+from ._gdn_params import (
+    gdn_init,
+    gdn_params_from_compressai,
+    gdn_params_from_compressai_backward,
+    gdn_params_to_compressai,
+)
 from ._grads import Grads
+from ._grads_mixing import (
+    FilterResponseNormGrads,
+    GDNGrads,
+    LocalResponseNormGrads,
+    MeanVarianceNormGrads,
+    NormalizeGrads,
+    TLUGrads,
+    filter_response_norm_backward,
+    gdn_backward,
+    local_response_norm_backward,
+    mean_variance_norm_backward,
+    normalize_backward,
+    tlu_backward,
+)
 from ._rsnorm import (
     RsnormError,
     ShapeError,
     batch_norm,
     batch_norm_backward,
     build_info,
+    filter_response_norm,
+    gdn,
     get_num_threads,
     group_norm,
     group_norm_backward,
@@ -30,9 +52,13 @@ from ._rsnorm import (
     instance_norm_backward,
     layer_norm,
     layer_norm_backward,
+    local_response_norm,
+    mean_variance_norm,
+    normalize,
     rms_norm,
     rms_norm_backward,
     set_num_threads,
+    tlu,
 )
 from ._types import Moments, Stats
 from .whitening import (
@@ -68,18 +94,32 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "FilterResponseNormGrads",
+    "GDNGrads",
     "Grads",
     "IterNormGrads",
     "IterNormStats",
+    "LocalResponseNormGrads",
+    "MeanVarianceNormGrads",
     "Moments",
+    "NormalizeGrads",
     "RsnormError",
     "ShapeError",
     "Stats",
+    "TLUGrads",
     "Whitening",
     "__version__",
     "batch_norm",
     "batch_norm_backward",
     "build_info",
+    "filter_response_norm",
+    "filter_response_norm_backward",
+    "gdn",
+    "gdn_backward",
+    "gdn_init",
+    "gdn_params_from_compressai",
+    "gdn_params_from_compressai_backward",
+    "gdn_params_to_compressai",
     "get_num_threads",
     "group_norm",
     "group_norm_backward",
@@ -89,8 +129,16 @@ __all__ = [
     "iter_norm_backward",
     "layer_norm",
     "layer_norm_backward",
+    "local_response_norm",
+    "local_response_norm_backward",
+    "mean_variance_norm",
+    "mean_variance_norm_backward",
     "moments",
+    "normalize",
+    "normalize_backward",
     "rms_norm",
     "rms_norm_backward",
     "set_num_threads",
+    "tlu",
+    "tlu_backward",
 ]

@@ -266,3 +266,148 @@ def set_num_threads(n: int) -> None:
 
 def get_num_threads() -> int: ...
 def build_info() -> dict[str, Any]: ...
+
+# --- channel-mixing family: LRN, FRN + TLU, GDN, MVN, Lp normalize -------------------------
+
+def local_response_norm(
+    x: _Arr,
+    size: int,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    k: float = 1.0,
+    *,
+    alpha_over_size: bool = True,
+    window: str = "torch",
+    axis: int = 1,
+    out: _Arr | None = None,
+) -> Any:
+    """Local response normalization across channels (input of rank >= 3).
+
+    ``y_c = x_c / (k + α'·Σ_{j∈W(c)} x_j²)^β`` with zero padding; ``α' = α/size`` when
+    ``alpha_over_size`` (PyTorch, ONNX, Caffe), else ``α`` (AlexNet paper, TensorFlow).
+    ``window="torch"``: ``W(c) = [c − ⌊n/2⌋, c + ⌊(n−1)/2⌋]``; ``"onnx"``:
+    ``[c − ⌊(n−1)/2⌋, c + ⌈(n−1)/2⌉]`` (they differ for even sizes). ``size`` may exceed C;
+    ``size <= 0`` raises ``RsnormError``. O(1) work per element in the window size, with no
+    add/subtract running sum (which drifts after a large value).
+    """
+
+def _local_response_norm_backward(
+    grad_y: _Arr,
+    x: _Arr,
+    size: int,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    k: float = 1.0,
+    *,
+    alpha_over_size: bool = True,
+    window: str = "torch",
+    axis: int = 1,
+) -> _Arr:
+    """Gradient of local_response_norm with respect to x."""
+
+def filter_response_norm(
+    x: _Arr,
+    weight: _Arr | None = None,
+    bias: _Arr | None = None,
+    tau: _Arr | None = None,
+    eps: float = 1e-6,
+    *,
+    learned_eps: float | _Arr | None = None,
+    axis: int = 1,
+    out: _Arr | None = None,
+    return_stats: bool = False,
+) -> Any:
+    """Filter response normalization (Singh & Krishnan 2019) with the TLU fused when ``tau``
+    is given.
+
+    ``ν² = mean(x²)`` over the spatial axes per (n, c);
+    ``y = max(γ·x/sqrt(ν² + eps + |learned_eps|) + β, τ)``. weight, bias, tau: (C,);
+    learned_eps: a number, shape () / (1,), or (C,). One spatial element gives
+    ``x/sqrt(x² + eps)`` exactly. Stats: ``Stats(None, rstd)`` of shape (N, C).
+    """
+
+def _filter_response_norm_backward(
+    grad_y: _Arr,
+    x: _Arr,
+    weight: _Arr | None = None,
+    bias: _Arr | None = None,
+    tau: _Arr | None = None,
+    eps: float = 1e-6,
+    *,
+    learned_eps: float | _Arr | None = None,
+    axis: int = 1,
+    stats: Any = None,
+) -> tuple[_Arr, _Arr | None, _Arr | None, _Arr | None, _Arr | None]:
+    """Gradients of filter_response_norm: (dx, dweight, dbias, dtau, dlearned_eps)."""
+
+def tlu(x: _Arr, tau: _Arr, *, axis: int = 1, out: _Arr | None = None) -> Any:
+    """Thresholded linear unit ``y = max(x, τ_c)``, τ of shape (C,) (NaN propagates)."""
+
+def _tlu_backward(grad_y: _Arr, x: _Arr, tau: _Arr, *, axis: int = 1) -> tuple[_Arr, _Arr]:
+    """Gradients of tlu: (dx, dtau)."""
+
+def gdn(
+    x: _Arr,
+    beta: _Arr,
+    gamma: _Arr,
+    *,
+    inverse: bool = False,
+    variant: str = "gdn",
+    axis: int = 1,
+    out: _Arr | None = None,
+) -> Any:
+    """Generalized divisive normalization (Ballé et al. 2016) across channels, any rank >= 2.
+
+    ``D_i = β_i + Σ_j γ_ij·x_j²``, ``y_i = x_i/sqrt(D_i)`` (``inverse=True``, IGDN:
+    ``x_i·sqrt(D_i)``); ``variant="gdn1"``: ``D_i = β_i + Σ_j γ_ij·|x_j|``, ``y_i = x_i/D_i``
+    (inverse: ``x_i·D_i``). β: (C,), all > 0; γ: (C, C), all >= 0, ``γ[i, j]`` = output i,
+    input j (CompressAI's layout). The per-position mixing is a GEMM, float64 inside.
+    """
+
+def _gdn_backward(
+    grad_y: _Arr,
+    x: _Arr,
+    beta: _Arr,
+    gamma: _Arr,
+    *,
+    inverse: bool = False,
+    variant: str = "gdn",
+    axis: int = 1,
+) -> tuple[_Arr, _Arr, _Arr]:
+    """Gradients of gdn: (dx, dbeta, dgamma)."""
+
+def mean_variance_norm(
+    x: _Arr,
+    axes: int | Sequence[int] | None = None,
+    eps: float = 1e-9,
+    *,
+    out: _Arr | None = None,
+) -> Any:
+    """Mean-variance normalization (ONNX MeanVarianceNormalization) over ``axes`` (default
+    (0, 2, 3)): ``y = (x − mean)/(sqrt(var) + eps)``, biased variance, eps added to the
+    standard deviation as in ONNX's function body."""
+
+def _mean_variance_norm_backward(
+    grad_y: _Arr,
+    x: _Arr,
+    axes: int | Sequence[int] | None = None,
+    eps: float = 1e-9,
+) -> _Arr:
+    """Gradient of mean_variance_norm with respect to x."""
+
+def normalize(
+    x: _Arr,
+    p: float = 2.0,
+    axis: int = 1,
+    eps: float = 1e-12,
+    *,
+    out: _Arr | None = None,
+) -> Any:
+    """Lp normalization along ``axis`` (PyTorch ``F.normalize``):
+    ``y = x / max(‖x‖_p, eps)``, ``‖x‖_p = (Σ|x|^p)^(1/p)`` (``p = inf``: max |x|); p > 0.
+    The norm is computed without overflow or underflow (power-of-two scaling)."""
+
+def _normalize_backward(
+    grad_y: _Arr, x: _Arr, p: float = 2.0, axis: int = 1, eps: float = 1e-12
+) -> _Arr:
+    """Gradient of normalize with respect to x."""

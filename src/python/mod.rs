@@ -5,8 +5,14 @@
 pub mod array;
 pub mod batch;
 pub mod errors;
+mod frn;
+mod gdn;
 mod group;
 mod layer;
+mod lp;
+mod lrn;
+pub mod mixing;
+mod mvn;
 mod outbuf;
 mod whiten;
 
@@ -93,6 +99,18 @@ fn _rsnorm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(layer::rms_norm_backward, m)?)?;
     m.add_function(wrap_pyfunction!(group::group_norm_backward, m)?)?;
     m.add_function(wrap_pyfunction!(group::instance_norm_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(lrn::local_response_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(lrn::_local_response_norm_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(frn::filter_response_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(frn::_filter_response_norm_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(frn::tlu, m)?)?;
+    m.add_function(wrap_pyfunction!(frn::_tlu_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(gdn::gdn, m)?)?;
+    m.add_function(wrap_pyfunction!(gdn::_gdn_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(mvn::mean_variance_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(mvn::_mean_variance_norm_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(lp::normalize, m)?)?;
+    m.add_function(wrap_pyfunction!(lp::_normalize_backward, m)?)?;
     m.add_function(wrap_pyfunction!(whiten::covariance_moments, m)?)?;
     m.add_function(wrap_pyfunction!(whiten::whitening_matrix, m)?)?;
     m.add_function(wrap_pyfunction!(whiten::group_whiten_apply, m)?)?;

@@ -1,0 +1,192 @@
+//! Mean-variance normalization (ONNX `MeanVarianceNormalization`), forward and backward.
+//!
+//! ```text
+//! μ = mean over `axes` of x,   σ = sqrt(mean over `axes` of (x − μ)²)   (biased)
+//! y = (x − μ) / (σ + eps)                                  (ONNX: eps = 1e-9, added to σ)
+//! ∂x = (g − mean(g)) / (σ + eps) − (x − μ)·Σ g·(x − μ) / (M·σ·(σ + eps)²)   (M values per
+//!      group; the second term is 0 when σ = 0)
+//! ```
+//! ONNX's function body computes σ² as E[x²] − E[x]²; here it is the exact two-pass variance
+//! in f64, which agrees with ONNX's reference data and does not cancel.
+
+use super::common::{check_eps, check_out};
+use super::mixing::{
+    check_same_shape, read_chunk, row_of, write_chunk, Cursor, Lanes, Rows, CHUNK,
+};
+use crate::channel::normalize_axis;
+use crate::error::{NormError, Result};
+use crate::pool;
+use crate::scalar::Scalar;
+use ndarray::{ArrayView, ArrayViewMut, IxDyn};
+
+/// Normalizes, sorts and checks the reduced axes.
+pub(crate) fn reduced_axes(axes: &[isize], ndim: usize) -> Result<Vec<usize>> {
+    if axes.is_empty() {
+        return Err(NormError::Param(
+            "axes must name at least one axis to normalize over, got ()".into(),
+        ));
+    }
+    let mut v = axes
+        .iter()
+        .map(|&a| normalize_axis(a, ndim, "axes"))
+        .collect::<Result<Vec<_>>>()?;
+    v.sort_unstable();
+    if v.windows(2).any(|w| w[0] == w[1]) {
+        return Err(NormError::Param(format!(
+            "axes must not repeat an axis, got {axes:?}"
+        )));
+    }
+    Ok(v)
+}
+
+/// Canonical sums of f over a view, read in chunks through a cursor.
+fn row_sums<T: Scalar, const K: usize, F: Fn(f64) -> [f64; K]>(
+    v: &ArrayView<'_, T, IxDyn>,
+    buf: &mut [f64],
+    f: F,
+) -> [f64; K] {
+    let mut cur = Cursor::new(v.shape(), v.strides());
+    let mut l = Lanes::<K>::new();
+    loop {
+        // SAFETY: the cursor describes `v`.
+        let n = unsafe { read_chunk(v.as_ptr(), &mut cur, buf) };
+        if n == 0 {
+            break;
+        }
+        l.add(n, |i| f(buf[i]));
+    }
+    l.sums()
+}
+
+/// (mean, biased standard deviation) of a row, exact two-pass in f64.
+fn stats<T: Scalar>(row: &ArrayView<'_, T, IxDyn>, m: f64, buf: &mut [f64]) -> (f64, f64) {
+    let [s] = row_sums(row, buf, |v| [v]);
+    let mean = s / m;
+    let [q] = row_sums(row, buf, |v| [(v - mean) * (v - mean)]);
+    (mean, (q / m).sqrt())
+}
+
+fn bytes<T>(x: &ArrayView<'_, T, IxDyn>) -> usize {
+    x.len().saturating_mul(std::mem::size_of::<T>())
+}
+
+/// MVN of `x` over `axes` into `y`.
+///
+/// # Errors
+/// Empty, repeated or out-of-range axes, bad eps, `y` of another shape.
+pub fn mean_variance_norm<T: Scalar>(
+    x: ArrayView<'_, T, IxDyn>,
+    y: ArrayViewMut<'_, T, IxDyn>,
+    axes: &[isize],
+    eps: f64,
+) -> Result<()> {
+    check_out(&x, &y)?;
+    check_eps(eps)?;
+    let red = reduced_axes(axes, x.ndim())?;
+    let parallel = pool::worth_parallel(bytes(&x));
+    let rows = Rows::new(x, &red);
+    let yp = rows.out(y);
+    let m = rows.features as f64;
+    let per = rows.per_task();
+    pool::for_each_task(rows.rows.div_ceil(per), parallel, |t| {
+        let mut buf = vec![0.0f64; CHUNK];
+        for r in t * per..((t + 1) * per).min(rows.rows) {
+            let xr = rows.row(r);
+            let (mean, sd) = stats(&xr, m, &mut buf);
+            let den = sd + eps;
+            // SAFETY: task t owns rows t·per.. of the output.
+            let mut yr = unsafe { yp.sub(&rows.index(r)) };
+            let (mut cx, mut cy) = (
+                Cursor::new(xr.shape(), xr.strides()),
+                Cursor::new(yr.shape(), yr.strides()),
+            );
+            let py = yr.as_mut_ptr();
+            loop {
+                // SAFETY: each cursor describes its view; the output row is this task's.
+                let n = unsafe { read_chunk(xr.as_ptr(), &mut cx, &mut buf) };
+                if n == 0 {
+                    break;
+                }
+                for v in &mut buf[..n] {
+                    *v = (*v - mean) / den;
+                }
+                // SAFETY: as above.
+                unsafe { write_chunk(py, &mut cy, &buf[..n]) };
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Backward of [`mean_variance_norm`]: writes ∂L/∂x into `dx`.
+///
+/// # Errors
+/// As the forward; `grad_y`/`dx` of another shape than `x`.
+pub fn mean_variance_norm_backward<T: Scalar>(
+    grad_y: ArrayView<'_, T, IxDyn>,
+    x: ArrayView<'_, T, IxDyn>,
+    dx: ArrayViewMut<'_, T, IxDyn>,
+    axes: &[isize],
+    eps: f64,
+) -> Result<()> {
+    check_same_shape("grad_y", grad_y.shape(), x.shape())?;
+    check_out(&x, &dx)?;
+    check_eps(eps)?;
+    let red = reduced_axes(axes, x.ndim())?;
+    let parallel = pool::worth_parallel(2 * bytes(&x));
+    let rows = Rows::new(x, &red);
+    let gp = rows.same(grad_y);
+    let dp = rows.out(dx);
+    let m = rows.features as f64;
+    let per = rows.per_task();
+    pool::for_each_task(rows.rows.div_ceil(per), parallel, |t| {
+        let mut bx = vec![0.0f64; CHUNK];
+        let mut bg = vec![0.0f64; CHUNK];
+        for r in t * per..((t + 1) * per).min(rows.rows) {
+            let idx = rows.index(r);
+            let xr = rows.row(r);
+            let gr = row_of(&gp, &idx);
+            let (mean, sd) = stats(&xr, m, &mut bx);
+            let den = sd + eps;
+            let chunks = |bx: &mut [f64], bg: &mut [f64], f: &mut dyn FnMut(&mut [f64], &[f64])| {
+                let (mut cx, mut cg) = (
+                    Cursor::new(xr.shape(), xr.strides()),
+                    Cursor::new(gr.shape(), gr.strides()),
+                );
+                loop {
+                    // SAFETY: each cursor describes its view.
+                    let n = unsafe { read_chunk(xr.as_ptr(), &mut cx, bx) };
+                    if n == 0 {
+                        break;
+                    }
+                    // SAFETY: as above; g has x's shape, so the counts agree.
+                    unsafe { read_chunk(gr.as_ptr(), &mut cg, &mut bg[..n]) };
+                    f(&mut bx[..n], &bg[..n]);
+                }
+            };
+            let mut l = Lanes::<2>::new();
+            chunks(&mut bx, &mut bg, &mut |x, g| {
+                l.add(x.len(), |i| [g[i], g[i] * (x[i] - mean)])
+            });
+            let [sg, sgd] = l.sums();
+            let gm = sg / m;
+            let k = if sd > 0.0 {
+                sgd / (m * sd * den * den)
+            } else {
+                0.0
+            };
+            // SAFETY: task t owns rows t·per.. of dx.
+            let mut dr = unsafe { dp.sub(&idx) };
+            let mut cd = Cursor::new(dr.shape(), dr.strides());
+            let pd = dr.as_mut_ptr();
+            chunks(&mut bx, &mut bg, &mut |x, g| {
+                for (v, &g) in x.iter_mut().zip(g) {
+                    *v = (g - gm) / den - (*v - mean) * k;
+                }
+                // SAFETY: this task's row of dx, in logical order.
+                unsafe { write_chunk(pd, &mut cd, x) };
+            });
+        }
+    });
+    Ok(())
+}
