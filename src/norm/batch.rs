@@ -424,6 +424,70 @@ pub fn batch_norm_backward<T: Scalar>(
         )));
     }
     let pair = ChannelPair::new(&cv, dy, p.axis, "batch_norm")?;
+    let nf = count as f64;
+    // dx = r·(dy − μ − (x − m)·k) for channel k, from its mean, rstd and [Σdy, Σdy·(x − m)].
+    let coef_of = |k: usize, m: f64, rs: f64, sums: [f64; 2]| {
+        let (mu, kk) = if use_batch {
+            (sums[0] / nf, rs * rs * sums[1] / nf)
+        } else {
+            (0.0, 0.0)
+        };
+        Coef {
+            m,
+            r: rs * p.weight.map_or(1.0, |w| w[k]),
+            s: 1.0,
+            mu,
+            k: kk,
+        }
+    };
+    let dxp = crate::reduce::SharedMut::new(cv.permute_out(dx));
+    let planes = cv.access == crate::channel::Access::Planes
+        && pair.dy.access == crate::channel::Access::Planes;
+    if planes && cv.s > 1 && super::grad::planes_standard(dxp.shape(), dxp.strides()) {
+        // NCHW: one task per channel computes its sums and writes its dx while its planes are
+        // still in cache: one DRAM read of x and grad_y instead of two. Same sums, same order.
+        let (st0, st1) = (dxp.strides()[0], dxp.strides()[1]);
+        let per_channel = pool::map_tasks(c, parallel, |k| {
+            let (m, rs) = match (p.stats, use_batch, running) {
+                (Some(s), _, _) => (s.mean.map_or(0.0, |m| m[k]), s.rstd[k]),
+                (None, true, _) | (None, false, None) => {
+                    let (m, m2) = channel_plane_moments(&cv, k);
+                    (m, rstd(m2 / nf, p.eps))
+                }
+                (None, false, Some((rm, rv))) => (rm[k], rstd(rv[k], p.eps)),
+            };
+            let mut acc = [0.0f64; 2];
+            for n in 0..cv.n {
+                let q = super::grad::pair_sums_slices(
+                    pair.dy.plane_slice(n, k),
+                    cv.plane_slice(n, k),
+                    m,
+                );
+                acc[0] += q[0];
+                acc[1] += q[1];
+            }
+            let cf = coef_of(k, m, rs, acc);
+            for n in 0..cv.n {
+                // SAFETY: plane (n, k) of dx is a standard-layout block of s elements (checked
+                // above) written only by the task of channel k.
+                let d = unsafe { dxp.block_mut(n as isize * st0 + k as isize * st1, cv.s) };
+                super::grad::apply_slices(d, pair.dy.plane_slice(n, k), cv.plane_slice(n, k), cf);
+            }
+            (rs, acc)
+        });
+        return Ok(ParamGrads {
+            weight: p.weight.map(|_| {
+                let empty = count == 0;
+                per_channel
+                    .iter()
+                    .map(|(rs, a)| if empty { 0.0 } else { rs * a[1] })
+                    .collect()
+            }),
+            bias: p
+                .bias
+                .map(|_| per_channel.iter().map(|(_, a)| a[0]).collect()),
+        });
+    }
 
     let (mean, rs): (Vec<f64>, Vec<f64>) = match (p.stats, use_batch) {
         (Some(s), _) => (s.mean.unwrap_or_default().to_vec(), s.rstd.to_vec()),
@@ -456,25 +520,9 @@ pub fn batch_norm_backward<T: Scalar>(
     });
     let sums: Vec<[f64; 2]> = parts.concat();
 
-    let nf = count as f64;
     let coef: Vec<Coef> = (0..c)
-        .map(|k| {
-            let r = rs[k] * p.weight.map_or(1.0, |w| w[k]);
-            let (mu, kk) = if use_batch {
-                (sums[k][0] / nf, rs[k] * rs[k] * sums[k][1] / nf)
-            } else {
-                (0.0, 0.0)
-            };
-            Coef {
-                m: mean[k],
-                r,
-                s: 1.0,
-                mu,
-                k: kk,
-            }
-        })
+        .map(|k| coef_of(k, mean[k], rs[k], sums[k]))
         .collect();
-    let dxp = crate::reduce::SharedMut::new(cv.permute_out(dx));
     // Each task writes sample n of dx only.
     pool::for_each_task(cv.n, parallel, |n| pair.apply_sample(n, &dxp, &coef));
 

@@ -421,3 +421,15 @@ pub fn fold_parts(parts: impl Iterator<Item = Option<Vec<f64>>>, len: usize) -> 
     }
     acc
 }
+
+/// Whether every plane (n, c) of a permuted (N, C, S…) array is a standard-layout block.
+pub fn planes_standard(shape: &[usize], strides: &[isize]) -> bool {
+    let mut expect = 1isize;
+    for (&d, &st) in shape.iter().zip(strides).skip(2).rev() {
+        if d > 1 && st != expect {
+            return false;
+        }
+        expect = expect.saturating_mul(d as isize);
+    }
+    true
+}

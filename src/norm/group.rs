@@ -258,7 +258,11 @@ pub(crate) fn grouped_backward<'a, T: Scalar>(
     let count = (cpg * cv.s) as f64;
     let dxp = crate::reduce::SharedMut::new(cv.permute_out(dx));
     let planes = cv.access == Access::Planes && pair.dy.access == Access::Planes;
-    if p.fixed.is_none() && planes && cpg > 0 && planes_standard(dxp.shape(), dxp.strides()) {
+    if p.fixed.is_none()
+        && planes
+        && cpg > 0
+        && super::grad::planes_standard(dxp.shape(), dxp.strides())
+    {
         return Ok(grouped_backward_planes(cv, &pair, &dxp, &p, cpg));
     }
     let per_sample = pool::map_tasks(cv.n, p.parallel, |n| {
@@ -354,18 +358,6 @@ pub(crate) fn grouped_backward<'a, T: Scalar>(
         weight: p.weight.map(|_| dw),
         bias: p.want_bias.then_some(db),
     })
-}
-
-/// Whether every plane (n, c) of a permuted (N, C, S…) array is a standard-layout block.
-fn planes_standard(shape: &[usize], strides: &[isize]) -> bool {
-    let mut expect = 1isize;
-    for (&d, &st) in shape.iter().zip(strides).skip(2).rev() {
-        if d > 1 && st != expect {
-            return false;
-        }
-        expect = expect.saturating_mul(d as isize);
-    }
-    true
 }
 
 /// NCHW backward of group/instance norm: one task per (n, group) computes the group's sums and
