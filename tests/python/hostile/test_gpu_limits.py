@@ -1,0 +1,163 @@
+"""HOSTILE.md items 34-35 on any WebGPU adapter (Mesa's lavapipe in CI): splitting above the
+binding and dispatch limits (reached with the small limits that ``rsnorm.gpu._device._limits``
+injects), validation before any wgpu call, no adapter, f16 without ``shader-f16``, device loss,
+and accuracy/determinism on the adversarial float32 sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+gpu = pytest.importorskip("rsnorm.gpu", reason="rsnorm.gpu needs wgpu-py")
+if not gpu.is_available():
+    pytest.skip("no GPU adapter (not even lavapipe)", allow_module_level=True)
+
+import reference as ref
+import rsnorm as rn
+from rsnorm.gpu import _device
+
+from . import refs
+
+F16, F32 = np.float16, np.float32
+RTOL, ATOL = 1e-4, 1e-5  # the documented GPU tolerance (rsnorm.gpu docs)
+
+
+def _x(shape, loc=0.3, seed=0):
+    return ref.make_input(np.random.default_rng(seed), shape, F32) + F32(loc - 0.3)
+
+
+def _w(c):
+    return np.linspace(0.5, 1.5, c).astype(F32)
+
+
+# Each: (name, call on an (N, C, H, W) float32 array with C = 8, float64 reference of y).
+OPS = {
+    "batch_norm": (lambda x: gpu.batch_norm(x, weight=_w(8), bias=_w(8), training=True),
+                   lambda x: ref.batch_norm(x, weight=_w(8), bias=_w(8), training=True)[0]),
+    "batch_norm_nhwc": (lambda x: gpu.batch_norm(np.ascontiguousarray(np.moveaxis(x, 1, -1)),
+                                                 training=True, axis=-1),
+                        lambda x: np.moveaxis(ref.batch_norm(x, training=True)[0], 1, -1)),
+    "layer_norm": (lambda x: gpu.layer_norm(x, x.shape[2:]),
+                   lambda x: ref.layer_norm(x, x.shape[2:])[0]),
+    "rms_norm": (lambda x: gpu.rms_norm(x, x.shape[-1:]),
+                 lambda x: ref.rms_norm(x, x.shape[-1:])[0]),
+    "group_norm": (lambda x: gpu.group_norm(x, 4, _w(8), _w(8)),
+                   lambda x: ref.group_norm(x, 4, _w(8), _w(8))[0]),
+    "instance_norm": (lambda x: gpu.instance_norm(x), lambda x: ref.instance_norm(x)[0]),
+    "filter_response_norm": (lambda x: gpu.filter_response_norm(x, _w(8), _w(8), -_w(8)),
+                             lambda x: refs.frn(x, _w(8), _w(8), -_w(8))),
+    "tlu": (lambda x: gpu.tlu(x, np.linspace(-1, 1, 8)),
+            lambda x: refs.tlu(x, np.linspace(-1, 1, 8))),
+    "local_response_norm": (lambda x: gpu.local_response_norm(x, 3, alpha=0.5),
+                            lambda x: refs.lrn(x, 3, alpha=0.5)),
+    "gdn": (lambda x: gpu.gdn(x, np.ones(8), 0.1 * np.ones((8, 8))),
+            lambda x: refs.gdn(x, np.ones(8), 0.1 * np.ones((8, 8)))),
+}
+BWD = {
+    "batch_norm_backward": lambda gy, x: gpu.batch_norm_backward(gy, x, weight=_w(8),
+                                                                 training=True),
+    "layer_norm_backward": lambda gy, x: gpu.layer_norm_backward(gy, x, x.shape[2:]),
+    "rms_norm_backward": lambda gy, x: gpu.rms_norm_backward(gy, x, x.shape[-1:]),
+    "group_norm_backward": lambda gy, x: gpu.group_norm_backward(gy, x, 4, _w(8)),
+}
+
+
+def _flat(res):
+    if isinstance(res, tuple):
+        return [a for r in res for a in _flat(r)]
+    return [] if res is None else [np.asarray(res)]
+
+
+# 34 ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("limits", [{"max_binding": 160000}, {"max_workgroups": 7},
+                                    {"max_binding": 131072, "max_workgroups": 7}])
+@pytest.mark.parametrize("name", sorted(OPS) + sorted(BWD) + ["moments"])
+def test_34_split_above_the_limits_is_bitwise_equal(name, limits):
+    x = _x((6, 8, 40, 30))
+    gy = _x((6, 8, 40, 30), seed=1)
+    if name in OPS:
+        fn = OPS[name][0]
+        args = (x,)
+    elif name in BWD:
+        fn = BWD[name]
+        args = (gy, x)
+    else:
+        fn = lambda a: tuple(gpu.moments(a)[1:])
+        args = (x,)
+    whole = _flat(fn(*args))
+    with _device._limits(**limits):
+        split = _flat(fn(*args))
+    for a, b in zip(split, whole):
+        ref.assert_bitwise_equal(a, b, f"{name} under {limits}")
+
+
+def test_34_too_many_elements_refused_before_any_wgpu_call():
+    x = np.broadcast_to(np.float32(1), (2**16, 2**16))  # 2³² elements, no memory
+    before = dict(_device.COUNTERS)
+    for fn in (lambda: gpu.layer_norm(x, 2**16), lambda: gpu.moments(x),
+               lambda: gpu.batch_norm(x, training=True)):
+        with pytest.raises(rn.RsnormError, match=r"4294967296 elements; the GPU path indexes "
+                                                 r"with 32 bits"):
+            fn()
+    assert _device.COUNTERS == before, "work reached wgpu before the size check"
+
+
+def test_34_f16_without_shader_f16_falls_back():
+    x = _x((4, 8, 6, 5)).astype(F16)
+    with _device._limits(f16=False):
+        y = gpu.layer_norm(x, (6, 5))
+        g = gpu.group_norm(x, 4)
+    assert y.dtype == F16 and g.dtype == F16
+    want = ref.layer_norm(x, (6, 5))[0]
+    np.testing.assert_allclose(y.astype(np.float64), want, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(g.astype(np.float64), ref.group_norm(x, 4)[0], rtol=2e-3,
+                               atol=2e-3)
+
+
+def test_34_lost_device_is_recreated_and_no_adapter_is_a_clear_error(monkeypatch):
+    x = _x((3, 8, 4, 4))
+    want = gpu.layer_norm(x, (4, 4))
+    _device.mark_lost()
+    ref.assert_bitwise_equal(gpu.layer_norm(x, (4, 4)), want, "after a device loss")
+
+    import wgpu
+
+    _device.mark_lost()
+    monkeypatch.setattr(wgpu.gpu, "request_adapter_sync", lambda **kw: None)
+    with pytest.raises(RuntimeError, match=r"no GPU adapter"):
+        gpu.layer_norm(x, (4, 4))
+    monkeypatch.undo()
+    ref.assert_bitwise_equal(gpu.layer_norm(x, (4, 4)), want, "on the recreated device")
+
+
+# 35 ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loc", [0.0, 1e4, 1e6, 3e7])
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_35_adversarial_sets_within_tolerance_and_repeatable(name, loc):
+    x = _x((4, 8, 12, 10), loc=loc, seed=35)
+    fn, want_fn = OPS[name]
+    y = np.asarray(fn(x))
+    want = want_fn(x)
+    np.testing.assert_allclose(y, want, rtol=RTOL, atol=ATOL * max(1.0, np.abs(want).max()))
+    for _ in range(2):
+        ref.assert_bitwise_equal(np.asarray(fn(x)), y, f"{name}: repeated run")
+
+
+@pytest.mark.parametrize("v", [1.0, 2e19, 3.3e38])
+@pytest.mark.parametrize("name", ["batch_norm", "layer_norm", "group_norm", "instance_norm"])
+def test_35_constant_groups_exactly_bias_on_gpu(name, v):
+    x = np.full((4, 8, 6, 5), v, F32)
+    b = np.linspace(-1, 1, 8).astype(F32)
+    if name == "layer_norm":
+        y = gpu.layer_norm(x, (8, 6, 5), None, np.broadcast_to(b[:, None, None], (8, 6, 5)))
+    else:
+        y = getattr(gpu, name)(x, **({"training": True} if name == "batch_norm" else {}),
+                               bias=b) if name != "group_norm" else gpu.group_norm(x, 4, None, b)
+    assert np.array_equal(y, np.broadcast_to(b.reshape(1, 8, 1, 1), x.shape))
+
+
+@pytest.mark.parametrize("v", [2e19, 1e30, 3e38])
+def test_35_huge_values_rms_norm_on_gpu(v):
+    x = np.tile(np.array([v, -v, v / 2, 0], F32), (3, 1))
+    np.testing.assert_allclose(gpu.rms_norm(x, 4), np.tile([4 / 3, -4 / 3, 2 / 3, 0], (3, 1)),
+                               rtol=RTOL, atol=ATOL)
