@@ -22,6 +22,7 @@ from ._gdn_params import (
     gdn_params_from_compressai_backward,
     gdn_params_to_compressai,
 )
+from ._grads import Grads
 from ._grads_mixing import (
     FilterResponseNormGrads,
     GDNGrads,
@@ -40,17 +41,22 @@ from ._rsnorm import (
     RsnormError,
     ShapeError,
     batch_norm,
+    batch_norm_backward,
     build_info,
     filter_response_norm,
     gdn,
     get_num_threads,
     group_norm,
+    group_norm_backward,
     instance_norm,
+    instance_norm_backward,
     layer_norm,
+    layer_norm_backward,
     local_response_norm,
     mean_variance_norm,
     normalize,
     rms_norm,
+    rms_norm_backward,
     set_num_threads,
     tlu,
 )
@@ -80,7 +86,7 @@ def moments(x, axis: int = 1) -> Moments:
 def __getattr__(name: str):
     # The optional front ends import wgpu, mpi4py or dask: load them only when asked for, so
     # `import rsnorm` stays light and works without those extras.
-    if name in ("gpu", "dask", "distributed"):
+    if name in ("gpu", "dask", "distributed", "nn", "demo_train"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
@@ -90,6 +96,7 @@ def __getattr__(name: str):
 __all__ = [
     "FilterResponseNormGrads",
     "GDNGrads",
+    "Grads",
     "IterNormGrads",
     "IterNormStats",
     "LocalResponseNormGrads",
@@ -103,6 +110,7 @@ __all__ = [
     "Whitening",
     "__version__",
     "batch_norm",
+    "batch_norm_backward",
     "build_info",
     "filter_response_norm",
     "filter_response_norm_backward",
@@ -114,10 +122,13 @@ __all__ = [
     "gdn_params_to_compressai",
     "get_num_threads",
     "group_norm",
+    "group_norm_backward",
     "instance_norm",
+    "instance_norm_backward",
     "iter_norm",
     "iter_norm_backward",
     "layer_norm",
+    "layer_norm_backward",
     "local_response_norm",
     "local_response_norm_backward",
     "mean_variance_norm",
@@ -126,6 +137,7 @@ __all__ = [
     "normalize",
     "normalize_backward",
     "rms_norm",
+    "rms_norm_backward",
     "set_num_threads",
     "tlu",
     "tlu_backward",

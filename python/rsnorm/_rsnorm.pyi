@@ -114,6 +114,92 @@ def instance_norm(
     statistics (unbiased variance); ``use_input_stats=False`` normalizes with them.
     Stats have shape (N, C)."""
 
+# Backward (issue 4). Each returns ``rsnorm.Grads(x, weight, bias)``: the input gradient and the
+# gradient of each parameter that was given (None otherwise), arrays in x's dtype with the
+# parameters' shapes. ``stats``: the ``Stats`` of the forward's ``return_stats=True`` (skips
+# recomputing them). Sums are accumulated in float64, in a fixed order: bitwise identical for
+# any thread count and memory layout. Errors as the forward's; grad_y must have x's shape and
+# dtype.
+# Given stats are used as they are: the float32 stats of a float16/32 forward carry the mean's
+# float32 rounding, which costs about |mean|/std·6e-8 of relative accuracy in the gradient;
+# pass no stats (exact float64 recomputation) when the data sits far from zero.
+
+def batch_norm_backward(
+    grad_y: _Arr,
+    x: _Arr,
+    running_mean: _Arr | None = None,
+    running_var: _Arr | None = None,
+    weight: _Arr | None = None,
+    bias: _Arr | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    stats: Any = None,
+    *,
+    axis: int = 1,
+    momentum_convention: str = "torch",
+    num_batches_tracked: _Arr | None = None,
+) -> Any:
+    """Gradients of ``batch_norm``. Training (or no running statistics): through the batch
+    statistics, ``dx = w·rstd·(dy − mean(dy) − x̂·mean(dy·x̂))``; eval with running statistics:
+    the affine map ``dx = w·rstd·dy``. ``dweight = Σ dy·x̂``, ``dbias = Σ dy`` per channel.
+    ``momentum``, ``momentum_convention`` and ``num_batches_tracked`` are validated, not used."""
+
+def layer_norm_backward(
+    grad_y: _Arr,
+    x: _Arr,
+    normalized_shape: int | Sequence[int],
+    weight: _Arr | None = None,
+    bias: _Arr | None = None,
+    eps: float = 1e-5,
+    stats: Any = None,
+) -> Any:
+    """Gradients of ``layer_norm``: per row, ``g = w·dy``,
+    ``dx = rstd·(g − mean(g) − x̂·mean(g·x̂))``; ``dweight = Σ_rows dy·x̂``, ``dbias = Σ_rows dy``.
+    Over one element dx = 0 and dweight = 0 exactly."""
+
+def rms_norm_backward(
+    grad_y: _Arr,
+    x: _Arr,
+    normalized_shape: int | Sequence[int],
+    weight: _Arr | None = None,
+    eps: float | None = None,
+    stats: Any = None,
+) -> Any:
+    """Gradients of ``rms_norm``: ``dx = rstd·(g − x·rstd²·mean(g·x))``, ``g = w·dy``;
+    ``dweight = Σ_rows dy·x·rstd``."""
+
+def group_norm_backward(
+    grad_y: _Arr,
+    x: _Arr,
+    num_groups: int,
+    weight: _Arr | None = None,
+    bias: _Arr | None = None,
+    eps: float = 1e-5,
+    stats: Any = None,
+    *,
+    axis: int = 1,
+) -> Any:
+    """Gradients of ``group_norm`` (per (n, group), ``g = w_c·dy``); channels-last gives
+    bitwise the channels-first result, weight gradient included."""
+
+def instance_norm_backward(
+    grad_y: _Arr,
+    x: _Arr,
+    running_mean: _Arr | None = None,
+    running_var: _Arr | None = None,
+    weight: _Arr | None = None,
+    bias: _Arr | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    stats: Any = None,
+    *,
+    axis: int = 1,
+) -> Any:
+    """Gradients of ``instance_norm``: through the per-(n, c) statistics, or with
+    ``use_input_stats=False`` the affine map ``dx = w·rstd(running_var)·dy``."""
+
 def moments(x: _Arr, axis: int = 1) -> tuple[int, NDArray[np.float64], NDArray[np.float64]]:
     """Per-channel (count, mean, M2) over every axis but ``axis``, float64."""
 

@@ -343,3 +343,196 @@ fn channel_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy + Sync>(
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+/// Parameters of [`batch_norm_backward`]: the forward's, plus the forward's statistics.
+#[derive(Clone, Debug, Default)]
+pub struct BatchNormBackwardParams<'a> {
+    pub running_mean: Option<&'a [f64]>,
+    pub running_var: Option<&'a [f64]>,
+    pub weight: Option<&'a [f64]>,
+    /// Only whether it was given matters (dbias is returned for it).
+    pub bias: Option<&'a [f64]>,
+    pub training: bool,
+    /// Checked as in the forward, otherwise unused.
+    pub momentum: Option<f64>,
+    pub eps: f64,
+    pub axis: isize,
+    /// (mean, rstd) per channel from `return_stats=True`: skips recomputing them.
+    pub stats: Option<super::grad::StatsIn<'a>>,
+}
+
+/// Gradients of [`batch_norm`]: writes dx into `dx`, returns dweight/dbias for the parameters
+/// that were given.
+///
+/// ```text
+/// training (or no running stats), per channel c over its n values, d = x − mean_c:
+///   dx      = w_c·rstd_c · (dy − Σdy/n − d·rstd_c²·Σdy·d/n)
+/// eval with running stats (an affine map):
+///   dx      = w_c·rstd_c · dy
+/// dweight_c = rstd_c · Σ dy·d        dbias_c = Σ dy
+/// ```
+/// Σdy and Σdy·d are canonical plane sums folded in batch order (the forward's order), so the
+/// result is bitwise independent of layout and threads. An empty batch gives zero gradients.
+///
+/// # Errors
+/// As the forward: bad eps/momentum/axis, parameter or stats shapes, training with one value
+/// per channel; grad_y not of x's shape.
+pub fn batch_norm_backward<T: Scalar>(
+    dy: ArrayView<'_, T, IxDyn>,
+    x: ArrayView<'_, T, IxDyn>,
+    dx: ArrayViewMut<'_, T, IxDyn>,
+    p: &BatchNormBackwardParams<'_>,
+) -> Result<super::grad::ParamGrads> {
+    use super::grad::{check_grad_shapes, check_stats, ChannelPair, Coef, ParamGrads};
+    check_grad_shapes(&dy, &x, &dx)?;
+    check_eps(p.eps)?;
+    if let Some(m) = p.momentum {
+        check_momentum(m)?;
+    }
+    let shape = x.shape().to_vec();
+    let parallel = pool::worth_parallel(bytes_of(&x).saturating_mul(2));
+    let cv = ChannelView::new(x, p.axis, "batch_norm", 2)?;
+    let c = cv.c;
+    for (name, v) in [
+        ("running_mean", p.running_mean),
+        ("running_var", p.running_var),
+        ("weight", p.weight),
+        ("bias", p.bias),
+    ] {
+        check_channel_param(name, v.map(|v| v.len()), c, &shape)?;
+    }
+    let running = match (p.running_mean, p.running_var) {
+        (Some(m), Some(v)) => Some((m, v)),
+        (None, None) => None,
+        _ => {
+            return Err(NormError::Param(
+                "running_mean and running_var must both be given or both be None".into(),
+            ))
+        }
+    };
+    check_stats(p.stats, c, &[c], true)?;
+    let count = cv.n * cv.s;
+    let use_batch = p.training || running.is_none();
+    if p.training && count == 1 {
+        return Err(NormError::TooFewValues(format!(
+            "Expected more than 1 value per channel when training, got input size {}",
+            fmt_shape(&shape)
+        )));
+    }
+    let pair = ChannelPair::new(&cv, dy, p.axis, "batch_norm")?;
+    let nf = count as f64;
+    // dx = r·(dy − μ − (x − m)·k) for channel k, from its mean, rstd and [Σdy, Σdy·(x − m)].
+    let coef_of = |k: usize, m: f64, rs: f64, sums: [f64; 2]| {
+        let (mu, kk) = if use_batch {
+            (sums[0] / nf, rs * rs * sums[1] / nf)
+        } else {
+            (0.0, 0.0)
+        };
+        Coef {
+            m,
+            r: rs * p.weight.map_or(1.0, |w| w[k]),
+            s: 1.0,
+            mu,
+            k: kk,
+        }
+    };
+    let dxp = crate::reduce::SharedMut::new(cv.permute_out(dx));
+    let planes = cv.access == crate::channel::Access::Planes
+        && pair.dy.access == crate::channel::Access::Planes;
+    if planes && cv.s > 1 && super::grad::planes_standard(dxp.shape(), dxp.strides()) {
+        // NCHW: one task per channel computes its sums and writes its dx while its planes are
+        // still in cache: one DRAM read of x and grad_y instead of two. Same sums, same order.
+        let (st0, st1) = (dxp.strides()[0], dxp.strides()[1]);
+        let per_channel = pool::map_tasks(c, parallel, |k| {
+            let (m, rs) = match (p.stats, use_batch, running) {
+                (Some(s), _, _) => (s.mean.map_or(0.0, |m| m[k]), s.rstd[k]),
+                (None, true, _) | (None, false, None) => {
+                    let (m, m2) = channel_plane_moments(&cv, k);
+                    (m, rstd(m2 / nf, p.eps))
+                }
+                (None, false, Some((rm, rv))) => (rm[k], rstd(rv[k], p.eps)),
+            };
+            let mut acc = [0.0f64; 2];
+            for n in 0..cv.n {
+                let q = super::grad::pair_sums_slices(
+                    pair.dy.plane_slice(n, k),
+                    cv.plane_slice(n, k),
+                    m,
+                );
+                acc[0] += q[0];
+                acc[1] += q[1];
+            }
+            let cf = coef_of(k, m, rs, acc);
+            for n in 0..cv.n {
+                // SAFETY: plane (n, k) of dx is a standard-layout block of s elements (checked
+                // above) written only by the task of channel k.
+                let d = unsafe { dxp.block_mut(n as isize * st0 + k as isize * st1, cv.s) };
+                super::grad::apply_slices(d, pair.dy.plane_slice(n, k), cv.plane_slice(n, k), cf);
+            }
+            (rs, acc)
+        });
+        return Ok(ParamGrads {
+            weight: p.weight.map(|_| {
+                let empty = count == 0;
+                per_channel
+                    .iter()
+                    .map(|(rs, a)| if empty { 0.0 } else { rs * a[1] })
+                    .collect()
+            }),
+            bias: p
+                .bias
+                .map(|_| per_channel.iter().map(|(_, a)| a[0]).collect()),
+        });
+    }
+
+    let (mean, rs): (Vec<f64>, Vec<f64>) = match (p.stats, use_batch) {
+        (Some(s), _) => (s.mean.unwrap_or_default().to_vec(), s.rstd.to_vec()),
+        (None, true) => {
+            let (mean, m2) = channel_moments(&cv, parallel);
+            let rs = m2.iter().map(|&s| rstd(s / count as f64, p.eps)).collect();
+            (mean, rs)
+        }
+        (None, false) => {
+            let (rm, rv) = running.expect("checked above");
+            (rm.to_vec(), rv.iter().map(|&v| rstd(v, p.eps)).collect())
+        }
+    };
+
+    // [Σdy, Σdy·(x − mean)] per channel: channel chunks as tasks, planes folded in batch order.
+    let chunk = if pair.rows() { ROW_CHANNEL_CHUNK } else { 1 };
+    let parts = pool::map_tasks(c.div_ceil(chunk), parallel, |t| {
+        let cs = t * chunk..((t + 1) * chunk).min(c);
+        let mut scratch = Vec::new();
+        let mut part = vec![[0.0f64; 2]; cs.len()];
+        let mut acc = vec![[0.0f64; 2]; cs.len()];
+        for n in 0..cv.n {
+            pair.sample_sums(n, cs.clone(), |k| mean[k], &mut scratch, &mut part);
+            for (a, q) in acc.iter_mut().zip(&part) {
+                a[0] += q[0];
+                a[1] += q[1];
+            }
+        }
+        acc
+    });
+    let sums: Vec<[f64; 2]> = parts.concat();
+
+    let coef: Vec<Coef> = (0..c)
+        .map(|k| coef_of(k, mean[k], rs[k], sums[k]))
+        .collect();
+    // Each task writes sample n of dx only.
+    pool::for_each_task(cv.n, parallel, |n| pair.apply_sample(n, &dxp, &coef));
+
+    let empty = count == 0;
+    Ok(ParamGrads {
+        weight: p.weight.map(|_| {
+            (0..c)
+                .map(|k| if empty { 0.0 } else { rs[k] * sums[k][1] })
+                .collect()
+        }),
+        bias: p.bias.map(|_| sums.iter().map(|s| s[0]).collect()),
+    })
+}

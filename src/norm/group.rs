@@ -159,3 +159,276 @@ fn fold_groups(sums: &[f64], cpg: usize, groups: usize) -> Vec<f64> {
         .map(|ch| ch.iter().fold(0.0, |a, &v| a + v))
         .collect()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+/// Gradients of [`group_norm`]: writes dx into `dx`, returns dweight/dbias (shape (C,)) for the
+/// parameters that were given.
+///
+/// ```text
+/// per (n, g) over its n_g = C/G·S values, d = x − mean[n,g], g_v = w_c·dy:
+///   dx        = rstd[n,g] · (g_v − Σg_v/n_g − d·rstd[n,g]²·Σg_v·d/n_g)
+///   dweight_c = Σ_n rstd[n,g]·Σ dy·d       dbias_c = Σ_n Σ dy
+/// ```
+/// Per-plane sums are canonical, folded into groups in channel order and into parameter
+/// gradients in batch order, whatever the layout: channels-last gives bitwise the NCHW result
+/// (PyTorch's channels-last weight gradient is wrong, pytorch#140913). One value per group:
+/// dx = 0 and dweight = 0 exactly.
+///
+/// # Errors
+/// As the forward; grad_y not of x's shape; stats not of shape (N, G).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_backward<T: Scalar>(
+    dy: ArrayView<'_, T, IxDyn>,
+    x: ArrayView<'_, T, IxDyn>,
+    dx: ArrayViewMut<'_, T, IxDyn>,
+    num_groups: i64,
+    weight: Option<&[f64]>,
+    bias: Option<&[f64]>,
+    eps: f64,
+    axis: isize,
+    stats: Option<super::grad::StatsIn<'_>>,
+) -> Result<super::grad::ParamGrads> {
+    super::grad::check_grad_shapes(&dy, &x, &dx)?;
+    check_eps(eps)?;
+    let shape = x.shape().to_vec();
+    let parallel = pool::worth_parallel(bytes_of(&x).saturating_mul(2));
+    let cv = ChannelView::new(x, axis, "group_norm", 2)?;
+    if num_groups <= 0 {
+        return Err(NormError::Param(format!(
+            "num_groups must be positive, got {num_groups}"
+        )));
+    }
+    let g = usize::try_from(num_groups).unwrap_or(usize::MAX);
+    if cv.c % g != 0 {
+        return Err(NormError::Param(format!(
+            "num_groups must divide the number of channels: C={} is not divisible by num_groups={g}",
+            cv.c
+        )));
+    }
+    check_channel_param("weight", weight.map(|w| w.len()), cv.c, &shape)?;
+    check_channel_param("bias", bias.map(|w| w.len()), cv.c, &shape)?;
+    super::grad::check_stats(stats, cv.n * g, &[cv.n, g], true)?;
+    grouped_backward(
+        &cv,
+        dy,
+        dx,
+        GroupedBackward {
+            groups: g,
+            weight,
+            want_bias: bias.is_some(),
+            eps,
+            axis,
+            parallel,
+            stats,
+            fixed: None,
+        },
+    )
+}
+
+/// What [`grouped_backward`] needs besides the arrays.
+pub(crate) struct GroupedBackward<'a> {
+    pub groups: usize,
+    pub weight: Option<&'a [f64]>,
+    pub want_bias: bool,
+    pub eps: f64,
+    pub axis: isize,
+    pub parallel: bool,
+    /// (mean, rstd) per (n, group), row-major.
+    pub stats: Option<super::grad::StatsIn<'a>>,
+    /// Per-channel (mean, rstd) of fixed statistics: instance norm in eval mode, where the
+    /// backward is the affine map `dx = w·rstd·dy`.
+    pub fixed: Option<(&'a [f64], &'a [f64])>,
+}
+
+/// Backward of group norm and instance norm (G = C), one task per sample.
+pub(crate) fn grouped_backward<'a, T: Scalar>(
+    cv: &ChannelView<'a, T>,
+    dy: ArrayView<'a, T, IxDyn>,
+    dx: ArrayViewMut<'_, T, IxDyn>,
+    p: GroupedBackward<'_>,
+) -> Result<super::grad::ParamGrads> {
+    use super::grad::{ChannelPair, Coef, ParamGrads};
+    let pair = ChannelPair::new(cv, dy, p.axis, "group_norm")?;
+    let c = cv.c;
+    let groups = p.groups;
+    let cpg = c.checked_div(groups).unwrap_or(0);
+    let count = (cpg * cv.s) as f64;
+    let dxp = crate::reduce::SharedMut::new(cv.permute_out(dx));
+    let planes = cv.access == Access::Planes && pair.dy.access == Access::Planes;
+    if p.fixed.is_none()
+        && planes
+        && cpg > 0
+        && super::grad::planes_standard(dxp.shape(), dxp.strides())
+    {
+        return Ok(grouped_backward_planes(cv, &pair, &dxp, &p, cpg));
+    }
+    let per_sample = pool::map_tasks(cv.n, p.parallel, |n| {
+        let mut scratch = Vec::new();
+        // Per-channel (mean, rstd) of the group each channel belongs to.
+        let (mc, rc): (Vec<f64>, Vec<f64>) = match (p.fixed, p.stats) {
+            (Some((fm, fr)), _) => (fm.to_vec(), fr.to_vec()),
+            (None, Some(s)) => {
+                let m = s.mean.unwrap_or_default();
+                (
+                    (0..c).map(|k| m[n * groups + k / cpg]).collect(),
+                    (0..c).map(|k| s.rstd[n * groups + k / cpg]).collect(),
+                )
+            }
+            (None, None) => {
+                // The forward's sums, in its order: bitwise its statistics.
+                let mut sums = vec![0.0f64; c];
+                cv.sample_sums(n, 0..c, |v, _| v, &mut scratch, &mut sums);
+                let gmean: Vec<f64> = fold_groups(&sums, cpg, groups)
+                    .iter()
+                    .map(|&s| s / count)
+                    .collect();
+                cv.sample_sums(
+                    n,
+                    0..c,
+                    |v, k| {
+                        let d = v - gmean[k / cpg];
+                        d * d
+                    },
+                    &mut scratch,
+                    &mut sums,
+                );
+                let grstd: Vec<f64> = fold_groups(&sums, cpg, groups)
+                    .iter()
+                    .map(|&s| rstd(s / count, p.eps))
+                    .collect();
+                (
+                    (0..c).map(|k| gmean[k / cpg]).collect(),
+                    (0..c).map(|k| grstd[k / cpg]).collect(),
+                )
+            }
+        };
+        let mut sums = vec![[0.0f64; 2]; c];
+        pair.sample_sums(n, 0..c, |k| mc[k], &mut scratch, &mut sums);
+        let wk = |k: usize| p.weight.map_or(1.0, |w| w[k]);
+        let coef: Vec<Coef> = if p.fixed.is_some() {
+            (0..c)
+                .map(|k| Coef {
+                    m: mc[k],
+                    r: rc[k],
+                    s: wk(k),
+                    mu: 0.0,
+                    k: 0.0,
+                })
+                .collect()
+        } else {
+            // Σ g and Σ g·d per group, folded in channel order.
+            let mut gs = vec![[0.0f64; 2]; groups];
+            for (k, s) in sums.iter().enumerate() {
+                let w = wk(k);
+                gs[k / cpg][0] += w * s[0];
+                gs[k / cpg][1] += w * s[1];
+            }
+            (0..c)
+                .map(|k| {
+                    let r = rc[k];
+                    let gsum = gs[k / cpg];
+                    Coef {
+                        m: mc[k],
+                        r,
+                        s: wk(k),
+                        mu: gsum[0] / count,
+                        k: r * r * gsum[1] / count,
+                    }
+                })
+                .collect()
+        };
+        // Task n owns sample n of dx.
+        pair.apply_sample(n, &dxp, &coef);
+        // Per-channel contributions to dweight (rstd·Σdy·d) and dbias (Σdy).
+        let contrib: Vec<[f64; 2]> = (0..c).map(|k| [rc[k] * sums[k][1], sums[k][0]]).collect();
+        contrib
+    });
+    let mut dw = vec![0.0f64; c];
+    let mut db = vec![0.0f64; c];
+    for part in &per_sample {
+        for k in 0..c {
+            dw[k] += part[k][0];
+            db[k] += part[k][1];
+        }
+    }
+    Ok(ParamGrads {
+        weight: p.weight.map(|_| dw),
+        bias: p.want_bias.then_some(db),
+    })
+}
+
+/// NCHW backward of group/instance norm: one task per (n, group) computes the group's sums and
+/// writes its dx while the group's planes are in L1/L2 (one read of x and grad_y from memory).
+/// The same sums in the same order as the sample-wide path, so bitwise its results.
+fn grouped_backward_planes<T: Scalar>(
+    cv: &ChannelView<'_, T>,
+    pair: &super::grad::ChannelPair<'_, '_, T>,
+    dxp: &crate::reduce::SharedMut<'_, T>,
+    p: &GroupedBackward<'_>,
+    cpg: usize,
+) -> super::grad::ParamGrads {
+    use super::grad::{apply_slices, pair_sums_slices, Coef, ParamGrads};
+    let (c, groups) = (cv.c, p.groups);
+    let count = (cpg * cv.s) as f64;
+    let wk = |k: usize| p.weight.map_or(1.0, |w| w[k]);
+    let (st0, st1) = (dxp.strides()[0], dxp.strides()[1]);
+    let per_group = pool::map_tasks(cv.n * groups, p.parallel, |t| {
+        let (n, g) = (t / groups, t % groups);
+        let cs = g * cpg..(g + 1) * cpg;
+        let (m, r) = match p.stats {
+            Some(s) => (s.mean.map_or(0.0, |m| m[t]), s.rstd[t]),
+            None => {
+                // The forward's sums, in its order: bitwise its statistics.
+                let total = cs.clone().fold(0.0, |acc, k| {
+                    acc + reduce::sum_slice(cv.plane_slice(n, k), |v| v)
+                });
+                let m = total / count;
+                let m2 = cs.clone().fold(0.0, |acc, k| {
+                    acc + reduce::sum_slice(cv.plane_slice(n, k), |v| (v - m) * (v - m))
+                });
+                (m, rstd(m2 / count, p.eps))
+            }
+        };
+        let sums: Vec<[f64; 2]> = cs
+            .clone()
+            .map(|k| pair_sums_slices(pair.dy.plane_slice(n, k), cv.plane_slice(n, k), m))
+            .collect();
+        let mut gs = [0.0f64; 2];
+        for (k, s) in cs.clone().zip(&sums) {
+            gs[0] += wk(k) * s[0];
+            gs[1] += wk(k) * s[1];
+        }
+        for k in cs.clone() {
+            let cf = Coef {
+                m,
+                r,
+                s: wk(k),
+                mu: gs[0] / count,
+                k: r * r * gs[1] / count,
+            };
+            // SAFETY: plane (n, k) of dx is a standard-layout block of s elements (checked by
+            // the caller) that only this task, the owner of group (n, g), writes.
+            let d = unsafe { dxp.block_mut(n as isize * st0 + k as isize * st1, cv.s) };
+            apply_slices(d, pair.dy.plane_slice(n, k), cv.plane_slice(n, k), cf);
+        }
+        sums.iter().map(|s| [r * s[1], s[0]]).collect::<Vec<_>>()
+    });
+    // Parameter gradients: per-channel contributions folded in batch order.
+    let mut dw = vec![0.0f64; c];
+    let mut db = vec![0.0f64; c];
+    for n in 0..cv.n {
+        for g in 0..groups {
+            for (j, q) in per_group[n * groups + g].iter().enumerate() {
+                dw[g * cpg + j] += q[0];
+                db[g * cpg + j] += q[1];
+            }
+        }
+    }
+    ParamGrads {
+        weight: p.weight.map(|_| dw),
+        bias: p.want_bias.then_some(db),
+    }
+}

@@ -122,3 +122,103 @@ pub fn instance_norm<T: Scalar>(
     }
     Ok(out)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+/// Parameters of [`instance_norm_backward`]: the forward's, plus its statistics.
+#[derive(Clone, Debug, Default)]
+pub struct InstanceNormBackwardParams<'a> {
+    pub running_mean: Option<&'a [f64]>,
+    pub running_var: Option<&'a [f64]>,
+    pub weight: Option<&'a [f64]>,
+    /// Only whether it was given matters (dbias is returned for it).
+    pub bias: Option<&'a [f64]>,
+    pub use_input_stats: bool,
+    /// Checked as in the forward, otherwise unused.
+    pub momentum: f64,
+    pub eps: f64,
+    pub axis: isize,
+    /// (mean, rstd) per (n, c), from `return_stats=True`.
+    pub stats: Option<super::grad::StatsIn<'a>>,
+}
+
+/// Gradients of [`instance_norm`]: writes dx into `dx`, returns dweight/dbias for the
+/// parameters that were given.
+///
+/// ```text
+/// use_input_stats, per (n, c) over its S spatial values, d = x − mean[n,c]:
+///   dx = w_c·rstd[n,c] · (dy − Σdy/S − d·rstd[n,c]²·Σdy·d/S)
+/// running statistics (use_input_stats=False): dx = w_c·rstd_c·dy (an affine map)
+/// dweight_c = Σ_n rstd·Σ dy·d       dbias_c = Σ_n Σ dy
+/// ```
+///
+/// # Errors
+/// As the forward; grad_y not of x's shape; stats not of shape (N, C).
+pub fn instance_norm_backward<T: Scalar>(
+    dy: ArrayView<'_, T, IxDyn>,
+    x: ArrayView<'_, T, IxDyn>,
+    dx: ArrayViewMut<'_, T, IxDyn>,
+    p: &InstanceNormBackwardParams<'_>,
+) -> Result<super::grad::ParamGrads> {
+    use super::group::{grouped_backward, GroupedBackward};
+    super::grad::check_grad_shapes(&dy, &x, &dx)?;
+    check_eps(p.eps)?;
+    check_momentum(p.momentum)?;
+    let shape = x.shape().to_vec();
+    let parallel = pool::worth_parallel(bytes_of(&x).saturating_mul(2));
+    let cv = ChannelView::new(x, p.axis, "instance_norm", 2)?;
+    for (name, v) in [
+        ("running_mean", p.running_mean),
+        ("running_var", p.running_var),
+        ("weight", p.weight),
+        ("bias", p.bias),
+    ] {
+        check_channel_param(name, v.map(|v| v.len()), cv.c, &shape)?;
+    }
+    let running = match (p.running_mean, p.running_var) {
+        (Some(m), Some(v)) => Some((m, v)),
+        (None, None) => None,
+        _ => {
+            return Err(NormError::Param(
+                "running_mean and running_var must both be given or both be None".into(),
+            ))
+        }
+    };
+    super::grad::check_stats(p.stats, cv.n * cv.c, &[cv.n, cv.c], true)?;
+    let base = GroupedBackward {
+        groups: cv.c,
+        weight: p.weight,
+        want_bias: p.bias.is_some(),
+        eps: p.eps,
+        axis: p.axis,
+        parallel,
+        stats: p.stats,
+        fixed: None,
+    };
+    if !p.use_input_stats {
+        let (rm, rv) = running.ok_or_else(|| {
+            NormError::Param("use_input_stats=False needs running_mean and running_var".into())
+        })?;
+        let rs: Vec<f64> = rv.iter().map(|&v| super::common::rstd(v, p.eps)).collect();
+        // Given stats are per-(n, c) copies of the running ones; the running arrays are the
+        // same values without the copies.
+        return grouped_backward(
+            &cv,
+            dy,
+            dx,
+            GroupedBackward {
+                fixed: Some((rm, &rs)),
+                ..base
+            },
+        );
+    }
+    if cv.s == 1 && cv.n * cv.c > 0 {
+        return Err(NormError::TooFewValues(format!(
+            "Expected more than 1 spatial element when training, got input size {}",
+            fmt_shape(&shape)
+        )));
+    }
+    grouped_backward(&cv, dy, dx, base)
+}

@@ -31,3 +31,10 @@ pub use lrn::{local_response_norm, local_response_norm_backward, LrnParams, LrnW
 pub use moments::{moments, Moments};
 pub use mvn::{mean_variance_norm, mean_variance_norm_backward};
 pub use rms::rms_norm;
+pub mod grad;
+pub use batch::{batch_norm_backward, BatchNormBackwardParams};
+pub use grad::{ParamGrads, StatsIn};
+pub use group::group_norm_backward;
+pub use instance::{instance_norm_backward, InstanceNormBackwardParams};
+pub use layer::layer_norm_backward;
+pub use rms::rms_norm_backward;

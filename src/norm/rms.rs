@@ -50,3 +50,48 @@ pub fn rms_norm<T: Scalar>(
         rstd: parts.into_iter().flatten().collect(),
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+/// Gradients of [`rms_norm`]: writes dx into `dx`, returns dweight (flattened
+/// `normalized_shape`) when weight was given.
+///
+/// ```text
+/// per row of F values, g = w·dy:
+///   dx      = rstd · (g − x·rstd²·Σg·x/F)
+///   dweight = Σ_rows dy·x·rstd
+/// ```
+/// Σg·x and rstd are f64, so rows of 1e20…3e38 (f32) stay finite and exact.
+///
+/// # Errors
+/// As the forward; grad_y not of x's shape; stats.rstd not of shape x.shape[:-k].
+pub fn rms_norm_backward<T: Scalar>(
+    dy: ArrayView<'_, T, IxDyn>,
+    x: ArrayView<'_, T, IxDyn>,
+    dx: ArrayViewMut<'_, T, IxDyn>,
+    normalized_shape: &[usize],
+    weight: Option<(&[f64], &[usize])>,
+    eps: Option<f64>,
+    stats: Option<super::grad::StatsIn<'_>>,
+) -> Result<super::grad::ParamGrads> {
+    let eps = eps.unwrap_or_else(T::stat_eps);
+    super::grad::check_grad_shapes(&dy, &x, &dx)?;
+    check_eps(eps)?;
+    check_normalized_shape(x.shape(), normalized_shape)?;
+    check_row_param("weight", weight.map(|w| w.1), normalized_shape)?;
+    let k = normalized_shape.len();
+    let lead = &x.shape()[..x.ndim() - k];
+    super::grad::check_stats(stats, lead.iter().product(), lead, false)?;
+    Ok(super::layer::row_backward(
+        dy,
+        x,
+        dx,
+        k,
+        weight.map(|w| w.0),
+        false,
+        super::layer::RowKind::Rms(eps),
+        stats,
+    ))
+}

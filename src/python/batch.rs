@@ -180,3 +180,196 @@ pub fn moments<'py>(py: Python<'py>, x: &Bound<'py, PyAny>, axis: isize) -> PyRe
     let m2 = numpy::PyArray1::from_vec(py, m.m2);
     Ok((m.count, mean, m2).into_pyobject(py)?.into_any().unbind())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Backward (shared helpers used by layer.rs and group.rs too)
+// ---------------------------------------------------------------------------------------------
+
+/// grad_y and x borrowed read-only, of one dtype.
+pub enum XPair<'py> {
+    F16(
+        PyReadonlyArrayDyn<'py, half::f16>,
+        PyReadonlyArrayDyn<'py, half::f16>,
+    ),
+    F32(PyReadonlyArrayDyn<'py, f32>, PyReadonlyArrayDyn<'py, f32>),
+    F64(PyReadonlyArrayDyn<'py, f64>, PyReadonlyArrayDyn<'py, f64>),
+}
+
+fn xname(a: &XArray<'_>) -> &'static str {
+    match a {
+        XArray::F16(_) => "float16",
+        XArray::F32(_) => "float32",
+        XArray::F64(_) => "float64",
+    }
+}
+
+impl<'py> XPair<'py> {
+    /// Both arrays, same dtype (a mismatch is a `TypeError`: never a silent cast).
+    pub fn extract(grad_y: &Bound<'py, PyAny>, x: &Bound<'py, PyAny>) -> PyResult<Self> {
+        let xa = XArray::extract(x, "x")?;
+        let ga = XArray::extract(grad_y, "grad_y")?;
+        match (ga, xa) {
+            (XArray::F16(g), XArray::F16(x)) => Ok(XPair::F16(g, x)),
+            (XArray::F32(g), XArray::F32(x)) => Ok(XPair::F32(g, x)),
+            (XArray::F64(g), XArray::F64(x)) => Ok(XPair::F64(g, x)),
+            (g, x) => Err(type_error(format!(
+                "grad_y has dtype {} but x has dtype {}; they must match (convert explicitly)",
+                xname(&g),
+                xname(&x)
+            ))),
+        }
+    }
+}
+
+/// Dispatches once on the dtype of (grad_y, x); `$g`, `$x` become the typed borrows.
+#[macro_export]
+macro_rules! dispatch_xpair {
+    ($pair:expr, $g:ident, $x:ident => $body:expr) => {
+        match $pair {
+            $crate::python::batch::XPair::F16($g, $x) => $body,
+            $crate::python::batch::XPair::F32($g, $x) => $body,
+            $crate::python::batch::XPair::F64($g, $x) => $body,
+        }
+    };
+}
+
+/// `stats=`: a `Stats(mean, rstd)` (or any 2-sequence) read as f64; mean may be None.
+pub struct StatsOwned {
+    pub mean: Option<Vec<f64>>,
+    pub rstd: Vec<f64>,
+}
+
+impl StatsOwned {
+    pub fn view(&self) -> crate::norm::StatsIn<'_> {
+        crate::norm::StatsIn {
+            mean: self.mean.as_deref(),
+            rstd: &self.rstd,
+        }
+    }
+}
+
+pub fn read_stats(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<StatsOwned>> {
+    let Some(o) = obj.filter(|o| !o.is_none()) else {
+        return Ok(None);
+    };
+    let len = o.len().map_err(|_| {
+        type_error(
+            "stats must be the rsnorm.Stats(mean, rstd) returned by return_stats=True".into(),
+        )
+    })?;
+    if len != 2 {
+        return Err(type_error(format!(
+            "stats must be the rsnorm.Stats(mean, rstd) returned by return_stats=True, got {len} items"
+        )));
+    }
+    let mean = o.get_item(0)?;
+    let rstd = o.get_item(1)?;
+    let mean = super::array::read_param(Some(&mean), "stats.mean")?.map(|p| p.values);
+    let rstd = super::array::read_param(Some(&rstd), "stats.rstd")?
+        .ok_or_else(|| type_error("stats.rstd must be an array, got None".into()))?
+        .values;
+    Ok(Some(StatsOwned { mean, rstd }))
+}
+
+fn grad_array<'py, T: Scalar + Element>(
+    py: Python<'py>,
+    v: Vec<f64>,
+    shape: &[usize],
+) -> PyResult<Bound<'py, PyAny>> {
+    let t: Vec<T> = v.into_iter().map(T::from_f64).collect();
+    Ok(numpy::PyArray1::<T>::from_vec(py, t)
+        .reshape(shape)?
+        .into_any())
+}
+
+/// Runs a backward kernel into a fresh dx (x's shape and dtype) and builds
+/// `rsnorm.Grads(x, weight, bias)`, parameter gradients in x's dtype with the parameters' shapes.
+pub fn run_backward<'py, T, F>(
+    py: Python<'py>,
+    g: PyReadonlyArrayDyn<'py, T>,
+    x: PyReadonlyArrayDyn<'py, T>,
+    wshape: &[usize],
+    bshape: &[usize],
+    op: F,
+) -> PyResult<Py<PyAny>>
+where
+    T: Scalar + Element,
+    F: for<'v> FnOnce(
+            ndarray::ArrayView<'v, T, ndarray::IxDyn>,
+            ndarray::ArrayView<'v, T, ndarray::IxDyn>,
+            ndarray::ArrayViewMut<'v, T, ndarray::IxDyn>,
+        ) -> crate::Result<crate::norm::ParamGrads>
+        + Send,
+{
+    let (dx, mut dxrw) = prepare_out::<T>(py, x.shape(), None)?;
+    let xv = x.as_array();
+    let gv = g.as_array();
+    let bytes = 2 * xv.len() * std::mem::size_of::<T>();
+    let dv = dxrw.as_array_mut();
+    let r = core(run(py, bytes, || op(gv, xv, dv)))?;
+    drop(dxrw);
+    static CLS: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+    let cls = CLS.get_or_try_init(py, || -> PyResult<Py<PyAny>> {
+        Ok(py.import("rsnorm._grads")?.getattr("Grads")?.unbind())
+    })?;
+    let none = || py.None().into_bound(py);
+    let dw = match r.weight {
+        Some(v) => grad_array::<T>(py, v, wshape)?,
+        None => none(),
+    };
+    let db = match r.bias {
+        Some(v) => grad_array::<T>(py, v, bshape)?,
+        None => none(),
+    };
+    Ok(cls.bind(py).call1((dx, dw, db))?.unbind())
+}
+
+/// Gradients of `batch_norm`. See `rsnorm.batch_norm_backward` in `_rsnorm.pyi`.
+#[pyfunction]
+#[pyo3(signature = (grad_y, x, running_mean=None, running_var=None, weight=None, bias=None,
+    training=false, momentum=Some(0.1), eps=1e-5, stats=None, *, axis=1,
+    momentum_convention="torch", num_batches_tracked=None),
+    text_signature = "(grad_y, x, running_mean=None, running_var=None, weight=None, bias=None, \
+        training=False, momentum=0.1, eps=1e-05, stats=None, *, axis=1, \
+        momentum_convention='torch', num_batches_tracked=None)")]
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_backward<'py>(
+    py: Python<'py>,
+    grad_y: &Bound<'py, PyAny>,
+    x: &Bound<'py, PyAny>,
+    running_mean: Option<&Bound<'py, PyAny>>,
+    running_var: Option<&Bound<'py, PyAny>>,
+    weight: Option<&Bound<'py, PyAny>>,
+    bias: Option<&Bound<'py, PyAny>>,
+    training: bool,
+    momentum: Option<f64>,
+    eps: f64,
+    stats: Option<&Bound<'py, PyAny>>,
+    axis: isize,
+    momentum_convention: &str,
+    num_batches_tracked: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Py<PyAny>> {
+    // Accepted so a forward's keyword arguments can be passed unchanged; validated, not used.
+    convention(momentum_convention)?;
+    read_nbt(num_batches_tracked)?;
+    let pair = XPair::extract(grad_y, x)?;
+    let rm = read_vec(running_mean, "running_mean")?;
+    let rv = read_vec(running_var, "running_var")?;
+    let w = read_vec(weight, "weight")?;
+    let b = read_vec(bias, "bias")?;
+    let st = read_stats(stats)?;
+    let p = crate::norm::BatchNormBackwardParams {
+        running_mean: rm.as_deref(),
+        running_var: rv.as_deref(),
+        weight: w.as_deref(),
+        bias: b.as_deref(),
+        training,
+        momentum,
+        eps,
+        axis,
+        stats: st.as_ref().map(|s| s.view()),
+    };
+    let cshape = [w.as_ref().or(b.as_ref()).map_or(0, |v| v.len())];
+    dispatch_xpair!(pair, g, xt => run_backward(py, g, xt, &cshape, &cshape,
+        |g, xv, d| crate::norm::batch_norm_backward(g, xv, d, &p)))
+}

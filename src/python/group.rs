@@ -127,3 +127,74 @@ pub fn instance_norm<'py>(
     };
     result(py, y, s)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+/// Gradients of `group_norm`. See `rsnorm.group_norm_backward` in `_rsnorm.pyi`.
+#[pyfunction]
+#[pyo3(signature = (grad_y, x, num_groups, weight=None, bias=None, eps=1e-5, stats=None, *, axis=1))]
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_backward<'py>(
+    py: Python<'py>,
+    grad_y: &Bound<'py, PyAny>,
+    x: &Bound<'py, PyAny>,
+    num_groups: i64,
+    weight: Option<&Bound<'py, PyAny>>,
+    bias: Option<&Bound<'py, PyAny>>,
+    eps: f64,
+    stats: Option<&Bound<'py, PyAny>>,
+    axis: isize,
+) -> PyResult<Py<PyAny>> {
+    let pair = super::batch::XPair::extract(grad_y, x)?;
+    let w = read_vec(weight, "weight")?;
+    let b = read_vec(bias, "bias")?;
+    let st = super::batch::read_stats(stats)?;
+    let sv = st.as_ref().map(|s| s.view());
+    let cshape = [w.as_ref().or(b.as_ref()).map_or(0, |v| v.len())];
+    crate::dispatch_xpair!(pair, g, xt => super::batch::run_backward(py, g, xt, &cshape, &cshape,
+        |g, xv, d| crate::norm::group_norm_backward(g, xv, d, num_groups, w.as_deref(),
+            b.as_deref(), eps, axis, sv)))
+}
+
+/// Gradients of `instance_norm`. See `rsnorm.instance_norm_backward` in `_rsnorm.pyi`.
+#[pyfunction]
+#[pyo3(signature = (grad_y, x, running_mean=None, running_var=None, weight=None, bias=None,
+    use_input_stats=true, momentum=0.1, eps=1e-5, stats=None, *, axis=1))]
+#[allow(clippy::too_many_arguments)]
+pub fn instance_norm_backward<'py>(
+    py: Python<'py>,
+    grad_y: &Bound<'py, PyAny>,
+    x: &Bound<'py, PyAny>,
+    running_mean: Option<&Bound<'py, PyAny>>,
+    running_var: Option<&Bound<'py, PyAny>>,
+    weight: Option<&Bound<'py, PyAny>>,
+    bias: Option<&Bound<'py, PyAny>>,
+    use_input_stats: bool,
+    momentum: f64,
+    eps: f64,
+    stats: Option<&Bound<'py, PyAny>>,
+    axis: isize,
+) -> PyResult<Py<PyAny>> {
+    let pair = super::batch::XPair::extract(grad_y, x)?;
+    let rm = read_vec(running_mean, "running_mean")?;
+    let rv = read_vec(running_var, "running_var")?;
+    let w = read_vec(weight, "weight")?;
+    let b = read_vec(bias, "bias")?;
+    let st = super::batch::read_stats(stats)?;
+    let p = crate::norm::InstanceNormBackwardParams {
+        running_mean: rm.as_deref(),
+        running_var: rv.as_deref(),
+        weight: w.as_deref(),
+        bias: b.as_deref(),
+        use_input_stats,
+        momentum,
+        eps,
+        axis,
+        stats: st.as_ref().map(|s| s.view()),
+    };
+    let cshape = [w.as_ref().or(b.as_ref()).map_or(0, |v| v.len())];
+    crate::dispatch_xpair!(pair, g, xt => super::batch::run_backward(py, g, xt, &cshape, &cshape,
+        |g, xv, d| crate::norm::instance_norm_backward(g, xv, d, &p)))
+}

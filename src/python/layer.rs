@@ -135,3 +135,52 @@ pub fn rms_norm<'py>(
         result(py, y, stats)
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+/// Gradients of `layer_norm`. See `rsnorm.layer_norm_backward` in `_rsnorm.pyi`.
+#[pyfunction]
+#[pyo3(signature = (grad_y, x, normalized_shape, weight=None, bias=None, eps=1e-5, stats=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_backward<'py>(
+    py: Python<'py>,
+    grad_y: &Bound<'py, PyAny>,
+    x: &Bound<'py, PyAny>,
+    normalized_shape: &Bound<'py, PyAny>,
+    weight: Option<&Bound<'py, PyAny>>,
+    bias: Option<&Bound<'py, PyAny>>,
+    eps: f64,
+    stats: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Py<PyAny>> {
+    let pair = super::batch::XPair::extract(grad_y, x)?;
+    let ns = parse_normalized_shape(normalized_shape)?;
+    let w = read_param(weight, "weight")?;
+    let b = read_param(bias, "bias")?;
+    let st = super::batch::read_stats(stats)?;
+    let sv = st.as_ref().map(|s| s.view());
+    crate::dispatch_xpair!(pair, g, xt => super::batch::run_backward(py, g, xt, &ns, &ns,
+        |g, xv, d| crate::norm::layer_norm_backward(g, xv, d, &ns, pv(&w), pv(&b), eps, sv)))
+}
+
+/// Gradients of `rms_norm`. See `rsnorm.rms_norm_backward` in `_rsnorm.pyi`.
+#[pyfunction]
+#[pyo3(signature = (grad_y, x, normalized_shape, weight=None, eps=None, stats=None))]
+pub fn rms_norm_backward<'py>(
+    py: Python<'py>,
+    grad_y: &Bound<'py, PyAny>,
+    x: &Bound<'py, PyAny>,
+    normalized_shape: &Bound<'py, PyAny>,
+    weight: Option<&Bound<'py, PyAny>>,
+    eps: Option<f64>,
+    stats: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Py<PyAny>> {
+    let pair = super::batch::XPair::extract(grad_y, x)?;
+    let ns = parse_normalized_shape(normalized_shape)?;
+    let w = read_param(weight, "weight")?;
+    let st = super::batch::read_stats(stats)?;
+    let sv = st.as_ref().map(|s| s.view());
+    crate::dispatch_xpair!(pair, g, xt => super::batch::run_backward(py, g, xt, &ns, &ns,
+        |g, xv, d| crate::norm::rms_norm_backward(g, xv, d, &ns, pv(&w), eps, sv)))
+}

@@ -3,7 +3,7 @@
 //! the GIL and convert errors — no numerics here.
 
 pub mod array;
-mod batch;
+pub mod batch;
 pub mod errors;
 mod frn;
 mod gdn;
@@ -94,6 +94,11 @@ fn _rsnorm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(layer::rms_norm, m)?)?;
     m.add_function(wrap_pyfunction!(group::group_norm, m)?)?;
     m.add_function(wrap_pyfunction!(group::instance_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(batch::batch_norm_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(layer::layer_norm_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(layer::rms_norm_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(group::group_norm_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(group::instance_norm_backward, m)?)?;
     m.add_function(wrap_pyfunction!(lrn::local_response_norm, m)?)?;
     m.add_function(wrap_pyfunction!(lrn::_local_response_norm_backward, m)?)?;
     m.add_function(wrap_pyfunction!(frn::filter_response_norm, m)?)?;
