@@ -128,10 +128,16 @@ def eps_value(d: Draw, default):
 # ------------------------------------------------------------------------------- checking
 
 
+# float64: data like 1e4 + 1e-3·N(0,1) loses log10(1e4/1e-3) digits in any float64 two-pass
+# mean, the reference's included; the strict ulp bounds live in test_numerics.py. The GPU fuzzer
+# (test_gpu_limits.py) swaps in the documented GPU tolerances.
+TOL = {F64: 1e-8, F32: 2e-5, F16: 4e-3}
+# Set by the GPU fuzzer: rsnorm.gpu.moments gives m2 = NaN for an empty batch (CPU: 0).
+GPU_EMPTY_M2_NAN = False
+
+
 def tol(dtype):
-    # float64: data like 1e4 + 1e-3·N(0,1) loses log10(1e4/1e-3) digits in any float64 two-pass
-    # mean, the reference's included; the strict ulp bounds live in test_numerics.py.
-    return {F64: 1e-8, F32: 2e-5, F16: 4e-3}[np.dtype(dtype).type]
+    return TOL[np.dtype(dtype).type]
 
 
 def assert_close(got, want, dtype, name="y", scale=None, tol_as=None):
@@ -292,7 +298,8 @@ def build_batch_norm(d: Draw) -> Case:
                 assert ref.assert_bitwise_equal(rv, rv0) is None
         if nbt is not None:
             # Counting an empty training batch is not specified; eval never counts.
-            allowed = {nbt0 + 1} if training and n > 0 else {nbt0, nbt0 + int(training)}
+            counted = training and n > 0 and c > 0
+            allowed = {nbt0 + 1} if counted else {nbt0, nbt0 + int(training)}
             assert int(nbt) in allowed, (int(nbt), nbt0)
 
     def ref_fn(v):
@@ -495,7 +502,10 @@ def build_moments(d: Draw) -> Case:
         assert res.mean.dtype == F64 and res.m2.dtype == F64
         t = F64 if dt == F64 else F32
         assert_close(res.mean, mean, F64, "mean", tol_as=t)
-        assert_close(res.m2, m2, F64, "m2", tol_as=t, scale=max(1.0, float(np.nanmax(
+        m2_got = res.m2
+        if count == 0 and GPU_EMPTY_M2_NAN:
+            m2_got = np.where(np.isnan(m2_got), 0.0, m2_got)
+        assert_close(m2_got, m2, F64, "m2", tol_as=t, scale=max(1.0, float(np.nanmax(
             np.abs(m2), initial=0))))
         if count == 0:
             assert np.isnan(res.mean).all()
@@ -871,10 +881,11 @@ def backward_of(fwd_name: str, build_fwd: Callable[[Draw], Case]) -> Callable[[D
         expect = fc.expect
         if getattr(fc, "soft", False):
             expect = "either"
-        if fwd_name == "iter_norm" and expect is ValueError:
-            # Bug (test_params.py::test_iter_norm_backward_validates_eps): iter_norm_backward
-            # does not validate eps; the fuzzer accepts both until that is fixed.
-            expect = "either"
+        if fwd_name == "iter_norm" and expect is ValueError and not (
+                math.isfinite(kw["eps"]) and kw["eps"] >= 0):
+            # Bug (test_params.py::test_8_iter_norm_backward_validates_eps): iter_norm_backward
+            # does not validate eps (NumPy warns on inf); fuzz it with a valid one until fixed.
+            kw["eps"], expect = 1e-5, None
         if isinstance(x, np.ndarray) and np.isnan(np.asarray(x, F64)).any():
             nan_in = True
         else:
@@ -922,6 +933,11 @@ def backward_of(fwd_name: str, build_fwd: Callable[[Draw], Case]) -> Callable[[D
                 else:
                     if expect == "either" and np.isnan(got) and np.isnan(fds).all():
                         continue  # an invalid parameter accepted: NaN in, NaN out
+                    mags = np.abs(fds[-4:])
+                    if (mags[1:] > 4 * mags[:-1]).all():
+                        # The difference quotient grows like 1/h: not differentiable here
+                        # (e.g. MVN's sqrt(var) at a constant group); no derivative to check.
+                        continue
                     raise AssertionError(
                         f"d/d{name}: <grad, v> = {got!r}, finite differences {fds!r}")
 
