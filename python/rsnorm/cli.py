@@ -809,6 +809,19 @@ def cmd_demo(args) -> int:
 DEMO_EXTRAS: list[Callable[[Any, argparse.Namespace], bool]] = []
 
 
+def _train_demo(rn, args: argparse.Namespace) -> bool:
+    """The training section: a small NumPy network with and without batch norm (and with
+    layer/group norm) on built-in data; passes when batch norm ends with the lower loss."""
+    if getattr(args, "no_train", False) or getattr(args, "ops", None):
+        return True
+    from . import demo_train
+
+    return demo_train.cli_hook(rn, args)
+
+
+DEMO_EXTRAS.append(_train_demo)
+
+
 # ---------------------------------------------------------------------------------------------
 # ONNX conformance (used by `check` when the onnx package with its node test data is present)
 # ---------------------------------------------------------------------------------------------
@@ -979,6 +992,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ops", help="comma-separated op names (default: all)")
     d.add_argument("--no-timing", action="store_true", help="skip the time column")
     d.add_argument("-v", "--verbose", action="store_true", help="also list skipped cases")
+    d.add_argument("--no-train", action="store_true", help="skip the training demo")
+    d.add_argument("--train-steps", type=int, default=300, help="SGD steps per variant")
+    d.add_argument("--train-plot", metavar="FILE.png",
+                   help="save the loss curves (needs matplotlib)")
     c = sub.add_parser("check", help="conformance self-test (references + ONNX test data)")
     c.add_argument("--no-onnx", action="store_true", help="skip the ONNX conformance data")
     c.add_argument("-v", "--verbose", action="store_true")
