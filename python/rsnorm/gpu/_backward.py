@@ -15,10 +15,10 @@ fused forward kernel takes (up to 4 chunks), the group sums and dx come from one
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
+# Grads: the CPU ops' gradient tuple, so both paths' results pass the same isinstance checks.
+from .._grads import Grads
 from . import _device
 from ._array import GPUArray, asarray, shape_error, value_error
 from ._engine import (
@@ -44,15 +44,6 @@ from ._engine import (
     use_fused,
 )
 from ._ops import _grouped_dims, _prod, _rows, _run, rms_eps
-
-
-class Grads(NamedTuple):
-    """Gradients in x's dtype: ``x`` always; ``weight`` / ``bias`` when that parameter was
-    given (None otherwise)."""
-
-    x: object
-    weight: object = None
-    bias: object = None
 
 
 def _prep(grad_y, x):
