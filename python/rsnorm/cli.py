@@ -735,7 +735,8 @@ def _gpu_rows() -> list[tuple[str, str]]:
     try:
         from rsnorm import gpu
 
-        info = gpu.info()
+        # Every adapter wgpu can see (the one in use first would need a device: info()).
+        info = getattr(gpu, "adapters", lambda: None)() or gpu.info()
     except (ImportError, RuntimeError, AttributeError) as exc:
         return [("gpu", f"no GPU adapter ({type(exc).__name__}: {exc})")]
     if not info:
