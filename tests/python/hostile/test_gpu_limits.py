@@ -5,6 +5,8 @@ and accuracy/determinism on the adversarial float32 sets."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -180,7 +182,9 @@ def gpu_tolerances(monkeypatch):
 
 
 @pytest.mark.parametrize("name", GPU_NAMES)
-@settings(max_examples=12, deadline=None, derandomize=True, database=None,
+@settings(max_examples=int(os.environ.get("RSNORM_FUZZ_EXAMPLES", "300"))
+          if os.environ.get("RSNORM_FUZZ") == "long" else 12,
+          deadline=None, derandomize=os.environ.get("RSNORM_FUZZ") != "long", database=None,
           suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_fuzz_gpu(name, data, gpu_tolerances):
