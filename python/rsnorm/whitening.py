@@ -265,6 +265,17 @@ def _newton_backward(sigma: np.ndarray, d_wm: np.ndarray, T: int):
     return wm, d_sigma
 
 
+def _check_eps(eps) -> float:
+    """eps as the forward takes it: a real number (else TypeError), finite and >= 0 (else
+    RsnormError), so backward refuses what the forward refuses, in both modes."""
+    if isinstance(eps, (str, bytes)) or not hasattr(eps, "__float__"):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    e = float(eps)
+    if not (math.isfinite(e) and e >= 0):
+        raise RsnormError(f"eps must be a finite number >= 0, got {e}")
+    return e
+
+
 def iter_norm_backward(
     grad_y,
     x,
@@ -303,6 +314,7 @@ def iter_norm_backward(
         raise ShapeError(f"grad_y must have x's shape {x.shape}, got {grad_y.shape}")
     if x.ndim < 2:
         raise ShapeError(f"iter_norm expects at least 2 dimensions (N, C, ...), got {x.shape}")
+    eps = _check_eps(eps)
     if not -x.ndim <= axis < x.ndim or axis % x.ndim == 0:
         raise RsnormError(f"axis={axis} is not a channel axis for an input of shape {x.shape}")
     ax = axis % x.ndim

@@ -14,6 +14,7 @@ use numpy::{
     Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
     PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
+use pyo3::exceptions::PyOverflowError;
 use pyo3::prelude::*;
 
 /// Below this many bytes a kernel runs without releasing the GIL: releasing and re-taking it
@@ -34,6 +35,37 @@ fn describe(obj: &Bound<'_, PyAny>) -> String {
         .name()
         .map(|n| n.to_string())
         .unwrap_or_else(|_| "object".into())
+}
+
+/// `from_py_with` extractor of an integer argument (axis, num_groups, size, T, n, ...): an int
+/// beyond 64 bits is an `RsnormError` (a `ValueError`, as every bad parameter value) instead of
+/// pyo3's `OverflowError`; a non-integer keeps pyo3's `TypeError`. pyo3 notes the argument's
+/// name on the exception ("while processing 'axis'").
+pub fn int64(obj: &Bound<'_, PyAny>) -> PyResult<i64> {
+    obj.extract::<i64>().map_err(|e| {
+        if e.is_instance_of::<PyOverflowError>(obj.py()) {
+            out_of_range(obj)
+        } else {
+            e
+        }
+    })
+}
+
+/// [`int64`] for an `isize` argument (an axis).
+pub fn intp(obj: &Bound<'_, PyAny>) -> PyResult<isize> {
+    isize::try_from(int64(obj)?).map_err(|_| out_of_range(obj))
+}
+
+#[cold]
+fn out_of_range(obj: &Bound<'_, PyAny>) -> PyErr {
+    // str() of an int refuses beyond sys.int_info.str_digits_check_threshold digits.
+    let v = obj
+        .str()
+        .map(|s| s.to_string())
+        .unwrap_or_else(|_| "an integer".into());
+    value_error(format!(
+        "{v} is out of range (an integer argument must fit in 64 bits)"
+    ))
 }
 
 /// The ndarray behind `obj`, with a float dtype of native byte order, else `TypeError`.

@@ -1,7 +1,7 @@
 //! `batch_norm` and `moments` bindings.
 
 use super::array::{
-    check_out_disjoint, check_writable, core, f64_stats, prepare_out, read_vec, result, run,
+    check_out_disjoint, check_writable, core, f64_stats, intp, prepare_out, read_vec, result, run,
     stats_array, stats_tuple, write_param, XArray,
 };
 use super::errors::{type_error, value_error};
@@ -96,7 +96,7 @@ pub fn batch_norm<'py>(
     training: bool,
     momentum: Option<f64>,
     eps: f64,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
     out: Option<&Bound<'py, PyAny>>,
     return_stats: bool,
     num_batches_tracked: Option<&Bound<'py, PyAny>>,
@@ -169,7 +169,11 @@ pub fn batch_norm<'py>(
 /// Per-channel (count, mean, M2) of x over every axis but `axis`, in float64.
 #[pyfunction]
 #[pyo3(signature = (x, axis=1))]
-pub fn moments<'py>(py: Python<'py>, x: &Bound<'py, PyAny>, axis: isize) -> PyResult<Py<PyAny>> {
+pub fn moments<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    #[pyo3(from_py_with = intp)] axis: isize,
+) -> PyResult<Py<PyAny>> {
     let xa = XArray::extract(x, "x")?;
     let m = dispatch!(xa, xt => {
         let xv = xt.as_array();
@@ -345,7 +349,7 @@ pub fn batch_norm_backward<'py>(
     momentum: Option<f64>,
     eps: f64,
     stats: Option<&Bound<'py, PyAny>>,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
     momentum_convention: &str,
     num_batches_tracked: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Py<PyAny>> {

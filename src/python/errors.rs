@@ -38,3 +38,8 @@ pub fn shape_error(msg: String) -> PyErr {
 pub fn type_error(msg: String) -> PyErr {
     PyTypeError::new_err(msg)
 }
+
+/// Whether `e` (raised while converting `obj`) is a `TypeError`.
+pub fn is_type_error(obj: &Bound<'_, PyAny>, e: &PyErr) -> bool {
+    e.is_instance_of::<PyTypeError>(obj.py())
+}

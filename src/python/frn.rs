@@ -1,8 +1,8 @@
 //! `filter_response_norm` and `tlu` bindings.
 
 use super::array::{
-    core, f64_stats, prepare_out, read_param, read_vec, result, run, stats_array, stats_tuple,
-    XArray,
+    core, f64_stats, intp, prepare_out, read_param, read_vec, result, run, stats_array,
+    stats_tuple, XArray,
 };
 use super::errors::{shape_error, to_py, type_error};
 use super::mixing::{grad_array, nbytes};
@@ -95,7 +95,7 @@ pub fn filter_response_norm<'py>(
     tau: Option<&Bound<'py, PyAny>>,
     eps: f64,
     learned_eps: Option<&Bound<'py, PyAny>>,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
     out: Option<&Bound<'py, PyAny>>,
     return_stats: bool,
 ) -> PyResult<Py<PyAny>> {
@@ -156,7 +156,7 @@ pub fn _filter_response_norm_backward<'py>(
     tau: Option<&Bound<'py, PyAny>>,
     eps: f64,
     learned_eps: Option<&Bound<'py, PyAny>>,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
     stats: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     let xa = XArray::extract(x, "x")?;
@@ -214,7 +214,7 @@ pub fn tlu<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     tau: &Bound<'py, PyAny>,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     let xa = XArray::extract(x, "x")?;
@@ -237,7 +237,7 @@ pub fn _tlu_backward<'py>(
     grad_y: &Bound<'py, PyAny>,
     x: &Bound<'py, PyAny>,
     tau: &Bound<'py, PyAny>,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
 ) -> PyResult<Py<PyAny>> {
     let xa = XArray::extract(x, "x")?;
     let ga = XArray::extract(grad_y, "grad_y")?;

@@ -1,6 +1,6 @@
 //! `gdn` bindings.
 
-use super::array::{core, prepare_out, read_param, read_vec, run, XArray};
+use super::array::{core, intp, prepare_out, read_param, read_vec, run, XArray};
 use super::errors::{shape_error, value_error};
 use super::mixing::{grad_array, nbytes};
 use crate::norm::gdn::{gdn as gdn_core, gdn_backward as gdn_bwd, GdnParams, GdnVariant};
@@ -45,7 +45,7 @@ pub fn gdn<'py>(
     gamma: &Bound<'py, PyAny>,
     inverse: bool,
     variant: &str,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     let xa = XArray::extract(x, "x")?;
@@ -80,7 +80,7 @@ pub fn _gdn_backward<'py>(
     gamma: &Bound<'py, PyAny>,
     inverse: bool,
     variant: &str,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
 ) -> PyResult<Py<PyAny>> {
     let xa = XArray::extract(x, "x")?;
     let ga = XArray::extract(grad_y, "grad_y")?;

@@ -1,8 +1,8 @@
 //! `group_norm` and `instance_norm` bindings.
 
 use super::array::{
-    check_out_disjoint, check_writable, core, f64_stats, prepare_out, read_vec, result, run,
-    stats_array, stats_tuple, write_param, XArray,
+    check_out_disjoint, check_writable, core, f64_stats, int64, intp, prepare_out, read_vec,
+    result, run, stats_array, stats_tuple, write_param, XArray,
 };
 use crate::dispatch;
 use crate::norm::group::group_norm as gn_core;
@@ -31,11 +31,11 @@ fn stats<'py>(
 pub fn group_norm<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
-    num_groups: i64,
+    #[pyo3(from_py_with = int64)] num_groups: i64,
     weight: Option<&Bound<'py, PyAny>>,
     bias: Option<&Bound<'py, PyAny>>,
     eps: f64,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
     out: Option<&Bound<'py, PyAny>>,
     return_stats: bool,
 ) -> PyResult<Py<PyAny>> {
@@ -73,7 +73,7 @@ pub fn instance_norm<'py>(
     use_input_stats: bool,
     momentum: f64,
     eps: f64,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
     out: Option<&Bound<'py, PyAny>>,
     return_stats: bool,
 ) -> PyResult<Py<PyAny>> {
@@ -140,12 +140,12 @@ pub fn group_norm_backward<'py>(
     py: Python<'py>,
     grad_y: &Bound<'py, PyAny>,
     x: &Bound<'py, PyAny>,
-    num_groups: i64,
+    #[pyo3(from_py_with = int64)] num_groups: i64,
     weight: Option<&Bound<'py, PyAny>>,
     bias: Option<&Bound<'py, PyAny>>,
     eps: f64,
     stats: Option<&Bound<'py, PyAny>>,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
 ) -> PyResult<Py<PyAny>> {
     let pair = super::batch::XPair::extract(grad_y, x)?;
     let w = read_vec(weight, "weight")?;
@@ -175,7 +175,7 @@ pub fn instance_norm_backward<'py>(
     momentum: f64,
     eps: f64,
     stats: Option<&Bound<'py, PyAny>>,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
 ) -> PyResult<Py<PyAny>> {
     let pair = super::batch::XPair::extract(grad_y, x)?;
     let rm = read_vec(running_mean, "running_mean")?;

@@ -1,10 +1,10 @@
 //! `layer_norm` and `rms_norm` bindings.
 
 use super::array::{
-    check_out_disjoint, core, f64_stats, prepare_out, read_param, result, run, stats_array,
+    check_out_disjoint, core, f64_stats, int64, prepare_out, read_param, result, run, stats_array,
     stats_tuple, Param, XArray,
 };
-use super::errors::{type_error, value_error};
+use super::errors::{is_type_error, type_error, value_error};
 use crate::dispatch;
 use crate::norm::layer::layer_norm as ln_core;
 use crate::norm::rms::rms_norm as rms_core;
@@ -16,12 +16,16 @@ use pyo3::prelude::*;
 /// `normalized_shape`: an int or a sequence of ints, as in PyTorch.
 pub fn parse_normalized_shape(obj: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
     // An int is the common case: test the type first, as a failed extract builds an exception.
+    let not_ints = || type_error("normalized_shape must be an int or a sequence of ints".into());
     let dims: Vec<i64> = if obj.is_instance_of::<pyo3::types::PyInt>() {
-        vec![obj.extract::<i64>()?]
+        vec![int64(obj)?]
     } else {
-        obj.extract::<Vec<i64>>().map_err(|_| {
-            type_error("normalized_shape must be an int or a sequence of ints".into())
-        })?
+        // Item by item, so that an entry beyond 64 bits is a ValueError as a lone int is.
+        obj.extract::<Vec<Bound<'_, PyAny>>>()
+            .map_err(|_| not_ints())?
+            .iter()
+            .map(|d| int64(d).map_err(|e| if is_type_error(d, &e) { not_ints() } else { e }))
+            .collect::<PyResult<_>>()?
     };
     dims.iter()
         .map(|&d| {

@@ -1,6 +1,6 @@
 //! `normalize` (Lp normalization) bindings.
 
-use super::array::{core, prepare_out, run, XArray};
+use super::array::{core, intp, prepare_out, run, XArray};
 use super::mixing::nbytes;
 use crate::norm::lp::{normalize as lp_core, normalize_backward as lp_bwd};
 use crate::{dispatch, dispatch_pair};
@@ -16,7 +16,7 @@ pub fn normalize<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     p: f64,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
     eps: f64,
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Py<PyAny>> {
@@ -39,7 +39,7 @@ pub fn _normalize_backward<'py>(
     grad_y: &Bound<'py, PyAny>,
     x: &Bound<'py, PyAny>,
     p: f64,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
     eps: f64,
 ) -> PyResult<Py<PyAny>> {
     let xa = XArray::extract(x, "x")?;

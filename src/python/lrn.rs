@@ -1,6 +1,6 @@
 //! `local_response_norm` bindings.
 
-use super::array::{core, prepare_out, run, XArray};
+use super::array::{core, int64, intp, prepare_out, run, XArray};
 use super::errors::value_error;
 use super::mixing::nbytes;
 use crate::norm::lrn::{
@@ -35,13 +35,13 @@ fn window(w: &str) -> PyResult<LrnWindow> {
 pub fn local_response_norm<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
-    size: i64,
+    #[pyo3(from_py_with = int64)] size: i64,
     alpha: f64,
     beta: f64,
     k: f64,
     alpha_over_size: bool,
     window: &str,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     let xa = XArray::extract(x, "x")?;
@@ -73,13 +73,13 @@ pub fn _local_response_norm_backward<'py>(
     py: Python<'py>,
     grad_y: &Bound<'py, PyAny>,
     x: &Bound<'py, PyAny>,
-    size: i64,
+    #[pyo3(from_py_with = int64)] size: i64,
     alpha: f64,
     beta: f64,
     k: f64,
     alpha_over_size: bool,
     window: &str,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
 ) -> PyResult<Py<PyAny>> {
     let xa = XArray::extract(x, "x")?;
     let ga = XArray::extract(grad_y, "grad_y")?;

@@ -22,7 +22,7 @@ const MAX_THREADS: usize = 1024;
 
 /// Sets the number of threads kernels use (0 = default: RAYON_NUM_THREADS or the CPU count).
 #[pyfunction]
-fn set_num_threads(n: i64) -> PyResult<()> {
+fn set_num_threads(#[pyo3(from_py_with = array::int64)] n: i64) -> PyResult<()> {
     // Beyond a few hundred threads the OS spends its time creating them (100 000 hangs the
     // next call); no machine this library targets benefits from more than MAX_THREADS.
     let n = usize::try_from(n)

@@ -1,7 +1,7 @@
 //! `mean_variance_norm` bindings.
 
-use super::array::{core, prepare_out, run, XArray};
-use super::errors::type_error;
+use super::array::{core, intp, prepare_out, run, XArray};
+use super::errors::{is_type_error, type_error};
 use super::mixing::nbytes;
 use crate::norm::mvn::{mean_variance_norm as mvn_core, mean_variance_norm_backward as mvn_bwd};
 use crate::{dispatch, dispatch_pair};
@@ -10,11 +10,18 @@ use pyo3::prelude::*;
 
 /// `axes` as an int or a sequence of ints.
 fn axes_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<isize>> {
-    if let Ok(a) = obj.extract::<isize>() {
-        return Ok(vec![a]);
+    let not_ints = || type_error("axes must be an int or a sequence of ints".into());
+    // An int beyond 64 bits, alone or in the sequence, is a ValueError (intp), not a TypeError.
+    match intp(obj) {
+        Ok(a) => return Ok(vec![a]),
+        Err(e) if !is_type_error(obj, &e) => return Err(e),
+        Err(_) => {}
     }
-    obj.extract::<Vec<isize>>()
-        .map_err(|_| type_error("axes must be an int or a sequence of ints".into()))
+    obj.extract::<Vec<Bound<'_, PyAny>>>()
+        .map_err(|_| not_ints())?
+        .iter()
+        .map(|a| intp(a).map_err(|e| if is_type_error(a, &e) { not_ints() } else { e }))
+        .collect()
 }
 
 /// Mean-variance normalization (ONNX MeanVarianceNormalization) over ``axes`` (default

@@ -2,7 +2,9 @@
 //! linear map, and iterative normalization. The Python layer (`rsnorm/whitening.py`) builds the
 //! `Whitening` class and the public `iter_norm` on these.
 
-use super::array::{check_writable, core, f64_stats, prepare_out, read_param, run, XArray};
+use super::array::{
+    check_writable, core, f64_stats, int64, intp, prepare_out, read_param, run, XArray,
+};
 use super::errors::shape_error;
 use crate::dispatch;
 use crate::error::fmt_shape;
@@ -31,8 +33,8 @@ fn stat_array<'py>(
 pub fn covariance_moments<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
-    num_groups: i64,
-    axis: isize,
+    #[pyo3(from_py_with = int64)] num_groups: i64,
+    #[pyo3(from_py_with = intp)] axis: isize,
 ) -> PyResult<(u64, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let xa = XArray::extract(x, "x")?;
     let cov = dispatch!(xa, xt => {
@@ -83,7 +85,7 @@ pub fn group_whiten_apply<'py>(
     mats: &Bound<'py, PyAny>,
     sub: &Bound<'py, PyAny>,
     add: Option<&Bound<'py, PyAny>>,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     let xa = XArray::extract(x, "x")?;
@@ -127,12 +129,12 @@ pub fn iter_norm<'py>(
     x: &Bound<'py, PyAny>,
     running_mean: Option<&Bound<'py, PyAny>>,
     running_wm: Option<&Bound<'py, PyAny>>,
-    num_groups: i64,
-    T: i64,
+    #[pyo3(from_py_with = int64)] num_groups: i64,
+    #[pyo3(from_py_with = int64)] T: i64,
     eps: f64,
     training: bool,
     momentum: f64,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
     out: Option<&Bound<'py, PyAny>>,
     return_stats: bool,
 ) -> PyResult<Py<PyAny>> {
@@ -222,8 +224,8 @@ pub fn group_cross_moments<'py>(
     a: &Bound<'py, PyAny>,
     b: &Bound<'py, PyAny>,
     mean_b: &Bound<'py, PyAny>,
-    num_groups: i64,
-    axis: isize,
+    #[pyo3(from_py_with = int64)] num_groups: i64,
+    #[pyo3(from_py_with = intp)] axis: isize,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let aa = XArray::extract(a, "a")?;
     let ba = XArray::extract(b, "b")?;
@@ -256,7 +258,7 @@ pub fn group_whiten_apply2<'py>(
     mats_a: &Bound<'py, PyAny>,
     mats_b: &Bound<'py, PyAny>,
     offset: &Bound<'py, PyAny>,
-    axis: isize,
+    #[pyo3(from_py_with = intp)] axis: isize,
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     let aa = XArray::extract(a, "a")?;

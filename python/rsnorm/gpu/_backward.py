@@ -43,7 +43,15 @@ from ._engine import (
     sum_pass,
     use_fused,
 )
-from ._ops import _grouped_dims, _prod, _rows, _run, rms_eps
+from ._ops import (
+    _check_momentum,
+    _grouped_dims,
+    _prod,
+    _rows,
+    _run,
+    check_not_batch_axis,
+    rms_eps,
+)
 
 
 def _prep(grad_y, x):
@@ -167,7 +175,7 @@ def group_norm_backward(grad_y, x, num_groups, weight=None, bias=None, eps=1e-5,
     if x.ndim < 2:
         raise shape_error(f"group_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
-    N, S1, C, I = _grouped_dims(x, ax)
+    N, S1, C, I = _grouped_dims(x, ax, "group_norm")
     if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool):
         raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
     G = int(num_groups)
@@ -218,12 +226,18 @@ def batch_norm_backward(grad_y, x, running_mean=None, running_var=None, weight=N
     """Gradients of :func:`rsnorm.gpu.batch_norm`: ``Grads(x, weight, bias)``. Training (or no
     running statistics) differentiates through the batch statistics; eval is the affine map
     ``dx = dy * weight * rstd(running_var)``. ``momentum`` and the running-update arguments are
-    accepted for signature compatibility and unused."""
-    del momentum, momentum_convention, num_batches_tracked
+    accepted for signature compatibility and unused, but validated as on the CPU."""
+    del num_batches_tracked
     host = _prep(grad_y, x)
+    if momentum_convention not in ("torch", "onnx"):
+        raise value_error(
+            f"momentum_convention must be 'torch' or 'onnx', got {momentum_convention!r}")
+    # None (the cumulative average) is valid here whatever the convention, as on the CPU.
+    _check_momentum(momentum, allow_none=True)
     if x.ndim < 2:
         raise shape_error(f"batch_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
+    check_not_batch_axis(x, ax, "batch_norm")
     C = int(x.shape[ax])
     O = _prod(x.shape[:ax])
     I = _prod(x.shape[ax + 1 :])

@@ -158,6 +158,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     if x.ndim < 2:
         raise shape_error(f"batch_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
+    check_not_batch_axis(x, ax, "batch_norm")
     check_size(x)
     C = int(x.shape[ax])
     O = _prod(x.shape[:ax])
@@ -303,9 +304,18 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, return_sta
     return _rowwise(x, normalized_shape, weight, None, eps, out, return_stats, rms=True)
 
 
-def _grouped_dims(x, ax):
+def check_not_batch_axis(x, ax: int, op: str):
+    """The channel axis may not be the batch axis 0 (the CPU's ChannelView rule and message)."""
     if ax == 0:
-        raise value_error("the channel axis cannot be the batch axis 0")
+        shape = tuple(int(s) for s in x.shape)
+        raise value_error(
+            f"axis=0 is the batch axis; {op} needs the channel axis to be another one (1 or -1), "
+            f"input shape {shape}"
+        )
+
+
+def _grouped_dims(x, ax, op: str = "this op"):
+    check_not_batch_axis(x, ax, op)
     N = int(x.shape[0])
     S1 = _prod(x.shape[1:ax])
     C = int(x.shape[ax])
@@ -321,7 +331,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     if x.ndim < 2:
         raise shape_error(f"group_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
-    N, S1, C, I = _grouped_dims(x, ax)
+    N, S1, C, I = _grouped_dims(x, ax, "group_norm")
     if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool):
         raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
     G = int(num_groups)
@@ -369,7 +379,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         raise shape_error(
             f"instance_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
-    N, S1, C, I = _grouped_dims(x, ax)
+    N, S1, C, I = _grouped_dims(x, ax, "instance_norm")
     check_size(x)
     for name, p in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
@@ -450,21 +460,19 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
 def filter_response_norm(x, weight=None, bias=None, tau=None, eps=1e-6, *, learned_eps=None,
                          axis=1, out=None, return_stats=False):
     """Filter response norm: ``nu2 = mean(x^2)`` over the spatial axes per (sample, channel),
-    ``y = weight * x / sqrt(nu2 + |eps| + |learned_eps|) + bias``, then ``max(y, tau)`` if ``tau``
-    is given. ``learned_eps`` is a scalar (a size-1 array or a float) on the GPU path."""
+    ``y = weight * x / sqrt(nu2 + eps + |learned_eps|) + bias``, then ``max(y, tau)`` if ``tau``
+    is given; eps must be finite and >= 0, as on the CPU. ``learned_eps`` is a scalar (a size-1
+    array or a float) on the GPU path."""
     host = check_x(x)
     if x.ndim < 2:
         raise shape_error(
             f"filter_response_norm expects an input of rank >= 2, got shape {tuple(x.shape)}")
     ax = norm_axis(axis, x.ndim)
-    N, S1, C, I = _grouped_dims(x, ax)
+    N, S1, C, I = _grouped_dims(x, ax, "filter_response_norm")
     check_size(x)
     for name, p in (("weight", weight), ("bias", bias), ("tau", tau)):
         check_param(p, (C,), name)
-    try:
-        e = abs(float(eps))
-    except (TypeError, ValueError):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}") from None
+    e = check_eps(eps)
     if learned_eps is not None:
         le = np.asarray(learned_eps.numpy() if isinstance(learned_eps, GPUArray) else learned_eps)
         if le.size != 1:
@@ -472,7 +480,7 @@ def filter_response_norm(x, weight=None, bias=None, tau=None, eps=1e-6, *, learn
                 f"learned_eps must be a scalar on the GPU path, got shape {le.shape}")
         e += abs(float(le.reshape(())))
     if not math.isfinite(e):
-        raise value_error(f"eps must be finite, got {eps}")
+        raise value_error(f"eps + |learned_eps| must be finite, got {eps} and {learned_eps}")
     check_out(out, x, host)
     if x.size == 0:
         return _empty_result(x, host, (N, C), return_stats, rstd_only=True, out=out)
@@ -537,9 +545,9 @@ def moments(x, axis=1):
     I = _prod(x.shape[ax + 1 :])
     count = O * I
     if x.size == 0:
-        mean = np.full(C, np.nan)
-        m2 = np.full(C, np.nan) if count == 0 else np.zeros(C)
-        return _moments(count, mean, m2)
+        # As the CPU: m2 is the empty sum 0 (also for count == 0, so merging an empty part is
+        # exact); the mean of nothing is NaN.
+        return _moments(count, np.full(C, np.nan), np.zeros(C))
     ctx = _device.context()
 
     def body():
