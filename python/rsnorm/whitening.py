@@ -265,6 +265,9 @@ def _newton_backward(sigma: np.ndarray, d_wm: np.ndarray, T: int):
     return wm, d_sigma
 
 
+_MAX_T = 1000
+
+
 def _check_eps(eps) -> float:
     """eps as the forward takes it: a real number (else TypeError), finite and >= 0 (else
     RsnormError), so backward refuses what the forward refuses, in both modes."""
@@ -315,6 +318,9 @@ def iter_norm_backward(
     if x.ndim < 2:
         raise ShapeError(f"iter_norm expects at least 2 dimensions (N, C, ...), got {x.shape}")
     eps = _check_eps(eps)
+    if not (isinstance(T, (int, np.integer)) and 0 <= T <= _MAX_T):
+        # The forward's bound (src/norm/iternorm.rs MAX_T): an absurd T would hang the loop.
+        raise RsnormError(f"T (the number of Newton iterations) must be in [0, {_MAX_T}], got {T}")
     if not -x.ndim <= axis < x.ndim or axis % x.ndim == 0:
         raise RsnormError(f"axis={axis} is not a channel axis for an input of shape {x.shape}")
     ax = axis % x.ndim

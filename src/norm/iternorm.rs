@@ -46,6 +46,11 @@ pub struct IterNormOutput {
     pub running: Option<(Vec<f64>, Vec<f64>)>,
 }
 
+/// Newton's iteration for Σ^-½ converges quadratically, and past a few dozen steps on an
+/// ill-conditioned Σ it only amplifies rounding (see the module notes); a bound also keeps an
+/// absurd T (2⁴⁰) from hanging the call.
+pub const MAX_T: usize = 1000;
+
 /// Iterative normalization of `x` into `y`.
 ///
 /// # Errors
@@ -60,11 +65,14 @@ pub fn iter_norm<T: Scalar>(
     check_out(&x, &y)?;
     check_eps(p.eps)?;
     check_momentum(p.momentum)?;
-    let Ok(t) = usize::try_from(p.t) else {
-        return Err(NormError::Param(format!(
-            "T (the number of Newton iterations) must be >= 0, got {}",
-            p.t
-        )));
+    let t = match usize::try_from(p.t) {
+        Ok(t) if t <= MAX_T => t,
+        _ => {
+            return Err(NormError::Param(format!(
+                "T (the number of Newton iterations) must be in [0, {MAX_T}], got {}",
+                p.t
+            )))
+        }
     };
     // group_covariance validates rank, axis and groups; do the same checks cheaply first so
     // an eval call fails the same way.

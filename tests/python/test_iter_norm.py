@@ -295,3 +295,13 @@ def test_out_argument(rng):
     assert np.array_equal(out, rn.iter_norm(x, num_groups=2))
     with pytest.raises(TypeError):
         rn.iter_norm(x, out=np.empty(x.shape, np.float64))
+
+
+@pytest.mark.parametrize("T", [-1, 1001, 2**40])
+def test_absurd_iteration_counts_are_refused_not_run(T):
+    # 2**40 Newton steps would hang the call: forward and backward refuse T outside [0, 1000].
+    x = np.random.default_rng(0).standard_normal((8, 4))
+    with pytest.raises(rn.RsnormError, match=r"T \(the number of Newton iterations\)"):
+        rn.iter_norm(x, T=T)
+    with pytest.raises(rn.RsnormError, match=r"T \(the number of Newton iterations\)"):
+        rn.iter_norm_backward(x, x, T=T)
