@@ -973,11 +973,12 @@ def _check_direction(ref_fn, base, gy64, name, g, v, h0, dt, expect):
                 return
     if expect == "either" and np.isnan(got) and np.isnan(fds).all():
         return  # an invalid parameter accepted: NaN in, NaN out
-    steady = [abs(a - b) <= 0.1 * max(abs(a), abs(b)) for a, b in itertools.pairwise(fds)]
+    steady = [abs(a - b) <= 5e-3 * max(abs(a), abs(b)) and a != 0
+              for a, b in itertools.pairwise(fds)]
     if not any(steady):
-        # The difference quotients never settle: not differentiable here, or the float64
-        # reference itself is ill-conditioned (MVN's 1/(sqrt(var) + eps) at a constant group
-        # with eps = 1e-12); there is no derivative to compare with.
+        # The difference quotients never settle to 0.5 %: not differentiable here, or the
+        # float64 reference itself is ill-conditioned (MVN's 1/(sqrt(var) + eps) at a constant
+        # group with eps = 1e-12, offsets of 1e4 on spreads of 1e-3); nothing to compare with.
         return
     raise AssertionError(f"d/d{name}: <grad, v> = {got!r}, finite differences {fds!r}")
 
