@@ -749,7 +749,7 @@ def build_mvn(d: Draw) -> Case:
         # is within a finite-difference step of it gives no usable difference quotient.
         xa = np.array(x, F64)
         sd = xa.std(axis=eff)
-        case.nondiff = bool((sd <= 1e-6 * (np.abs(xa).max() + 1) + 1e3 * abs(eps)).any())
+        case.nondiff = bool((sd <= 1e-6 * (np.abs(xa).max() + 1)).any())
     return case
 
 
@@ -976,7 +976,7 @@ def _check_direction(ref_fn, base, gy64, name, g, v, h0, dt, expect):
             # references of ill-conditioned groups round well above machine precision).
             spread = abs(fd - fds[-2])
             if spread <= 5e-3 * abs(fd) and min(abs(got - fd), abs(got - fds[-2])) <= (
-                    tol_k + spread):
+                    tol_k + spread + noise / 5):  # noise / 5: the realistic rounding
                 return
     if expect == "either" and np.isnan(got) and np.isnan(fds).all():
         return  # an invalid parameter accepted: NaN in, NaN out
