@@ -197,6 +197,13 @@ pub(crate) fn channel_moments<T: Scalar>(
     cv: &ChannelView<'_, T>,
     parallel: bool,
 ) -> (Vec<f64>, Vec<f64>) {
+    if cv.access == Access::Planes && cv.s > 1 {
+        // NCHW: both passes over one channel while it is in cache (the second pass reads L2,
+        // not memory); the same sums as the two whole-tensor passes below.
+        return pool::map_tasks(cv.c, parallel, |k| channel_plane_moments(cv, k))
+            .into_iter()
+            .unzip();
+    }
     let count = (cv.n * cv.s) as f64;
     let sums = channel_sums(cv, parallel, |v, _| v);
     let mean: Vec<f64> = sums.iter().map(|&s| s / count).collect();
