@@ -262,3 +262,15 @@ def test_gpu_lrn_nan_poisons_its_window_as_on_cpu():
     want = np.isnan(rn.local_response_norm(x, 3, alpha=2.0, beta=1.0))
     got = np.isnan(gpu.local_response_norm(x, 3, alpha=2.0, beta=1.0))
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: gpu.group_norm_backward loses up to 20 % (of max|dx|) "
+                   "on groups of 2 tiny values (x ~ 1e-3, eps 1e-12); documented: 1e-3/1e-4")
+def test_gpu_group_norm_backward_tiny_variance_within_documented_tolerance():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        x = (0.001 * rng.standard_normal((3, 1, 2))).astype(F32)
+        gy = rng.standard_normal((3, 1, 2)).astype(F32)
+        want = rn.group_norm_backward(gy, x, 1, eps=1e-12).x
+        got = gpu.group_norm_backward(gy, x, 1, eps=1e-12).x
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
