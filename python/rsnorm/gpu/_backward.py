@@ -248,6 +248,10 @@ def batch_norm_backward(grad_y, x, running_mean=None, running_var=None, weight=N
         raise value_error("running_mean and running_var must be given together")
     eps = check_eps(eps)
     batch_stats = bool(training) or running_mean is None
+    if training and O * I == 1:
+        # The CPU's rule and message (HOSTILE 1): one value per channel has no batch variance.
+        raise value_error("Expected more than 1 value per channel when training, got input size "
+                          f"{tuple(int(d) for d in x.shape)}")
     _check_stats(stats, (C,), True)
     if x.size == 0:
         return _empty_grads(x, host, (C,), weight, bias)

@@ -190,6 +190,16 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         )
     check_out(out, x, host)
     if x.size == 0:
+        if return_stats and host and has_running and not training:
+            # Eval normalizes with the running statistics even on an empty batch: report
+            # them, as the CPU op does (float32 statistics, like every GPU op).
+            def _np(a):
+                return a if isinstance(a, np.ndarray) else a.numpy()
+
+            y = out if out is not None else np.empty(x.shape, x.dtype)
+            mean = _np(running_mean).astype(np.float32)
+            rstd = (1.0 / np.sqrt(_np(running_var).astype(np.float64) + eps)).astype(np.float32)
+            return y, make_stats(mean, rstd)
         return _empty_result(x, host, (C,), return_stats, out=out)
     batch_stats = bool(training) or not has_running
     ctx = _device.context()

@@ -235,8 +235,6 @@ def test_gpu_frn_negative_eps_is_value_error_as_on_cpu():
 
 
 # Found by the long GPU fuzz run (RSNORM_FUZZ=long), still open ------------------------------
-@pytest.mark.xfail(strict=True, reason="bug: gpu.batch_norm in eval returns NaN statistics for "
-                   "an empty batch (CPU: the running statistics it normalizes with)")
 def test_gpu_eval_stats_of_empty_batch_match_cpu():
     x = np.zeros((0, 2, 1), F32)
     rm, rv = np.array([0.5, 1.0]), np.array([2.0, 3.0])
@@ -246,8 +244,6 @@ def test_gpu_eval_stats_of_empty_batch_match_cpu():
     np.testing.assert_allclose(got.rstd, want.rstd, rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: gpu.batch_norm_backward in training accepts one "
-                   "value per channel (CPU: ValueError, HOSTILE 1)")
 def test_gpu_batch_norm_backward_one_value_per_channel():
     x = _x((1, 4))
     with pytest.raises(rn.RsnormError, match=r"Expected more than 1 value per channel"):
