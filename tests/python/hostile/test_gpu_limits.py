@@ -250,8 +250,6 @@ def test_gpu_batch_norm_backward_one_value_per_channel():
         gpu.batch_norm_backward(x, x, np.zeros(4), np.ones(4), training=True, axis=-1)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: gpu.local_response_norm keeps a NaN in its own "
-                   "element; the channels whose window holds it stay finite (CPU: NaN, HOSTILE 26)")
 def test_gpu_lrn_nan_poisons_its_window_as_on_cpu():
     x = _x((1, 5, 3))
     x[0, 2, 1] = np.nan

@@ -42,12 +42,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         let j1 = min(c + P.hi, P.C - 1u);
         // li - (c - j) * I addresses channel j at the same position.
         var s = 0.0;
+        // WGSL may assume no NaN (the compiler can drop it from s), so a NaN in the window is
+        // tracked on the bits and written explicitly: every channel whose window holds a NaN
+        // is NaN, as on the CPU (HOSTILE 26).
+        var nan_in_window = false;
         for (var j = j0; j <= j1; j += 1u) {
             let v = f32(x[li + j * P.I - c * P.I]);
+            nan_in_window = nan_in_window || ((bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u);
             s += v * v;
         }
         let base = P.k + P.alpha * s;
         let xv = f32(x[li]);
-        y[li] = to_t(xv * exp2(-P.beta * log2(base)));
+        let r = xv * exp2(-P.beta * log2(base));
+        y[li] = to_t(select(r, bitcast<f32>(0x7fc00000u), nan_in_window));
     }
 }
