@@ -99,9 +99,14 @@ impl LrnParams {
 }
 
 /// d ← d^(−β) over a slice, the common exponents by square roots (correctly rounded, so
-/// every instruction set gives the same bits) instead of `powf`.
-#[inline(always)]
-fn pow_neg_slice(d: &mut [f64], beta: f64) {
+/// every instruction set gives the same bits) instead of `powf`. Cloned for AVX-512 and AVX2
+/// and picked at run time: sqrt, division and multiplication are correctly rounded and Rust
+/// never contracts them into FMAs, so every clone gives the baseline build's bits.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx2+fma"
+))]
+fn pow_neg_rows(d: &mut [f64], beta: f64) {
     if beta == 0.75 {
         for v in d {
             let r = 1.0 / v.sqrt();
@@ -120,29 +125,6 @@ fn pow_neg_slice(d: &mut [f64], beta: f64) {
             *v = v.powf(-beta);
         }
     }
-}
-
-/// [`pow_neg_slice`] compiled for AVX2 (4 f64 lanes instead of SSE2's 2). sqrt, division
-/// and multiplication are correctly rounded and Rust never contracts them into FMAs, so the
-/// result is bitwise that of the baseline build.
-///
-/// # Safety
-/// The CPU must support AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn pow_neg_slice_avx2(d: &mut [f64], beta: f64) {
-    pow_neg_slice(d, beta);
-}
-
-/// d ← d^(−β), dispatched on the CPU at run time.
-fn pow_neg_rows(d: &mut [f64], beta: f64) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was just detected.
-        unsafe { pow_neg_slice_avx2(d, beta) };
-        return;
-    }
-    pow_neg_slice(d, beta);
 }
 
 /// How the window sum of one channel is formed from the block prefix/suffix sums.
@@ -437,18 +419,29 @@ mod tests {
     }
 
     #[test]
-    #[cfg(target_arch = "x86_64")]
-    fn avx2_powers_are_bitwise_the_baseline() {
-        if !std::arch::is_x86_feature_detected!("avx2") {
-            return;
-        }
+    fn dispatched_powers_are_bitwise_the_scalar_formula() {
+        // The runtime-selected clone (AVX-512 / AVX2 here) against the same formula written
+        // as plain scalar code: correctly rounded operations, so the bits must agree.
         let v: Vec<f64> = (1..2000).map(|i| 1.0 + (i as f64) * 0.37).collect();
         for beta in [0.75, 0.5, 1.0, 0.3] {
-            let (mut a, mut b) = (v.clone(), v.clone());
-            super::pow_neg_slice(&mut a, beta);
-            // SAFETY: AVX2 was just detected.
-            unsafe { super::pow_neg_slice_avx2(&mut b, beta) };
-            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+            let want: Vec<f64> = v
+                .iter()
+                .map(|&d| match beta {
+                    0.75 => {
+                        let r = 1.0 / d.sqrt();
+                        r * r.sqrt()
+                    }
+                    0.5 => 1.0 / d.sqrt(),
+                    1.0 => 1.0 / d,
+                    _ => d.powf(-beta),
+                })
+                .collect();
+            let mut got = v.clone();
+            super::pow_neg_rows(&mut got, beta);
+            assert!(want
+                .iter()
+                .zip(&got)
+                .all(|(x, y)| x.to_bits() == y.to_bits()));
         }
     }
 
