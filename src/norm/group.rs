@@ -32,20 +32,7 @@ pub fn group_norm<T: Scalar>(
     let shape = x.shape().to_vec();
     let parallel = pool::worth_parallel(bytes_of(&x));
     let cv = ChannelView::new(x, axis, "group_norm", 2)?;
-    if num_groups <= 0 {
-        return Err(NormError::Param(format!(
-            "num_groups must be positive, got {num_groups}"
-        )));
-    }
-    let g = usize::try_from(num_groups).unwrap_or(usize::MAX);
-    if cv.c % g != 0 {
-        return Err(NormError::Param(format!(
-            "num_groups must divide the number of channels: C={} is not divisible by num_groups={g}",
-            cv.c
-        )));
-    }
-    check_channel_param("weight", weight.map(|w| w.len()), cv.c, &shape)?;
-    check_channel_param("bias", bias.map(|w| w.len()), cv.c, &shape)?;
+    let g = check_groups(cv.c, num_groups, weight, bias, &shape)?;
     Ok(grouped(&cv, y, g, weight, bias, eps, parallel, None).0)
 }
 
@@ -196,20 +183,7 @@ pub fn group_norm_backward<T: Scalar>(
     let shape = x.shape().to_vec();
     let parallel = pool::worth_parallel(bytes_of(&x).saturating_mul(2));
     let cv = ChannelView::new(x, axis, "group_norm", 2)?;
-    if num_groups <= 0 {
-        return Err(NormError::Param(format!(
-            "num_groups must be positive, got {num_groups}"
-        )));
-    }
-    let g = usize::try_from(num_groups).unwrap_or(usize::MAX);
-    if cv.c % g != 0 {
-        return Err(NormError::Param(format!(
-            "num_groups must divide the number of channels: C={} is not divisible by num_groups={g}",
-            cv.c
-        )));
-    }
-    check_channel_param("weight", weight.map(|w| w.len()), cv.c, &shape)?;
-    check_channel_param("bias", bias.map(|w| w.len()), cv.c, &shape)?;
+    let g = check_groups(cv.c, num_groups, weight, bias, &shape)?;
     super::grad::check_stats(stats, cv.n * g, &[cv.n, g], true)?;
     grouped_backward(
         &cv,
@@ -431,4 +405,29 @@ fn grouped_backward_planes<T: Scalar>(
         weight: p.weight.map(|_| dw),
         bias: p.want_bias.then_some(db),
     }
+}
+
+/// Validates num_groups against C and the per-channel parameters; shared by forward and
+/// backward so both refuse the same calls with the same messages. Returns G.
+fn check_groups(
+    c: usize,
+    num_groups: i64,
+    weight: Option<&[f64]>,
+    bias: Option<&[f64]>,
+    shape: &[usize],
+) -> Result<usize> {
+    if num_groups <= 0 {
+        return Err(NormError::Param(format!(
+            "num_groups must be positive, got {num_groups}"
+        )));
+    }
+    let g = usize::try_from(num_groups).unwrap_or(usize::MAX);
+    if !c.is_multiple_of(g) {
+        return Err(NormError::Param(format!(
+            "num_groups must divide the number of channels: C={c} is not divisible by num_groups={g}"
+        )));
+    }
+    check_channel_param("weight", weight.map(|w| w.len()), c, shape)?;
+    check_channel_param("bias", bias.map(|w| w.len()), c, shape)?;
+    Ok(g)
 }
