@@ -205,7 +205,7 @@ pub(crate) fn channel_moments<T: Scalar>(
             .unzip();
     }
     let count = (cv.n * cv.s) as f64;
-    let sums = channel_sums(cv, parallel, |v, _| v);
+    let sums = channel_sums(cv, parallel, |v, _| reduce::ident(v));
     let mean: Vec<f64> = sums.iter().map(|&s| s / count).collect();
     let m2 = channel_sums(cv, parallel, |v, k| {
         let d = v - mean[k];
@@ -221,7 +221,7 @@ fn channel_plane_moments<T: Scalar>(cv: &ChannelView<'_, T>, k: usize) -> (f64, 
     let mut scratch = Vec::new();
     let mut total = 0.0f64;
     for n in 0..cv.n {
-        cv.sample_sums(n, k..k + 1, |v, _| v, &mut scratch, &mut part);
+        cv.sample_sums(n, k..k + 1, |v, _| reduce::ident(v), &mut scratch, &mut part);
         total += part[0];
     }
     let m = total / count;

@@ -63,7 +63,7 @@ pub(crate) fn grouped<T: Scalar>(
             let (n, g) = (t / groups, t % groups);
             let cs = g * cpg..(g + 1) * cpg;
             let total = cs.clone().fold(0.0, |acc, k| {
-                acc + reduce::sum_slice(cv.plane_slice(n, k), |v| v)
+                acc + reduce::sum_slice(cv.plane_slice(n, k), reduce::ident)
             });
             let m = total / count;
             let m2 = cs.clone().fold(0.0, |acc, k| {
@@ -93,7 +93,7 @@ pub(crate) fn grouped<T: Scalar>(
             Some((fm, fv)) => (fm.to_vec(), fv.to_vec()),
             None => {
                 let mut sums = vec![0.0f64; c];
-                cv.sample_sums(n, 0..c, |v, _| v, &mut scratch, &mut sums);
+                cv.sample_sums(n, 0..c, |v, _| reduce::ident(v), &mut scratch, &mut sums);
                 let gmean: Vec<f64> = fold_groups(&sums, cpg, groups)
                     .iter()
                     .map(|&s| s / count)
@@ -254,7 +254,7 @@ pub(crate) fn grouped_backward<'a, T: Scalar>(
             (None, None) => {
                 // The forward's sums, in its order: bitwise its statistics.
                 let mut sums = vec![0.0f64; c];
-                cv.sample_sums(n, 0..c, |v, _| v, &mut scratch, &mut sums);
+                cv.sample_sums(n, 0..c, |v, _| reduce::ident(v), &mut scratch, &mut sums);
                 let gmean: Vec<f64> = fold_groups(&sums, cpg, groups)
                     .iter()
                     .map(|&s| s / count)
@@ -357,7 +357,7 @@ fn grouped_backward_planes<T: Scalar>(
             None => {
                 // The forward's sums, in its order: bitwise its statistics.
                 let total = cs.clone().fold(0.0, |acc, k| {
-                    acc + reduce::sum_slice(cv.plane_slice(n, k), |v| v)
+                    acc + reduce::sum_slice(cv.plane_slice(n, k), reduce::ident)
                 });
                 let m = total / count;
                 let m2 = cs.clone().fold(0.0, |acc, k| {

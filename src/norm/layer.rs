@@ -40,7 +40,7 @@ pub fn layer_norm<T: Scalar>(
         let rows = t * per..((t + 1) * per).min(rv.rows);
         let mut st = Vec::with_capacity(rows.len());
         for r in rows {
-            let m = rv.row_sum(r, |v| v) / f;
+            let m = rv.row_sum(r, crate::reduce::ident) / f;
             let var = rv.row_sum(r, |v| (v - m) * (v - m)) / f;
             let rs = rstd(var, eps);
             // SAFETY: row r belongs to this task only.
@@ -144,7 +144,7 @@ pub(crate) fn row_backward<T: Scalar>(
             let (m, rs) = match (stats, kind) {
                 (Some(s), _) => (s.mean.map_or(0.0, |m| m[r]), s.rstd[r]),
                 (None, RowKind::Layer(eps)) => {
-                    let m = sum_view(&xv, |v| v) / ff;
+                    let m = sum_view(&xv, crate::reduce::ident) / ff;
                     let var = sum_view(&xv, |v| (v - m) * (v - m)) / ff;
                     (m, rstd(var, eps))
                 }
@@ -236,7 +236,7 @@ fn row_sums<T: Scalar, const W: bool, const PW: bool, const PB: bool>(
         row_sums_w(gs, xs, &w[..n], m)
     } else {
         [
-            crate::reduce::sum_slice(gs, |g| g),
+            crate::reduce::sum_slice(gs, crate::reduce::ident),
             super::grad::centred_dot(gs, xs, m),
         ]
     };
