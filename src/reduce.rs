@@ -230,6 +230,11 @@ impl<'a, T> SharedMut<'a, T> {
         self.raw.shape()
     }
 
+    /// Whether the whole array is one C-contiguous block (then `block_mut` may take any run).
+    pub fn is_standard_layout(&self) -> bool {
+        self.raw.is_standard_layout()
+    }
+
     pub fn strides(&self) -> &[isize] {
         self.raw.strides()
     }

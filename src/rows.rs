@@ -97,12 +97,21 @@ impl<'a, T: Scalar> RowView<'a, T> {
         w: Option<&[f64]>,
         b: Option<&[f64]>,
     ) {
+        let f = self.features;
+        if let (Some(xs), true) = (self.contiguous, y.is_standard_layout()) {
+            // The common case, without building a sub-view per row (a Vec and an IxDyn each,
+            // measured at ~10 % of a (8192, 1024) layer norm).
+            // SAFETY: y is C-contiguous with x's shape, so row r is this block; the caller
+            // owns it.
+            let ys = unsafe { y.block_mut((r * f) as isize, f) };
+            reduce::apply_slice(&xs[r * f..(r + 1) * f], ys, m, scale, 0.0, w, b);
+            return;
+        }
         let idx = Self::unravel(&self.lead, r);
         // SAFETY: forwarded from the caller.
         let mut yr = unsafe { y.sub(&idx) };
         let a = |j: usize| w.map_or(scale, |w| scale * w[j]);
         let bj = |j: usize| b.map_or(0.0, |b| b[j]);
-        let f = self.features;
         if let (Some(xs), Some(ys)) = (self.contiguous, yr.as_slice_mut()) {
             let xs = &xs[r * f..(r + 1) * f];
             reduce::apply_slice(xs, ys, m, scale, 0.0, w, b);

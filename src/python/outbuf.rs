@@ -8,12 +8,15 @@
 //! call of the same size reuses it without touching the OS.
 //!
 //! Bounds: at most `MAX_PER_SIZE` idle blocks per size and `RSNORM_POOL_MB` (default 256) MiB
-//! idle in total; `RSNORM_POOL_MB=0` turns pooling off. A fork child starts with an empty pool
+//! idle in total; `RSNORM_POOL_MB=0` turns pooling off. When a returning block would exceed
+//! a bound, the least recently returned idle blocks are freed first: the sizes a program
+//! uses now stay pooled, and sizes it has moved on from go back to the OS (a first version
+//! dropped the *returning* block instead, so after a few distinct large sizes the pool was
+//! full of stale blocks and every new output paid its page faults again). A fork child starts with an empty pool
 //! (its inherited blocks are forgotten, never freed twice). Buffers are handed out
 //! uninitialized: every kernel writes every element of its output.
 
 use std::alloc::{alloc, dealloc, Layout};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
@@ -60,8 +63,39 @@ impl Drop for Block {
 
 struct Pool {
     generation: usize,
-    idle: HashMap<usize, Vec<Block>>,
+    /// Idle blocks, least recently returned first.
+    idle: Vec<Block>,
     idle_bytes: usize,
+}
+
+impl Pool {
+    /// The most recently returned idle block of exactly `bytes`.
+    fn take(&mut self, bytes: usize) -> Option<Block> {
+        let i = self.idle.iter().rposition(|b| b.layout.size() == bytes)?;
+        self.idle_bytes -= bytes;
+        Some(self.idle.remove(i))
+    }
+
+    /// Keeps `block` idle, freeing the least recently returned blocks the bounds require.
+    fn give(&mut self, block: Block, limit: usize) {
+        let bytes = block.layout.size();
+        if bytes > limit {
+            return; // dropped: freed
+        }
+        let same = self.idle.iter().filter(|b| b.layout.size() == bytes).count();
+        if same >= MAX_PER_SIZE {
+            if let Some(i) = self.idle.iter().position(|b| b.layout.size() == bytes) {
+                self.idle_bytes -= bytes;
+                self.idle.remove(i);
+            }
+        }
+        while self.idle_bytes + bytes > limit && !self.idle.is_empty() {
+            let old = self.idle.remove(0);
+            self.idle_bytes -= old.layout.size();
+        }
+        self.idle_bytes += bytes;
+        self.idle.push(block);
+    }
 }
 
 static POOL: Mutex<Option<Pool>> = Mutex::new(None);
@@ -92,7 +126,7 @@ fn with_pool<R>(f: impl FnOnce(&mut Pool) -> R) -> R {
     let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
     let pool = guard.get_or_insert_with(|| Pool {
         generation,
-        idle: HashMap::new(),
+        idle: Vec::new(),
         idle_bytes: 0,
     });
     if pool.generation != generation {
@@ -115,15 +149,8 @@ impl Drop for PooledBuffer {
         let Some(block) = self.block.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return;
         };
-        let bytes = block.layout.size();
-        with_pool(|p| {
-            let list = p.idle.entry(bytes).or_default();
-            if list.len() < MAX_PER_SIZE && p.idle_bytes + bytes <= limit_bytes() {
-                list.push(block);
-                p.idle_bytes += bytes;
-            }
-            // else: `block` drops here and is freed.
-        });
+        let limit = limit_bytes();
+        with_pool(|p| p.give(block, limit));
     }
 }
 
@@ -138,14 +165,7 @@ pub fn pooled_array<'py, T: Element>(
     if bytes < MIN_POOLED_BYTES || limit_bytes() == 0 {
         return None;
     }
-    let block = with_pool(|p| {
-        let b = p.idle.get_mut(&bytes).and_then(|l| l.pop());
-        if b.is_some() {
-            p.idle_bytes -= bytes;
-        }
-        b
-    })
-    .or_else(|| Block::new(bytes))?;
+    let block = with_pool(|p| p.take(bytes)).or_else(|| Block::new(bytes))?;
     let ptr = block.ptr.cast::<T>();
     let owner = Bound::new(
         py,

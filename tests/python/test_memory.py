@@ -134,3 +134,58 @@ def test_peak_rss_is_input_plus_one_output():
         assert grow <= nbytes * 1.15 + 16 * 2**20, (
             f"{name}: peak RSS grew by {grow / 2**20:.0f} MiB for a {nbytes / 2**20:.0f} MiB "
             "output (an extra copy?)")
+
+
+# --- the pool of reused output buffers (src/python/outbuf.rs) ---------------------------------
+
+_POOL_SCRIPT = textwrap.dedent("""
+    import json, numpy as np, rsnorm as rn
+    def ptr(a):
+        return a.__array_interface__["data"][0]
+    mib = 1 << 20
+    xs = {k: np.ones(k * mib // 4, np.float32).reshape(-1, 256) for k in (2, 3, 4)}
+    seen = {}
+    # Each size in turn, one output alive at a time: the limit (8 MiB) cannot hold all three.
+    for k in (2, 3, 4, 2, 3, 4):
+        y = rn.layer_norm(xs[k], (256,))
+        seen.setdefault(k, []).append(ptr(y))
+        base = type(y.base).__name__
+        del y
+    idle_after = rn.build_info()["output_pool_idle_bytes"]
+    # The size in use right now is reused call after call.
+    ys = []
+    for _ in range(3):
+        y = rn.layer_norm(xs[4], (256,))
+        ys.append(ptr(y))
+        del y
+    print(json.dumps({"base": base, "seen": seen, "idle_after": idle_after, "again": ys,
+                      "idle_end": rn.build_info()["output_pool_idle_bytes"]}))
+""")
+
+
+def _pool_run(limit_mb: int) -> dict:
+    import json
+
+    env = dict(os.environ, RSNORM_POOL_MB=str(limit_mb))
+    out = subprocess.run([sys.executable, "-c", _POOL_SCRIPT], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def test_pool_reuses_the_size_in_use_and_respects_its_limit():
+    r = _pool_run(8)
+    assert r["base"] == "PooledBuffer"
+    # Least recently returned blocks are evicted first: after 2, 3, 4, 2, 3, 4 MiB the idle
+    # blocks are the last two sizes (3 + 4 MiB). Dropping the returning block instead would
+    # leave the stale 2 + 3 MiB.
+    assert r["idle_after"] == 7 << 20
+    # The most recent size keeps coming back from the pool: the same buffer every call.
+    assert len(set(r["again"])) == 1
+    assert r["again"][0] == r["seen"]["4"][1]
+    assert r["idle_end"] <= 8 << 20
+
+
+def test_pool_off():
+    r = _pool_run(0)
+    assert r["base"] != "PooledBuffer"
+    assert r["idle_after"] == 0 and r["idle_end"] == 0
