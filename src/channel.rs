@@ -233,7 +233,8 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
                         y.shared
                             .block_mut(self.offset_in(&y.shared, n, c), xs.len())
                     };
-                    reduce::apply_slice(xs, ys, m[c], a[c], b[c], None, None);
+                    let stream = y.shared.stream;
+                    reduce::apply_slice_to(xs, ys, m[c], a[c], b[c], None, None, stream);
                 }
             }
             Access::Strided => {
@@ -258,7 +259,7 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
                 y.shared
                     .block_mut(self.offset_in(&y.shared, n, c), xs.len())
             };
-            reduce::apply_slice(xs, ys, m, a, b, None, None);
+            reduce::apply_slice_to(xs, ys, m, a, b, None, None, y.shared.stream);
         } else {
             // SAFETY: the caller owns plane (n, c) of y.
             let mut ypl = unsafe { y.shared.sub(&[n, c]) };

@@ -157,6 +157,24 @@ pub fn apply_slice<T: Scalar>(
     }
 }
 
+/// [`apply_slice`], written with streaming stores when `stream` (see `crate::stream`).
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub fn apply_slice_to<T: Scalar>(
+    xs: &[T],
+    ys: &mut [T],
+    m: f64,
+    a: f64,
+    b: f64,
+    w: Option<&[f64]>,
+    bias: Option<&[f64]>,
+    stream: bool,
+) {
+    if !(stream && crate::stream::apply_slice(xs, ys, m, a, b, w, bias)) {
+        apply_slice(xs, ys, m, a, b, w, bias);
+    }
+}
+
 /// Rows of `c` channels: y[r, k] = (x[r, k] − m_k)·a_k + b_k.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 pub fn apply_rows<T: Scalar>(xs: &[T], ys: &mut [T], c: usize, m: &[f64], a: &[f64], b: &[f64]) {
@@ -195,6 +213,8 @@ pub fn apply_view<T: Scalar>(
 /// this wrapper lets each task take the sub-view it owns (a plane, a row, a channel).
 pub struct SharedMut<'a, T> {
     raw: RawArrayViewMut<T, IxDyn>,
+    /// Large enough to be written with streaming stores (`crate::stream`).
+    pub stream: bool,
     _life: std::marker::PhantomData<&'a mut T>,
 }
 
@@ -205,8 +225,10 @@ unsafe impl<T: Send> Sync for SharedMut<'_, T> {}
 
 impl<'a, T> SharedMut<'a, T> {
     pub fn new(mut v: ArrayViewMut<'a, T, IxDyn>) -> Self {
+        let stream = crate::stream::worth_streaming(v.len().saturating_mul(size_of::<T>()));
         Self {
             raw: v.raw_view_mut(),
+            stream,
             _life: std::marker::PhantomData,
         }
     }

@@ -104,7 +104,8 @@ impl<'a, T: Scalar> RowView<'a, T> {
             // SAFETY: y is C-contiguous with x's shape, so row r is this block; the caller
             // owns it.
             let ys = unsafe { y.block_mut((r * f) as isize, f) };
-            reduce::apply_slice(&xs[r * f..(r + 1) * f], ys, m, scale, 0.0, w, b);
+            let xs = &xs[r * f..(r + 1) * f];
+            reduce::apply_slice_to(xs, ys, m, scale, 0.0, w, b, y.stream);
             return;
         }
         let idx = Self::unravel(&self.lead, r);

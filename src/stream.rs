@@ -1,0 +1,286 @@
+//! Non-temporal ("streaming") stores for the apply step of large outputs.
+//!
+//! A normal store to a line that is not in cache first *reads* the line from memory (read for
+//! ownership), so writing an output the size of the input costs two memory transfers per byte,
+//! not one: normalizing x into y moved 3 bytes per byte of x where a copy (glibc's `memcpy`
+//! streams above a size threshold) moves 2. For outputs far larger than the caches the line
+//! will not be read back from cache anyway, so `y` is written around the caches with
+//! `vmovntps`/`vmovntpd`. Below [`STREAM_MIN_BYTES`] the output is kept cached: the next op
+//! (or the caller) is likely to read it back from L2/L3.
+//!
+//! The arithmetic is exactly [`crate::reduce::affine`]: f64 subtract, multiply (by `a·w_j`),
+//! add, one rounding to T, with no FMA contraction, so a streamed element is bitwise the
+//! cached one (the tests compare layouts that take either path).
+
+use crate::scalar::Scalar;
+use std::any::TypeId;
+
+/// Outputs of at least this many bytes are written with streaming stores. Above the last-level
+/// cache share one core can count on (32 MiB L3 shared by every tenant here) nothing is read
+/// back from cache; 8 MiB keeps smaller results cached for the next op.
+pub const STREAM_MIN_BYTES: usize = 8 << 20;
+
+/// Whether an output of `bytes` bytes should be streamed.
+#[inline]
+pub fn worth_streaming(bytes: usize) -> bool {
+    bytes >= STREAM_MIN_BYTES
+}
+
+/// y_j = (x_j − m)·(a·w_j) + b_j with streaming stores, as `reduce::apply_slice`. Returns
+/// false (nothing written) where no streaming kernel exists for T or this CPU; the caller
+/// then uses the cached path.
+pub fn apply_slice<T: Scalar>(
+    xs: &[T],
+    ys: &mut [T],
+    m: f64,
+    a: f64,
+    b: f64,
+    w: Option<&[f64]>,
+    bias: Option<&[f64]>,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let n = xs.len().min(ys.len());
+        if w.is_some_and(|w| w.len() < n) || bias.is_some_and(|v| v.len() < n) {
+            return false;
+        }
+        let p = x86::Params { m, a, b, w, bias };
+        if TypeId::of::<T>() == TypeId::of::<f32>() {
+            // SAFETY: T is f32 (checked), so the slices reinterpret to themselves.
+            let (xs, ys) = unsafe {
+                (
+                    std::slice::from_raw_parts(xs.as_ptr().cast::<f32>(), n),
+                    std::slice::from_raw_parts_mut(ys.as_mut_ptr().cast::<f32>(), n),
+                )
+            };
+            return x86::apply_f32(xs, ys, &p);
+        }
+        if TypeId::of::<T>() == TypeId::of::<f64>() {
+            // SAFETY: T is f64 (checked).
+            let (xs, ys) = unsafe {
+                (
+                    std::slice::from_raw_parts(xs.as_ptr().cast::<f64>(), n),
+                    std::slice::from_raw_parts_mut(ys.as_mut_ptr().cast::<f64>(), n),
+                )
+            };
+            return x86::apply_f64(xs, ys, &p);
+        }
+    }
+    let _ = (xs, ys, m, a, b, w, bias);
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use crate::reduce::affine;
+    use std::arch::x86_64::*;
+
+    pub struct Params<'a> {
+        pub m: f64,
+        pub a: f64,
+        pub b: f64,
+        pub w: Option<&'a [f64]>,
+        pub bias: Option<&'a [f64]>,
+    }
+
+    impl Params<'_> {
+        /// The scalar formula, element j (heads and tails).
+        #[inline(always)]
+        fn one<T: crate::scalar::Scalar>(&self, x: T, j: usize) -> T {
+            let a = self.w.map_or(self.a, |w| self.a * w[j]);
+            let b = self.bias.map_or(self.b, |v| v[j]);
+            affine(x, self.m, a, b)
+        }
+    }
+
+    fn level() -> u8 {
+        use std::sync::OnceLock;
+        static L: OnceLock<u8> = OnceLock::new();
+        *L.get_or_init(|| {
+            if is_x86_feature_detected!("avx512f") {
+                2
+            } else if is_x86_feature_detected!("avx2") {
+                1
+            } else {
+                0
+            }
+        })
+    }
+
+    /// Elements before `ys` reaches `align` bytes (capped at n).
+    fn head(ptr: *const u8, elem: usize, align: usize, n: usize) -> usize {
+        let mis = ptr as usize % align;
+        if mis == 0 {
+            0
+        } else if mis % elem != 0 {
+            n // cannot align: stream nothing (never happens for aligned T)
+        } else {
+            ((align - mis) / elem).min(n)
+        }
+    }
+
+    pub fn apply_f32(xs: &[f32], ys: &mut [f32], p: &Params<'_>) -> bool {
+        match level() {
+            // SAFETY: the features were detected at run time.
+            2 => unsafe { f32_avx512(xs, ys, p) },
+            1 => unsafe { f32_avx2(xs, ys, p) },
+            _ => return false,
+        }
+        true
+    }
+
+    pub fn apply_f64(xs: &[f64], ys: &mut [f64], p: &Params<'_>) -> bool {
+        match level() {
+            // SAFETY: the features were detected at run time.
+            2 => unsafe { f64_avx512(xs, ys, p) },
+            1 => unsafe { f64_avx2(xs, ys, p) },
+            _ => return false,
+        }
+        true
+    }
+
+    /// Per-lane (a, b) of elements j..j+8 as f64 vectors.
+    macro_rules! coef512 {
+        ($p:expr, $j:expr, $va:expr, $vb:expr) => {{
+            let a = match $p.w {
+                // SAFETY (all loads): j + 8 <= n <= w.len(), checked by the caller.
+                Some(w) => _mm512_mul_pd($va, _mm512_loadu_pd(w.as_ptr().add($j))),
+                None => $va,
+            };
+            let b = match $p.bias {
+                Some(v) => _mm512_loadu_pd(v.as_ptr().add($j)),
+                None => $vb,
+            };
+            (a, b)
+        }};
+    }
+
+    macro_rules! coef256 {
+        ($p:expr, $j:expr, $va:expr, $vb:expr) => {{
+            let a = match $p.w {
+                Some(w) => _mm256_mul_pd($va, _mm256_loadu_pd(w.as_ptr().add($j))),
+                None => $va,
+            };
+            let b = match $p.bias {
+                Some(v) => _mm256_loadu_pd(v.as_ptr().add($j)),
+                None => $vb,
+            };
+            (a, b)
+        }};
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn f32_avx512(xs: &[f32], ys: &mut [f32], p: &Params<'_>) {
+        let n = xs.len();
+        let h = head(ys.as_ptr().cast(), 4, 64, n);
+        for j in 0..h {
+            ys[j] = p.one(xs[j], j);
+        }
+        let (vm, va, vb) = (_mm512_set1_pd(p.m), _mm512_set1_pd(p.a), _mm512_set1_pd(p.b));
+        let mut j = h;
+        while j + 16 <= n {
+            // SAFETY: j + 16 <= n; ys + j is 64-byte aligned (head).
+            unsafe {
+                let x = _mm512_loadu_ps(xs.as_ptr().add(j));
+                let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+                let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                    _mm512_castps_pd(x),
+                )));
+                let (a0, b0) = coef512!(p, j, va, vb);
+                let (a1, b1) = coef512!(p, j + 8, va, vb);
+                let y0 = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(lo, vm), a0), b0);
+                let y1 = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(hi, vm), a1), b1);
+                let y = _mm512_insertf64x4::<1>(
+                    _mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps(y0))),
+                    _mm256_castps_pd(_mm512_cvtpd_ps(y1)),
+                );
+                _mm512_stream_ps(ys.as_mut_ptr().add(j), _mm512_castpd_ps(y));
+            }
+            j += 16;
+        }
+        for k in j..n {
+            ys[k] = p.one(xs[k], k);
+        }
+        _mm_sfence();
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn f32_avx2(xs: &[f32], ys: &mut [f32], p: &Params<'_>) {
+        let n = xs.len();
+        let h = head(ys.as_ptr().cast(), 4, 32, n);
+        for j in 0..h {
+            ys[j] = p.one(xs[j], j);
+        }
+        let (vm, va, vb) = (_mm256_set1_pd(p.m), _mm256_set1_pd(p.a), _mm256_set1_pd(p.b));
+        let mut j = h;
+        while j + 8 <= n {
+            // SAFETY: j + 8 <= n; ys + j is 32-byte aligned (head).
+            unsafe {
+                let x = _mm256_loadu_ps(xs.as_ptr().add(j));
+                let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+                let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x));
+                let (a0, b0) = coef256!(p, j, va, vb);
+                let (a1, b1) = coef256!(p, j + 4, va, vb);
+                let y0 = _mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(lo, vm), a0), b0);
+                let y1 = _mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(hi, vm), a1), b1);
+                let y = _mm256_set_m128(_mm256_cvtpd_ps(y1), _mm256_cvtpd_ps(y0));
+                _mm256_stream_ps(ys.as_mut_ptr().add(j), y);
+            }
+            j += 8;
+        }
+        for k in j..n {
+            ys[k] = p.one(xs[k], k);
+        }
+        _mm_sfence();
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn f64_avx512(xs: &[f64], ys: &mut [f64], p: &Params<'_>) {
+        let n = xs.len();
+        let h = head(ys.as_ptr().cast(), 8, 64, n);
+        for j in 0..h {
+            ys[j] = p.one(xs[j], j);
+        }
+        let (vm, va, vb) = (_mm512_set1_pd(p.m), _mm512_set1_pd(p.a), _mm512_set1_pd(p.b));
+        let mut j = h;
+        while j + 8 <= n {
+            // SAFETY: j + 8 <= n; ys + j is 64-byte aligned (head).
+            unsafe {
+                let x = _mm512_loadu_pd(xs.as_ptr().add(j));
+                let (a0, b0) = coef512!(p, j, va, vb);
+                let y = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(x, vm), a0), b0);
+                _mm512_stream_pd(ys.as_mut_ptr().add(j), y);
+            }
+            j += 8;
+        }
+        for k in j..n {
+            ys[k] = p.one(xs[k], k);
+        }
+        _mm_sfence();
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn f64_avx2(xs: &[f64], ys: &mut [f64], p: &Params<'_>) {
+        let n = xs.len();
+        let h = head(ys.as_ptr().cast(), 8, 32, n);
+        for j in 0..h {
+            ys[j] = p.one(xs[j], j);
+        }
+        let (vm, va, vb) = (_mm256_set1_pd(p.m), _mm256_set1_pd(p.a), _mm256_set1_pd(p.b));
+        let mut j = h;
+        while j + 4 <= n {
+            // SAFETY: j + 4 <= n; ys + j is 32-byte aligned (head).
+            unsafe {
+                let x = _mm256_loadu_pd(xs.as_ptr().add(j));
+                let (a0, b0) = coef256!(p, j, va, vb);
+                let y = _mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(x, vm), a0), b0);
+                _mm256_stream_pd(ys.as_mut_ptr().add(j), y);
+            }
+            j += 4;
+        }
+        for k in j..n {
+            ys[k] = p.one(xs[k], k);
+        }
+        _mm_sfence();
+    }
+}

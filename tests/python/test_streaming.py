@@ -1,0 +1,78 @@
+"""Streaming stores (src/stream.rs): outputs of 8 MiB or more are written around the caches.
+
+The streamed kernel must give bitwise the cached one's result, whatever the alignment of the
+output (the kernel writes an unaligned head and a tail with the scalar formula) and whatever
+the dtype. The cached reference is the same op writing into a strided output (those never
+stream), or the same rows computed from a small array.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference as ref
+import rsnorm as rn
+
+STREAM_MIN = 8 << 20
+
+
+def _strided_out(shape, dtype):
+    """A writable non-contiguous array of `shape` (every other element of a bigger one)."""
+    big = np.empty(shape[:-1] + (2 * shape[-1],), dtype)
+    return big[..., ::2]
+
+
+def _misaligned_out(shape, dtype, shift):
+    """A C-contiguous output whose data starts `shift` elements past a 64-byte boundary."""
+    n = int(np.prod(shape))
+    buf = np.empty(n + 64, dtype)
+    start = (-buf.ctypes.data // buf.itemsize) % (64 // buf.itemsize)
+    return buf[start + shift:start + shift + n].reshape(shape)
+
+
+OPS = {
+    "layer_norm_affine": lambda x, **kw: rn.layer_norm(
+        x, x.shape[-1:], np.linspace(0.5, 1.5, x.shape[-1]), np.linspace(-1, 1, x.shape[-1]),
+        **kw),
+    "layer_norm": lambda x, **kw: rn.layer_norm(x, x.shape[-1:], **kw),
+    "rms_norm": lambda x, **kw: rn.rms_norm(x, x.shape[-1:], np.linspace(0.5, 2, x.shape[-1]),
+                                            **kw),
+    "batch_norm_train": lambda x, **kw: rn.batch_norm(
+        x.reshape(x.shape[0], 8, -1, 7), training=True, **kw),
+    "batch_norm_eval": lambda x, **kw: rn.batch_norm(
+        x.reshape(x.shape[0], 8, -1, 7), np.linspace(-1, 1, 8), np.linspace(0.5, 2, 8),
+        np.linspace(0.5, 1.5, 8), np.linspace(-0.2, 0.2, 8), **kw),
+    "instance_norm": lambda x, **kw: rn.instance_norm(x.reshape(x.shape[0], 8, -1, 7), **kw),
+    "group_norm": lambda x, **kw: rn.group_norm(
+        x.reshape(x.shape[0], 8, -1, 7), 4, np.linspace(0.5, 1.5, 8), np.linspace(-1, 1, 8),
+        **kw),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_streamed_output_is_bitwise_the_cached_one(op, dtype):
+    rng = np.random.default_rng(7)
+    itemsize = np.dtype(dtype).itemsize
+    # Rows of 7·8·k + odd lengths: vector bodies, heads and tails all occur.
+    cols = 8 * 7 * 37
+    rows = STREAM_MIN // (cols * itemsize) + 3
+    x = (rng.standard_normal((rows, cols)) * 3 + 1e3).astype(dtype)
+    fn = OPS[op]
+    y = fn(x)
+    assert y.nbytes >= STREAM_MIN
+    cached = fn(x, out=_strided_out(y.shape, dtype))
+    ref.assert_bitwise_equal(y, cached, op)
+    for shift in (1, 3):
+        got = fn(x, out=_misaligned_out(y.shape, dtype, shift))
+        ref.assert_bitwise_equal(got, cached, f"{op} shift={shift}")
+    assert np.isfinite(y).all()
+
+
+def test_streamed_layer_norm_matches_the_float64_formula():
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((2100, 1031)) + 1e4).astype(np.float32)
+    assert x.nbytes >= STREAM_MIN
+    w, b = np.linspace(0.5, 1.5, 1031), np.linspace(-1, 1, 1031)
+    y = rn.layer_norm(x, (1031,), w, b)
+    ref.assert_output_close(y, ref.layer_norm(x, (1031,), w, b)[0], np.float32)
