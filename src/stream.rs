@@ -20,10 +20,21 @@ use std::any::TypeId;
 /// back from cache; 8 MiB keeps smaller results cached for the next op.
 pub const STREAM_MIN_BYTES: usize = 8 << 20;
 
-/// Whether an output of `bytes` bytes should be streamed.
+/// Whether an output of `bytes` bytes should be streamed. `RSNORM_STREAM_MIN_MB` (read once)
+/// moves the threshold; `off` disables streaming (e.g. when the next op reads the output back
+/// from a large cache).
 #[inline]
 pub fn worth_streaming(bytes: usize) -> bool {
-    bytes >= STREAM_MIN_BYTES
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let min = *MIN.get_or_init(|| match std::env::var("RSNORM_STREAM_MIN_MB") {
+        Ok(v) if v.trim().eq_ignore_ascii_case("off") => usize::MAX,
+        Ok(v) => v
+            .trim()
+            .parse::<usize>()
+            .map_or(STREAM_MIN_BYTES, |mb| mb.saturating_mul(1 << 20)),
+        Err(_) => STREAM_MIN_BYTES,
+    });
+    bytes >= min
 }
 
 /// y_j = (x_j − m)·(a·w_j) + b_j with streaming stores, as `reduce::apply_slice`. Returns

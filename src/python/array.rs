@@ -233,8 +233,12 @@ fn borrow_error(name: &str, e: numpy::BorrowError) -> PyErr {
 pub fn check_writable(obj: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<()> {
     if let Some(o) = obj.filter(|o| !o.is_none()) {
         let (arr, _) = float_array(o, name)?;
-        let w: bool = arr.getattr("flags")?.getattr("writeable")?.extract()?;
-        if !w {
+        // The flag itself, not `arr.flags.writeable`: two attribute lookups and a flags
+        // object cost ~1 µs, half of a tiny batch norm.
+        // SAFETY: `arr` is a live ndarray; reading its flags field is what NumPy's own
+        // PyArray_ISWRITEABLE macro does.
+        let flags = unsafe { (*numpy::npyffi::_PyArray_GET_ITEM_DATA(arr.as_array_ptr())).flags };
+        if flags & numpy::npyffi::NPY_ARRAY_WRITEABLE == 0 {
             return Err(value_error(format!("{name} is read-only")));
         }
     }
