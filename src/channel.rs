@@ -249,6 +249,32 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
         }
     }
 
+    /// Writes y = (x − m_k)·a_k + b_k for the channels `cs` of every sample of a
+    /// one-value-per-plane input with Rows access ((N, C) C-contiguous); `m`, `a`, `b` are
+    /// indexed from `cs.start`. Tasks calling this for disjoint `cs` write disjoint memory.
+    pub fn apply_rows_chunk(
+        &self,
+        y: &ChannelOut<'_, T>,
+        cs: std::ops::Range<usize>,
+        m: &[f64],
+        a: &[f64],
+        b: &[f64],
+    ) {
+        debug_assert!(self.s == 1 && self.access == Access::Rows && y.access == Access::Rows);
+        for n in 0..self.n {
+            let xs = &self.sample_rows(n)[cs.clone()];
+            // SAFETY: y has Rows access with one value per plane, so channels cs of sample n
+            // are this contiguous run; the caller owns them.
+            let ys = unsafe {
+                y.shared.block_mut(
+                    self.offset_in(&y.shared, n, 0) + cs.start as isize,
+                    cs.len(),
+                )
+            };
+            reduce::apply_rows(xs, ys, cs.len(), m, a, b);
+        }
+    }
+
     /// Writes y = (x − m)·a + b over plane (n, c). Tasks calling this for distinct planes
     /// write disjoint memory.
     pub fn apply_plane(&self, n: usize, c: usize, y: &ChannelOut<'_, T>, m: f64, a: f64, b: f64) {
@@ -282,6 +308,13 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
 pub struct ChannelOut<'b, T> {
     shared: SharedMut<'b, T>,
     access: Access,
+}
+
+impl<T> ChannelOut<'_, T> {
+    /// The access path x and y share (`Strided` when they differ).
+    pub fn access(&self) -> Access {
+        self.access
+    }
 }
 
 /// Checks that a per-channel parameter has shape (C,).

@@ -116,7 +116,31 @@ pub fn batch_norm<T: Scalar>(
     let b: Vec<f64> = (0..c).map(|k| p.bias.map_or(0.0, |b| b[k])).collect();
     let scale = |k: usize, rs: f64| rs * p.weight.map_or(1.0, |w| w[k]);
     let yo = cv.output(y);
-    let (mean, var, m2) = if use_batch && cv.access == Access::Planes && cv.s > 1 {
+    let (mean, var, m2) = if use_batch && fused_rows_fit(&cv) && yo.access() == Access::Rows {
+        // (N, C) with a C-contiguous layout: one task per block of channels computes their
+        // statistics and normalizes them while the block is in L2.
+        let per_chunk = pool::map_tasks(c.div_ceil(FUSED_ROW_CHUNK), parallel, |t| {
+            let cs = t * FUSED_ROW_CHUNK..((t + 1) * FUSED_ROW_CHUNK).min(c);
+            let sums = rows_chunk_sums(&cv, cs.clone(), |v, _| reduce::ident(v));
+            let mean: Vec<f64> = sums.iter().map(|&s| s / count as f64).collect();
+            let m2 = rows_chunk_sums(&cv, cs.clone(), |v, k| {
+                let d = v - mean[k - cs.start];
+                d * d
+            });
+            let a: Vec<f64> = cs
+                .clone()
+                .zip(&m2)
+                .map(|(k, &q)| scale(k, rstd(q / count as f64, p.eps)))
+                .collect();
+            // Channels `cs` of every row belong to this task only.
+            cv.apply_rows_chunk(&yo, cs.clone(), &mean, &a, &b[cs]);
+            (mean, m2)
+        });
+        let (mean, m2): (Vec<Vec<f64>>, Vec<Vec<f64>>) = per_chunk.into_iter().unzip();
+        let (mean, m2) = (mean.concat(), m2.concat());
+        let var = m2.iter().map(|&s| s / count as f64).collect();
+        (mean, var, Some(m2))
+    } else if use_batch && cv.access == Access::Planes && cv.s > 1 {
         // NCHW: one task per channel computes its statistics and normalizes it while its
         // planes are still in cache: one DRAM read and one write instead of three reads.
         let per_channel = pool::map_tasks(c, parallel, |k| {
@@ -249,6 +273,40 @@ const ROW_SAMPLE_TASKS_MIN_S: usize = 64;
 
 /// Rows per block of the (N, C) reduction (see [`batch_block_sums`]).
 const BATCH_BLOCK: usize = 256;
+
+/// Channels per task of the fused (N, C) path: 64 f32 = four cache lines of each row.
+const FUSED_ROW_CHUNK: usize = 64;
+
+/// The fused (N, C) path keeps a block of `FUSED_ROW_CHUNK` channels of every row in L2
+/// between its three passes; beyond that size the block path streams rows instead.
+fn fused_rows_fit<T: Scalar>(cv: &ChannelView<'_, T>) -> bool {
+    cv.access == Access::Rows
+        && cv.s == 1
+        && cv.n * FUSED_ROW_CHUNK * std::mem::size_of::<T>() <= 512 * 1024
+}
+
+/// [`batch_block_sums`] for the channels `cs` only (`f` gets the channel index): the same
+/// blocks of rows, each summed in row order, folded in order — the same f64 operations.
+fn rows_chunk_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy>(
+    cv: &ChannelView<'_, T>,
+    cs: std::ops::Range<usize>,
+    f: F,
+) -> Vec<f64> {
+    let mut total = vec![0.0f64; cs.len()];
+    let mut acc = vec![0.0f64; cs.len()];
+    let start = cs.start;
+    for b in 0..cv.n.div_ceil(BATCH_BLOCK) {
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        for n in b * BATCH_BLOCK..((b + 1) * BATCH_BLOCK).min(cv.n) {
+            let row = &cv.sample_rows(n)[cs.clone()];
+            reduce::accumulate_row(&mut acc, row, |v, j| f(v, j + start));
+        }
+        for (t, a) in total.iter_mut().zip(&acc) {
+            *t += *a;
+        }
+    }
+    total
+}
 
 /// Per-channel sums of f for inputs with one value per plane, (N, C) and the like.
 ///
