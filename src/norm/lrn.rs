@@ -282,18 +282,31 @@ struct Ptr<P>(P);
 unsafe impl<P> Send for Ptr<P> {}
 unsafe impl<P> Sync for Ptr<P> {}
 
-/// y ← x·(k + α·s)^(−β) for one channel row, the power by the formulas of [`pow_neg_rows`].
+/// y ← x·(k + α·s)^(−β) for one channel row, s = `a` or `a + b` (the window sum, formed as
+/// in [`Windows::sums`]), the power by the formulas of [`pow_neg_rows`].
 #[inline(always)]
-fn finish_row<U: Scalar>(s: &[f64], x: &[U], y: &mut [U], l: &Lrn) {
+fn finish_row<U: Scalar>(a: &[f64], b: Option<&[f64]>, x: &[U], y: &mut [U], l: &Lrn) {
     let (k, alpha) = (l.k, l.alpha);
-    let n = s.len().min(x.len()).min(y.len());
-    let (s, x, y) = (&s[..n], &x[..n], &mut y[..n]);
+    let n = a.len().min(x.len()).min(y.len());
+    let (a, x, y) = (&a[..n], &x[..n], &mut y[..n]);
     macro_rules! go {
         ($p:expr) => {
-            for j in 0..n {
-                let d = k + alpha * s[j];
-                let p: f64 = $p(d);
-                y[j] = U::from_f64(p * x[j].to_f64());
+            match b {
+                Some(b) => {
+                    let b = &b[..n];
+                    for j in 0..n {
+                        let d = k + alpha * (a[j] + b[j]);
+                        let p: f64 = $p(d);
+                        y[j] = U::from_f64(p * x[j].to_f64());
+                    }
+                }
+                None => {
+                    for j in 0..n {
+                        let d = k + alpha * a[j];
+                        let p: f64 = $p(d);
+                        y[j] = U::from_f64(p * x[j].to_f64());
+                    }
+                }
             }
         };
     }
@@ -307,8 +320,8 @@ fn finish_row<U: Scalar>(s: &[f64], x: &[U], y: &mut [U], l: &Lrn) {
     } else if l.beta == 1.0 {
         go!(|d: f64| 1.0 / d);
     } else {
-        let b = l.beta;
-        go!(|d: f64| d.powf(-b));
+        let beta = l.beta;
+        go!(|d: f64| d.powf(-beta));
     }
 }
 
@@ -377,16 +390,11 @@ fn lrn_strip<U: Scalar>(
         while next < c && (next + hi).min(c - 1) < end {
             let i = next;
             next += 1;
-            let s: &[f64] = match win.plan[i] {
-                Win::Pre(e) => &pre[row(e)],
-                Win::Suf(a) => &suf[row(a)],
-                Win::Both(a, e) => {
-                    let (sa, pe) = (&suf[row(a)], &pre[row(e)]);
-                    for j in 0..len {
-                        tmp[j] = sa[j] + pe[j];
-                    }
-                    tmp
-                }
+            let (s, s2): (&[f64], Option<&[f64]>) = match win.plan[i] {
+                Win::Pre(e) => (&pre[row(e)], None),
+                Win::Suf(a) => (&suf[row(a)], None),
+                // suf + pre, the order of `Windows::sums`.
+                Win::Both(a, e) => (&suf[row(a)], Some(&pre[row(e)])),
                 Win::Direct(a, e) => {
                     for (t, &v) in tmp.iter_mut().zip(&x[a][..len]) {
                         let v = v.to_f64();
@@ -398,10 +406,10 @@ fn lrn_strip<U: Scalar>(
                             *t += v * v;
                         }
                     }
-                    tmp
+                    (&*tmp, None)
                 }
             };
-            finish_row(s, x[i], y[i], l);
+            finish_row(s, s2, x[i], y[i], l);
         }
     }
 }
