@@ -648,7 +648,9 @@ mod tests {
                         let want: Vec<f32> = d
                             .iter()
                             .zip(&x)
-                            .map(|(&p, &t)| (p * f64::from(t)) as f32)
+                            .map(|(&p, &t)| {
+                                <f32 as crate::scalar::Scalar>::from_f64(p * f64::from(t))
+                            })
                             .collect();
                         let mut y = vec![0.0f32; c * len];
                         let xs: Vec<&[f32]> = x.chunks(len).collect();
