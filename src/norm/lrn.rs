@@ -16,11 +16,11 @@
 
 use super::common::{bytes_of, check_out};
 use super::mixing::{check_finite, check_same_shape, for_tiles, tile_len, TILE_ELEMS};
-use crate::channel::ChannelView;
+use crate::channel::{Access, ChannelView};
 use crate::error::{NormError, Result};
 use crate::pool;
 use crate::scalar::Scalar;
-use ndarray::{ArrayView, ArrayViewMut, IxDyn};
+use ndarray::{ArrayView, ArrayViewMut, Axis, IxDyn};
 
 /// Which channels the window of an even size covers (odd sizes agree).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,6 +141,7 @@ enum Win {
 /// window length; a window is one block suffix plus one block prefix (or just one of them).
 struct Windows {
     b: usize,
+    hi: usize,
     plan: Vec<Win>,
 }
 
@@ -165,7 +166,7 @@ impl Windows {
                 }
             })
             .collect();
-        Self { b, plan }
+        Self { b, hi, plan }
     }
 
     /// Row-wise over `len` positions of channel-major buffers (leading dimension `ld`); AVX2
@@ -269,6 +270,156 @@ fn setup<'a, T: Scalar>(
     Ok((l, cv))
 }
 
+/// Positions per strip of the fused forward kernel: the ring of prefix/suffix rows (at most
+/// 4·size rows of 8·`STRIP` bytes) and the strip's x and y rows stay in L1/L2.
+const STRIP: usize = 512;
+
+/// A raw pointer that tasks may share; each task touches only its own strips.
+#[derive(Clone, Copy)]
+struct Ptr<P>(P);
+// SAFETY: the pointers come from views borrowed for the whole call; tasks read shared input and
+// write disjoint positions of the output.
+unsafe impl<P> Send for Ptr<P> {}
+unsafe impl<P> Sync for Ptr<P> {}
+
+/// y ← x·(k + α·s)^(−β) for one channel row, s = `a` or `a + b` (the window sum, formed as
+/// in [`Windows::sums`]), the power by the formulas of [`pow_neg_rows`].
+#[inline(always)]
+fn finish_row<U: Scalar>(a: &[f64], b: Option<&[f64]>, x: &[U], y: &mut [U], l: &Lrn) {
+    let (k, alpha) = (l.k, l.alpha);
+    let n = a.len().min(x.len()).min(y.len());
+    let (a, x, y) = (&a[..n], &x[..n], &mut y[..n]);
+    macro_rules! go {
+        ($p:expr) => {
+            match b {
+                Some(b) => {
+                    let b = &b[..n];
+                    for j in 0..n {
+                        let d = k + alpha * (a[j] + b[j]);
+                        let p: f64 = $p(d);
+                        y[j] = U::from_f64(p * x[j].to_f64());
+                    }
+                }
+                None => {
+                    for j in 0..n {
+                        let d = k + alpha * a[j];
+                        let p: f64 = $p(d);
+                        y[j] = U::from_f64(p * x[j].to_f64());
+                    }
+                }
+            }
+        };
+    }
+    if l.beta == 0.75 {
+        go!(|d: f64| {
+            let r = 1.0 / d.sqrt();
+            r * r.sqrt()
+        });
+    } else if l.beta == 0.5 {
+        go!(|d: f64| 1.0 / d.sqrt());
+    } else if l.beta == 1.0 {
+        go!(|d: f64| 1.0 / d);
+    } else {
+        let beta = l.beta;
+        go!(|d: f64| d.powf(-beta));
+    }
+}
+
+/// The forward on one strip of positions: `x[k]`/`y[k]` are channel k's rows (one length).
+/// Blocks of `win.b` channels get their prefix and suffix sums of x² in a ring of rows, and a
+/// channel is finished as soon as the block holding the end of its window is done, so each
+/// value is read from memory once. Every output is formed by exactly the operations of
+/// [`Windows::sums`] followed by the power and the product: the bits do not depend on the
+/// strip, the layout or the instruction set.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx2+fma"
+))]
+fn lrn_strip<U: Scalar>(
+    win: &Windows,
+    l: &Lrn,
+    x: &[&[U]],
+    y: &mut [&mut [U]],
+    pre: &mut [f64],
+    suf: &mut [f64],
+    tmp: &mut [f64],
+) {
+    let c = x.len();
+    if c == 0 {
+        return;
+    }
+    let len = x[0].len();
+    let b = win.b;
+    let m = b.saturating_mul(2).min(c);
+    let row = |k: usize| (k % m) * len..(k % m) * len + len;
+    let tmp = &mut tmp[..len];
+    let mut next = 0;
+    let hi = win.hi;
+    for start in (0..c).step_by(b) {
+        let end = (start + b).min(c);
+        for kk in start..end {
+            let xr = &x[kk][..len];
+            if kk == start {
+                for (p, &v) in pre[row(kk)].iter_mut().zip(xr) {
+                    let v = v.to_f64();
+                    *p = v * v;
+                }
+            } else {
+                let (ra, rb) = (row(kk - 1), row(kk));
+                for j in 0..len {
+                    let v = xr[j].to_f64();
+                    pre[rb.start + j] = pre[ra.start + j] + v * v;
+                }
+            }
+        }
+        for kk in (start..end).rev() {
+            let xr = &x[kk][..len];
+            if kk == end - 1 {
+                for (p, &v) in suf[row(kk)].iter_mut().zip(xr) {
+                    let v = v.to_f64();
+                    *p = v * v;
+                }
+            } else {
+                let (ra, rb) = (row(kk + 1), row(kk));
+                for j in 0..len {
+                    let v = xr[j].to_f64();
+                    suf[rb.start + j] = suf[ra.start + j] + v * v;
+                }
+            }
+        }
+        while next < c && (next + hi).min(c - 1) < end {
+            let i = next;
+            next += 1;
+            let (s, s2): (&[f64], Option<&[f64]>) = match win.plan[i] {
+                Win::Pre(e) => (&pre[row(e)], None),
+                Win::Suf(a) => (&suf[row(a)], None),
+                // suf + pre, the order of `Windows::sums`.
+                Win::Both(a, e) => (&suf[row(a)], Some(&pre[row(e)])),
+                Win::Direct(a, e) => {
+                    for (t, &v) in tmp.iter_mut().zip(&x[a][..len]) {
+                        let v = v.to_f64();
+                        *t = v * v;
+                    }
+                    for xr in &x[a + 1..=e] {
+                        for (t, &v) in tmp.iter_mut().zip(&xr[..len]) {
+                            let v = v.to_f64();
+                            *t += v * v;
+                        }
+                    }
+                    (&*tmp, None)
+                }
+            };
+            finish_row(s, s2, x[i], y[i], l);
+        }
+    }
+}
+
+/// Scratch of [`lrn_strip`] for strips of up to `len` positions.
+fn strip_scratch(win: &Windows, c: usize, len: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let m = win.b.saturating_mul(2).min(c);
+    (vec![0.0; m * len], vec![0.0; m * len], vec![0.0; len])
+}
+
 /// Local response normalization of `x` into `y` (same shape, any layouts).
 ///
 /// # Errors
@@ -283,36 +434,58 @@ pub fn local_response_norm<T: Scalar>(
     let (l, cv) = setup(&x, p)?;
     let parallel = pool::worth_parallel(bytes_of(&x));
     let c = cv.c;
-    let y = cv.permute_out(y);
+    let mut y = cv.permute_out(y);
     let win = Windows::new(c, l.lo, l.hi);
+    if cv.x.is_empty() {
+        return Ok(());
+    }
+    let y_planes = y
+        .view()
+        .index_axis_move(Axis(0), 0)
+        .index_axis_move(Axis(0), 0)
+        .as_slice()
+        .is_some();
+    if cv.access == Access::Planes && y_planes {
+        // Channel planes contiguous in x and y (NCHW): strips of a plane are read and written
+        // in place, no gather or scatter.
+        let s = cv.s;
+        let strips = s.div_ceil(STRIP);
+        let (xst, yst) = (cv.x.strides().to_vec(), y.strides().to_vec());
+        let (xp, yp) = (Ptr(cv.x.as_ptr()), Ptr(y.as_mut_ptr()));
+        pool::for_each_task(cv.n * strips, parallel, |t| {
+            let (n, st) = (t / strips, t % strips);
+            let s0 = st * STRIP;
+            let len = STRIP.min(s - s0);
+            let (mut pre, mut suf, mut tmp) = strip_scratch(&win, c, len);
+            let (xp, yp) = (xp, yp);
+            let xo = |k: usize| n as isize * xst[0] + k as isize * xst[1] + s0 as isize;
+            let yo = |k: usize| n as isize * yst[0] + k as isize * yst[1] + s0 as isize;
+            // SAFETY: with Access::Planes (and the check on y) every (n, k) plane is a
+            // contiguous block of s elements at that offset; positions s0..s0+len are this
+            // task's alone in y, and y does not overlap x (an ArrayViewMut is unique).
+            let xs: Vec<&[T]> = (0..c)
+                .map(|k| unsafe { std::slice::from_raw_parts(xp.0.offset(xo(k)), len) })
+                .collect();
+            let mut ys: Vec<&mut [T]> = (0..c)
+                .map(|k| unsafe { std::slice::from_raw_parts_mut(yp.0.offset(yo(k)), len) })
+                .collect();
+            lrn_strip(&win, &l, &xs, &mut ys, &mut pre, &mut suf, &mut tmp);
+        });
+        return Ok(());
+    }
+    let tile = tile_len(c, TILE_ELEMS);
     for_tiles(
         &[&cv.x],
         Some(y),
         1,
-        tile_len(c, TILE_ELEMS),
+        tile,
         4,
         parallel,
-        || (),
-        |_, ins, out, len, ld| {
-            let x = &ins[0];
-            let mut sq = vec![0.0; c * ld];
-            let mut pre = vec![0.0; c * ld];
-            let mut suf = vec![0.0; c * ld];
-            for (q, &v) in sq.iter_mut().zip(x.iter()) {
-                *q = v * v;
-            }
-            win.sums(&sq, len, ld, &mut pre, &mut suf, out);
-            for k in 0..c {
-                let r = k * ld..k * ld + len;
-                let o = &mut out[r.clone()];
-                for v in o.iter_mut() {
-                    *v = l.k + l.alpha * *v;
-                }
-                pow_neg_rows(o, l.beta);
-                for (o, &v) in o.iter_mut().zip(&x[r]) {
-                    *o *= v;
-                }
-            }
+        || strip_scratch(&win, c, tile),
+        |(pre, suf, tmp), ins, out, len, ld| {
+            let xs: Vec<&[f64]> = ins[0].chunks(ld).map(|r| &r[..len]).collect();
+            let mut ys: Vec<&mut [f64]> = out.chunks_mut(ld).map(|r| &mut r[..len]).collect();
+            lrn_strip(&win, &l, &xs, &mut ys, pre, suf, tmp);
         },
     );
     Ok(())
@@ -442,6 +615,55 @@ mod tests {
                 .iter()
                 .zip(&got)
                 .all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+    }
+
+    #[test]
+    fn strip_kernel_is_bitwise_the_window_sums_and_powers() {
+        // The fused forward against the unfused formula: window sums, k + α·s, d^(−β), ·x.
+        let len = 13;
+        for c in 1..12 {
+            let x: Vec<f32> = (0..c * len)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37)
+                .collect();
+            let v: Vec<f64> = x.iter().map(|&t| f64::from(t) * f64::from(t)).collect();
+            for lo in 0..6 {
+                for hi in 0..6 {
+                    for beta in [0.75, 0.5, 1.0, 0.3] {
+                        let l = super::Lrn {
+                            lo,
+                            hi,
+                            alpha: 0.7,
+                            beta,
+                            k: 1.3,
+                        };
+                        let win = Windows::new(c, lo, hi);
+                        let (mut p, mut s) = (vec![0.0; c * len], vec![0.0; c * len]);
+                        let mut d = vec![0.0; c * len];
+                        win.sums(&v, len, len, &mut p, &mut s, &mut d);
+                        for q in d.iter_mut() {
+                            *q = l.k + l.alpha * *q;
+                        }
+                        super::pow_neg_rows(&mut d, beta);
+                        let want: Vec<f32> = d
+                            .iter()
+                            .zip(&x)
+                            .map(|(&p, &t)| {
+                                <f32 as crate::scalar::Scalar>::from_f64(p * f64::from(t))
+                            })
+                            .collect();
+                        let mut y = vec![0.0f32; c * len];
+                        let xs: Vec<&[f32]> = x.chunks(len).collect();
+                        let mut ys: Vec<&mut [f32]> = y.chunks_mut(len).collect();
+                        let (mut pre, mut suf, mut tmp) = super::strip_scratch(&win, c, len);
+                        super::lrn_strip(&win, &l, &xs, &mut ys, &mut pre, &mut suf, &mut tmp);
+                        assert!(
+                            want.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "c={c} lo={lo} hi={hi} beta={beta}"
+                        );
+                    }
+                }
+            }
         }
     }
 
