@@ -187,7 +187,11 @@ mod x86 {
         for j in 0..h {
             ys[j] = p.one(xs[j], j);
         }
-        let (vm, va, vb) = (_mm512_set1_pd(p.m), _mm512_set1_pd(p.a), _mm512_set1_pd(p.b));
+        let (vm, va, vb) = (
+            _mm512_set1_pd(p.m),
+            _mm512_set1_pd(p.a),
+            _mm512_set1_pd(p.b),
+        );
         let mut j = h;
         while j + 16 <= n {
             // SAFETY: j + 16 <= n; ys + j is 64-byte aligned (head).
@@ -222,7 +226,11 @@ mod x86 {
         for j in 0..h {
             ys[j] = p.one(xs[j], j);
         }
-        let (vm, va, vb) = (_mm256_set1_pd(p.m), _mm256_set1_pd(p.a), _mm256_set1_pd(p.b));
+        let (vm, va, vb) = (
+            _mm256_set1_pd(p.m),
+            _mm256_set1_pd(p.a),
+            _mm256_set1_pd(p.b),
+        );
         let mut j = h;
         while j + 8 <= n {
             // SAFETY: j + 8 <= n; ys + j is 32-byte aligned (head).
@@ -252,7 +260,11 @@ mod x86 {
         for j in 0..h {
             ys[j] = p.one(xs[j], j);
         }
-        let (vm, va, vb) = (_mm512_set1_pd(p.m), _mm512_set1_pd(p.a), _mm512_set1_pd(p.b));
+        let (vm, va, vb) = (
+            _mm512_set1_pd(p.m),
+            _mm512_set1_pd(p.a),
+            _mm512_set1_pd(p.b),
+        );
         let mut j = h;
         while j + 8 <= n {
             // SAFETY: j + 8 <= n; ys + j is 64-byte aligned (head).
@@ -277,7 +289,11 @@ mod x86 {
         for j in 0..h {
             ys[j] = p.one(xs[j], j);
         }
-        let (vm, va, vb) = (_mm256_set1_pd(p.m), _mm256_set1_pd(p.a), _mm256_set1_pd(p.b));
+        let (vm, va, vb) = (
+            _mm256_set1_pd(p.m),
+            _mm256_set1_pd(p.a),
+            _mm256_set1_pd(p.b),
+        );
         let mut j = h;
         while j + 4 <= n {
             // SAFETY: j + 4 <= n; ys + j is 32-byte aligned (head).

@@ -245,7 +245,13 @@ fn channel_plane_moments<T: Scalar>(cv: &ChannelView<'_, T>, k: usize) -> (f64, 
     let mut scratch = Vec::new();
     let mut total = 0.0f64;
     for n in 0..cv.n {
-        cv.sample_sums(n, k..k + 1, |v, _| reduce::ident(v), &mut scratch, &mut part);
+        cv.sample_sums(
+            n,
+            k..k + 1,
+            |v, _| reduce::ident(v),
+            &mut scratch,
+            &mut part,
+        );
         total += part[0];
     }
     let m = total / count;

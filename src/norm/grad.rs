@@ -147,7 +147,10 @@ pub fn pair_sums<T: Scalar>(
 /// and vectorizes, where one fused loop would not.
 #[inline]
 pub fn pair_sums_slices<T: Scalar>(dy: &[T], x: &[T], m: f64) -> [f64; 2] {
-    [crate::reduce::sum_slice(dy, crate::reduce::ident), centred_dot(dy, x, m)]
+    [
+        crate::reduce::sum_slice(dy, crate::reduce::ident),
+        centred_dot(dy, x, m),
+    ]
 }
 
 /// Canonical `Σ dy·(x − m)` over two slices.

@@ -82,7 +82,11 @@ impl Pool {
         if bytes > limit {
             return; // dropped: freed
         }
-        let same = self.idle.iter().filter(|b| b.layout.size() == bytes).count();
+        let same = self
+            .idle
+            .iter()
+            .filter(|b| b.layout.size() == bytes)
+            .count();
         if same >= MAX_PER_SIZE {
             if let Some(i) = self.idle.iter().position(|b| b.layout.size() == bytes) {
                 self.idle_bytes -= bytes;
