@@ -223,7 +223,7 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
                     y.shared
                         .block_mut(self.offset_in(&y.shared, n, 0), xs.len())
                 };
-                reduce::apply_rows(xs, ys, self.c, m, a, b);
+                reduce::apply_rows_to(xs, ys, self.c, m, a, b, y.shared.stream);
             }
             Access::Planes => {
                 for c in 0..self.c {
@@ -271,6 +271,7 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
                     cs.len(),
                 )
             };
+            // Cached stores: a streamed run this short would pay one fence per row.
             reduce::apply_rows(xs, ys, cs.len(), m, a, b);
         }
     }

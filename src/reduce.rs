@@ -175,6 +175,22 @@ pub fn apply_slice_to<T: Scalar>(
     }
 }
 
+/// [`apply_rows`], written with streaming stores when `stream` (see `crate::stream`).
+#[inline]
+pub fn apply_rows_to<T: Scalar>(
+    xs: &[T],
+    ys: &mut [T],
+    c: usize,
+    m: &[f64],
+    a: &[f64],
+    b: &[f64],
+    stream: bool,
+) {
+    if !(stream && crate::stream::apply_rows(xs, ys, c, m, a, b)) {
+        apply_rows(xs, ys, c, m, a, b);
+    }
+}
+
 /// Rows of `c` channels: y[r, k] = (x[r, k] − m_k)·a_k + b_k.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 pub fn apply_rows<T: Scalar>(xs: &[T], ys: &mut [T], c: usize, m: &[f64], a: &[f64], b: &[f64]) {

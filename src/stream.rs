@@ -13,7 +13,6 @@
 //! cached one (the tests compare layouts that take either path).
 
 use crate::scalar::Scalar;
-use std::any::TypeId;
 
 /// Outputs of at least this many bytes are written with streaming stores. Above the last-level
 /// cache share one core can count on (32 MiB L3 shared by every tenant here) nothing is read
@@ -55,38 +54,71 @@ pub fn apply_slice<T: Scalar>(
         if w.is_some_and(|w| w.len() < n) || bias.is_some_and(|v| v.len() < n) {
             return false;
         }
-        let p = x86::Params { m, a, b, w, bias };
-        if TypeId::of::<T>() == TypeId::of::<f32>() {
-            // SAFETY: T is f32 (checked), so the slices reinterpret to themselves.
-            let (xs, ys) = unsafe {
-                (
-                    std::slice::from_raw_parts(xs.as_ptr().cast::<f32>(), n),
-                    std::slice::from_raw_parts_mut(ys.as_mut_ptr().cast::<f32>(), n),
-                )
-            };
-            return x86::apply_f32(xs, ys, &p);
-        }
-        if TypeId::of::<T>() == TypeId::of::<f64>() {
-            // SAFETY: T is f64 (checked).
-            let (xs, ys) = unsafe {
-                (
-                    std::slice::from_raw_parts(xs.as_ptr().cast::<f64>(), n),
-                    std::slice::from_raw_parts_mut(ys.as_mut_ptr().cast::<f64>(), n),
-                )
-            };
-            return x86::apply_f64(xs, ys, &p);
-        }
+        let p = x86::Params {
+            mv: None,
+            m,
+            a,
+            b,
+            w,
+            bias,
+        };
+        x86::run([(xs, ys)], &p)
     }
-    let _ = (xs, ys, m, a, b, w, bias);
-    false
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (xs, ys, m, a, b, w, bias);
+        false
+    }
+}
+
+/// Rows of `c` channels with streaming stores, as `reduce::apply_rows`:
+/// y[r, k] = (x[r, k] − m_k)·a_k + b_k. Returns false (nothing written) where no streaming
+/// kernel exists.
+pub fn apply_rows<T: Scalar>(
+    xs: &[T],
+    ys: &mut [T],
+    c: usize,
+    m: &[f64],
+    a: &[f64],
+    b: &[f64],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // Rows that are not whole 64-byte lines would be mostly scalar heads and tails.
+        if c == 0
+            || !(c * size_of::<T>()).is_multiple_of(64)
+            || m.len() < c
+            || a.len() < c
+            || b.len() < c
+        {
+            return false;
+        }
+        let p = x86::Params {
+            mv: Some(&m[..c]),
+            m: 0.0,
+            a: 1.0,
+            b: 0.0,
+            w: Some(&a[..c]),
+            bias: Some(&b[..c]),
+        };
+        x86::run(xs.chunks_exact(c).zip(ys.chunks_exact_mut(c)), &p)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (xs, ys, c, m, a, b);
+        false
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use crate::reduce::affine;
+    use std::any::TypeId;
     use std::arch::x86_64::*;
 
     pub struct Params<'a> {
+        /// Per-element means (channels-last rows), else `m` for every element.
+        pub mv: Option<&'a [f64]>,
         pub m: f64,
         pub a: f64,
         pub b: f64,
@@ -98,9 +130,10 @@ mod x86 {
         /// The scalar formula, element j (heads and tails).
         #[inline(always)]
         fn one<T: crate::scalar::Scalar>(&self, x: T, j: usize) -> T {
+            let m = self.mv.map_or(self.m, |v| v[j]);
             let a = self.w.map_or(self.a, |w| self.a * w[j]);
             let b = self.bias.map_or(self.b, |v| v[j]);
-            affine(x, self.m, a, b)
+            affine(x, m, a, b)
         }
     }
 
@@ -123,38 +156,68 @@ mod x86 {
         let mis = ptr as usize % align;
         if mis == 0 {
             0
-        } else if mis % elem != 0 {
+        } else if !mis.is_multiple_of(elem) {
             n // cannot align: stream nothing (never happens for aligned T)
         } else {
             ((align - mis) / elem).min(n)
         }
     }
 
-    pub fn apply_f32(xs: &[f32], ys: &mut [f32], p: &Params<'_>) -> bool {
-        match level() {
-            // SAFETY: the features were detected at run time.
-            2 => unsafe { f32_avx512(xs, ys, p) },
-            1 => unsafe { f32_avx2(xs, ys, p) },
-            _ => return false,
+    /// Applies `p` to every (x, y) pair of slices (each at most as long as the per-element
+    /// arrays), then fences once: streaming stores are weakly ordered, and the `sfence` makes
+    /// them visible before the caller's task is reported done.
+    pub fn run<'s, T: 'static>(
+        pairs: impl IntoIterator<Item = (&'s [T], &'s mut [T])>,
+        p: &Params<'_>,
+    ) -> bool {
+        let lvl = level();
+        if lvl == 0 {
+            return false;
         }
-        true
-    }
-
-    pub fn apply_f64(xs: &[f64], ys: &mut [f64], p: &Params<'_>) -> bool {
-        match level() {
-            // SAFETY: the features were detected at run time.
-            2 => unsafe { f64_avx512(xs, ys, p) },
-            1 => unsafe { f64_avx2(xs, ys, p) },
-            _ => return false,
+        let is32 = TypeId::of::<T>() == TypeId::of::<f32>();
+        if !is32 && TypeId::of::<T>() != TypeId::of::<f64>() {
+            return false;
         }
+        for (xs, ys) in pairs {
+            let n = xs.len().min(ys.len());
+            // SAFETY: T is f32 or f64 (checked above), so the slices reinterpret to
+            // themselves; the features were detected at run time.
+            unsafe {
+                let yp = ys.as_mut_ptr();
+                if is32 {
+                    let xs = std::slice::from_raw_parts(xs.as_ptr().cast::<f32>(), n);
+                    let ys = std::slice::from_raw_parts_mut(yp.cast::<f32>(), n);
+                    if lvl == 2 {
+                        f32_avx512(xs, ys, p)
+                    } else {
+                        f32_avx2(xs, ys, p)
+                    }
+                } else {
+                    let xs = std::slice::from_raw_parts(xs.as_ptr().cast::<f64>(), n);
+                    let ys = std::slice::from_raw_parts_mut(yp.cast::<f64>(), n);
+                    if lvl == 2 {
+                        f64_avx512(xs, ys, p)
+                    } else {
+                        f64_avx2(xs, ys, p)
+                    }
+                }
+            }
+        }
+        // SAFETY: sfence has no preconditions (SSE, part of x86-64).
+        unsafe { _mm_sfence() };
         true
     }
 
     /// Per-lane (a, b) of elements j..j+8 as f64 vectors.
     macro_rules! coef512 {
-        ($p:expr, $j:expr, $va:expr, $vb:expr) => {{
+        ($p:expr, $j:expr, $vm:expr, $va:expr, $vb:expr) => {{
+            let m = match $p.mv {
+                // SAFETY (all loads): j + 8 <= n <= len of every per-element array (checked
+                // by `apply`).
+                Some(v) => _mm512_loadu_pd(v.as_ptr().add($j)),
+                None => $vm,
+            };
             let a = match $p.w {
-                // SAFETY (all loads): j + 8 <= n <= w.len(), checked by the caller.
                 Some(w) => _mm512_mul_pd($va, _mm512_loadu_pd(w.as_ptr().add($j))),
                 None => $va,
             };
@@ -162,12 +225,16 @@ mod x86 {
                 Some(v) => _mm512_loadu_pd(v.as_ptr().add($j)),
                 None => $vb,
             };
-            (a, b)
+            (m, a, b)
         }};
     }
 
     macro_rules! coef256 {
-        ($p:expr, $j:expr, $va:expr, $vb:expr) => {{
+        ($p:expr, $j:expr, $vm:expr, $va:expr, $vb:expr) => {{
+            let m = match $p.mv {
+                Some(v) => _mm256_loadu_pd(v.as_ptr().add($j)),
+                None => $vm,
+            };
             let a = match $p.w {
                 Some(w) => _mm256_mul_pd($va, _mm256_loadu_pd(w.as_ptr().add($j))),
                 None => $va,
@@ -176,7 +243,7 @@ mod x86 {
                 Some(v) => _mm256_loadu_pd(v.as_ptr().add($j)),
                 None => $vb,
             };
-            (a, b)
+            (m, a, b)
         }};
     }
 
@@ -201,10 +268,10 @@ mod x86 {
                 let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
                     _mm512_castps_pd(x),
                 )));
-                let (a0, b0) = coef512!(p, j, va, vb);
-                let (a1, b1) = coef512!(p, j + 8, va, vb);
-                let y0 = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(lo, vm), a0), b0);
-                let y1 = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(hi, vm), a1), b1);
+                let (m0, a0, b0) = coef512!(p, j, vm, va, vb);
+                let (m1, a1, b1) = coef512!(p, j + 8, vm, va, vb);
+                let y0 = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(lo, m0), a0), b0);
+                let y1 = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(hi, m1), a1), b1);
                 let y = _mm512_insertf64x4::<1>(
                     _mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps(y0))),
                     _mm256_castps_pd(_mm512_cvtpd_ps(y1)),
@@ -216,7 +283,6 @@ mod x86 {
         for k in j..n {
             ys[k] = p.one(xs[k], k);
         }
-        _mm_sfence();
     }
 
     #[target_feature(enable = "avx2")]
@@ -238,10 +304,10 @@ mod x86 {
                 let x = _mm256_loadu_ps(xs.as_ptr().add(j));
                 let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
                 let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x));
-                let (a0, b0) = coef256!(p, j, va, vb);
-                let (a1, b1) = coef256!(p, j + 4, va, vb);
-                let y0 = _mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(lo, vm), a0), b0);
-                let y1 = _mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(hi, vm), a1), b1);
+                let (m0, a0, b0) = coef256!(p, j, vm, va, vb);
+                let (m1, a1, b1) = coef256!(p, j + 4, vm, va, vb);
+                let y0 = _mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(lo, m0), a0), b0);
+                let y1 = _mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(hi, m1), a1), b1);
                 let y = _mm256_set_m128(_mm256_cvtpd_ps(y1), _mm256_cvtpd_ps(y0));
                 _mm256_stream_ps(ys.as_mut_ptr().add(j), y);
             }
@@ -250,7 +316,6 @@ mod x86 {
         for k in j..n {
             ys[k] = p.one(xs[k], k);
         }
-        _mm_sfence();
     }
 
     #[target_feature(enable = "avx512f")]
@@ -270,8 +335,8 @@ mod x86 {
             // SAFETY: j + 8 <= n; ys + j is 64-byte aligned (head).
             unsafe {
                 let x = _mm512_loadu_pd(xs.as_ptr().add(j));
-                let (a0, b0) = coef512!(p, j, va, vb);
-                let y = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(x, vm), a0), b0);
+                let (m0, a0, b0) = coef512!(p, j, vm, va, vb);
+                let y = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(x, m0), a0), b0);
                 _mm512_stream_pd(ys.as_mut_ptr().add(j), y);
             }
             j += 8;
@@ -279,7 +344,6 @@ mod x86 {
         for k in j..n {
             ys[k] = p.one(xs[k], k);
         }
-        _mm_sfence();
     }
 
     #[target_feature(enable = "avx2")]
@@ -299,8 +363,8 @@ mod x86 {
             // SAFETY: j + 4 <= n; ys + j is 32-byte aligned (head).
             unsafe {
                 let x = _mm256_loadu_pd(xs.as_ptr().add(j));
-                let (a0, b0) = coef256!(p, j, va, vb);
-                let y = _mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(x, vm), a0), b0);
+                let (m0, a0, b0) = coef256!(p, j, vm, va, vb);
+                let y = _mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(x, m0), a0), b0);
                 _mm256_stream_pd(ys.as_mut_ptr().add(j), y);
             }
             j += 4;
@@ -308,6 +372,5 @@ mod x86 {
         for k in j..n {
             ys[k] = p.one(xs[k], k);
         }
-        _mm_sfence();
     }
 }

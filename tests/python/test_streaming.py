@@ -42,6 +42,14 @@ OPS = {
     "batch_norm_eval": lambda x, **kw: rn.batch_norm(
         x.reshape(x.shape[0], 8, -1, 7), np.linspace(-1, 1, 8), np.linspace(0.5, 2, 8),
         np.linspace(0.5, 1.5, 8), np.linspace(-0.2, 0.2, 8), **kw),
+    # 16 channels: whole 64-byte lines per row, the rows that stream.
+    "batch_norm_train_nhwc": lambda x, **kw: rn.batch_norm(
+        x.reshape(x.shape[0], 7, -1, 16), training=True, axis=-1, **kw),
+    "batch_norm_eval_nhwc": lambda x, **kw: rn.batch_norm(
+        x.reshape(x.shape[0], 7, -1, 16), np.linspace(-1, 1, 16), np.linspace(0.5, 2, 16),
+        np.linspace(0.5, 1.5, 16), np.linspace(-0.2, 0.2, 16), axis=-1, **kw),
+    "instance_norm_nhwc": lambda x, **kw: rn.instance_norm(
+        x.reshape(x.shape[0], 7, -1, 16), axis=-1, **kw),
     "instance_norm": lambda x, **kw: rn.instance_norm(x.reshape(x.shape[0], 8, -1, 7), **kw),
     "group_norm": lambda x, **kw: rn.group_norm(
         x.reshape(x.shape[0], 8, -1, 7), 4, np.linspace(0.5, 1.5, 8), np.linspace(-1, 1, 8),
@@ -55,7 +63,7 @@ def test_streamed_output_is_bitwise_the_cached_one(op, dtype):
     rng = np.random.default_rng(7)
     itemsize = np.dtype(dtype).itemsize
     # Rows of 7·8·k + odd lengths: vector bodies, heads and tails all occur.
-    cols = 8 * 7 * 37
+    cols = 16 * 7 * 37
     rows = STREAM_MIN // (cols * itemsize) + 3
     x = (rng.standard_normal((rows, cols)) * 3 + 1e3).astype(dtype)
     fn = OPS[op]
