@@ -215,58 +215,161 @@ pub fn batch_norm<T: Scalar>(
     Ok(out)
 }
 
-/// Per-channel (mean, M2) over the batch and spatial axes: two canonical passes, planes folded
-/// in batch order. Shared with `moments`.
+/// Per-channel (mean, M2) over the batch and spatial axes. Shared with `moments` and the
+/// backward.
+///
+/// With more than one value per plane, every plane (n, c) gets its own exact two passes —
+/// Σx, then Σ(x − x̄ₙ)² about the plane's mean x̄ₙ = Σx/S (both canonical sums) — and the
+/// planes are merged in batch order (Chan et al.):
+/// ```text
+/// mean = (Σₙ Σx) / (N·S)          M2 = Σₙ [ M2ₙ + S·(x̄ₙ − mean)² ]
+/// ```
+/// Every term is non-negative (no cancellation), and both passes over a plane run while it
+/// is in L1/L2, whatever the layout: channels-last needs one read of each sample from memory
+/// for its statistics instead of two. With one value per plane ((N, C) inputs) the shape's own
+/// block order of [`batch_block_sums`] applies, about the global mean.
 pub(crate) fn channel_moments<T: Scalar>(
     cv: &ChannelView<'_, T>,
     parallel: bool,
 ) -> (Vec<f64>, Vec<f64>) {
-    if cv.access == Access::Planes && cv.s > 1 {
-        // NCHW: both passes over one channel while it is in cache (the second pass reads L2,
-        // not memory); the same sums as the two whole-tensor passes below.
+    if cv.n * cv.s == 0 {
+        // No values: mean 0/0 (NaN, as any empty mean), M2 an empty sum.
+        return (vec![f64::NAN; cv.c], vec![0.0; cv.c]);
+    }
+    if cv.s == 1 {
+        let count = cv.n as f64;
+        let sums = batch_block_sums(cv, parallel, |v, _| reduce::ident(v));
+        let mean: Vec<f64> = sums.iter().map(|&s| s / count).collect();
+        let m2 = batch_block_sums(cv, parallel, |v, k| {
+            let d = v - mean[k];
+            d * d
+        });
+        return (mean, m2);
+    }
+    if cv.access == Access::Planes {
         return pool::map_tasks(cv.c, parallel, |k| channel_plane_moments(cv, k))
             .into_iter()
             .unzip();
     }
-    let count = (cv.n * cv.s) as f64;
-    let sums = channel_sums(cv, parallel, |v, _| reduce::ident(v));
-    let mean: Vec<f64> = sums.iter().map(|&s| s / count).collect();
-    let m2 = channel_sums(cv, parallel, |v, k| {
-        let d = v - mean[k];
-        d * d
-    });
-    (mean, m2)
+    let c = cv.c;
+    if cv.access == Access::Rows && cv.s >= ROW_SAMPLE_TASKS_MIN_S {
+        // NHWC: one task per sample (contiguous, in L2 for both passes); planes merged in
+        // batch order below.
+        let planes = pool::map_tasks(cv.n, parallel, |n| {
+            let mut scratch = Vec::new();
+            sample_plane_moments(cv, n, 0..c, &mut scratch)
+        });
+        let mut m = PlaneMerge::new(c, cv.s);
+        for (sums, _) in &planes {
+            m.add_sums(sums);
+        }
+        let mean = m.mean(cv.n);
+        for (sums, q) in &planes {
+            m.add_m2(sums, q, &mean);
+        }
+        (mean, m.m2)
+    } else {
+        let chunk = if cv.access == Access::Rows {
+            ROW_CHANNEL_CHUNK
+        } else {
+            1
+        };
+        let parts = pool::map_tasks(c.div_ceil(chunk), parallel, |t| {
+            let cs = t * chunk..((t + 1) * chunk).min(c);
+            let mut scratch = Vec::new();
+            let planes: Vec<(Vec<f64>, Vec<f64>)> = (0..cv.n)
+                .map(|n| sample_plane_moments(cv, n, cs.clone(), &mut scratch))
+                .collect();
+            merge_planes(&planes, cs.len(), cv.s)
+        });
+        let (mean, m2): (Vec<Vec<f64>>, Vec<Vec<f64>>) = parts.into_iter().unzip();
+        (mean.concat(), m2.concat())
+    }
 }
 
-/// (mean, M2) of one channel with the same arithmetic as [`channel_moments`].
+/// (Σx, Σ(x − x̄)²) of each plane (n, c), c in `cs`, x̄ = Σx/S the plane's own mean.
+fn sample_plane_moments<T: Scalar>(
+    cv: &ChannelView<'_, T>,
+    n: usize,
+    cs: std::ops::Range<usize>,
+    scratch: &mut Vec<f64>,
+) -> (Vec<f64>, Vec<f64>) {
+    let s = cv.s as f64;
+    let mut sums = vec![0.0f64; cs.len()];
+    cv.sample_sums(n, cs.clone(), |v, _| reduce::ident(v), scratch, &mut sums);
+    let means: Vec<f64> = sums.iter().map(|&t| t / s).collect();
+    let start = cs.start;
+    let mut q = vec![0.0f64; cs.len()];
+    cv.sample_sums(
+        n,
+        cs,
+        |v, k| {
+            let d = v - means[k - start];
+            d * d
+        },
+        scratch,
+        &mut q,
+    );
+    (sums, q)
+}
+
+/// The batch-order merge of per-plane (Σx, M2ₙ) into per-channel (mean, M2).
+struct PlaneMerge {
+    total: Vec<f64>,
+    m2: Vec<f64>,
+    s: f64,
+}
+
+impl PlaneMerge {
+    fn new(c: usize, s: usize) -> Self {
+        Self {
+            total: vec![0.0; c],
+            m2: vec![0.0; c],
+            s: s as f64,
+        }
+    }
+
+    fn add_sums(&mut self, sums: &[f64]) {
+        for (t, v) in self.total.iter_mut().zip(sums) {
+            *t += *v;
+        }
+    }
+
+    fn mean(&self, n: usize) -> Vec<f64> {
+        let count = n as f64 * self.s;
+        self.total.iter().map(|&t| t / count).collect()
+    }
+
+    fn add_m2(&mut self, sums: &[f64], q: &[f64], mean: &[f64]) {
+        for (((a, &t), &qk), &mk) in self.m2.iter_mut().zip(sums).zip(q).zip(mean) {
+            let d = t / self.s - mk;
+            *a += qk + self.s * (d * d);
+        }
+    }
+}
+
+/// Merges the planes of a range of channels, given in batch order.
+fn merge_planes(planes: &[(Vec<f64>, Vec<f64>)], c: usize, s: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut m = PlaneMerge::new(c, s);
+    for (sums, _) in planes {
+        m.add_sums(sums);
+    }
+    let mean = m.mean(planes.len());
+    for (sums, q) in planes {
+        m.add_m2(sums, q, &mean);
+    }
+    (mean, m.m2)
+}
+
+/// (mean, M2) of one channel with the same arithmetic as [`channel_moments`]; each plane's
+/// two passes run back to back, while it is in L1.
 fn channel_plane_moments<T: Scalar>(cv: &ChannelView<'_, T>, k: usize) -> (f64, f64) {
-    let count = (cv.n * cv.s) as f64;
-    let mut part = [0.0f64];
     let mut scratch = Vec::new();
-    let mut total = 0.0f64;
-    for n in 0..cv.n {
-        cv.sample_sums(
-            n,
-            k..k + 1,
-            |v, _| reduce::ident(v),
-            &mut scratch,
-            &mut part,
-        );
-        total += part[0];
-    }
-    let m = total / count;
-    let mut m2 = 0.0f64;
-    for n in 0..cv.n {
-        cv.sample_sums(
-            n,
-            k..k + 1,
-            |v, _| (v - m) * (v - m),
-            &mut scratch,
-            &mut part,
-        );
-        m2 += part[0];
-    }
-    (m, m2)
+    let planes: Vec<(Vec<f64>, Vec<f64>)> = (0..cv.n)
+        .map(|n| sample_plane_moments(cv, n, k..k + 1, &mut scratch))
+        .collect();
+    let (mean, m2) = merge_planes(&planes, 1, cv.s);
+    (mean[0], m2[0])
 }
 
 /// Channels per task in the channels-last path: 16 f32 = one cache line, so two tasks never
@@ -363,56 +466,6 @@ fn batch_block_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy + Sync>(
         }
     }
     total
-}
-
-/// Σ over n of the canonical plane sums of f, per channel. Every branch performs the same f64
-/// operations in the same order; they differ in how memory is walked and work is split.
-fn channel_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy + Sync>(
-    cv: &ChannelView<'_, T>,
-    parallel: bool,
-    f: F,
-) -> Vec<f64> {
-    let c = cv.c;
-    match cv.access {
-        Access::Rows if cv.s >= ROW_SAMPLE_TASKS_MIN_S => {
-            // NHWC: each task sums whole contiguous samples; planes folded in batch order.
-            let planes = pool::map_tasks(cv.n, parallel, |n| {
-                let mut scratch = Vec::new();
-                let mut part = vec![0.0f64; c];
-                cv.sample_sums(n, 0..c, f, &mut scratch, &mut part);
-                part
-            });
-            let mut total = vec![0.0f64; c];
-            for part in planes {
-                for (t, p) in total.iter_mut().zip(part) {
-                    *t += p;
-                }
-            }
-            total
-        }
-        _ if cv.s == 1 => batch_block_sums(cv, parallel, f),
-        _ => {
-            let chunk = if cv.access == Access::Rows {
-                ROW_CHANNEL_CHUNK
-            } else {
-                1
-            };
-            let parts = pool::map_tasks(c.div_ceil(chunk), parallel, |t| {
-                let cs = t * chunk..((t + 1) * chunk).min(c);
-                let mut scratch = Vec::new();
-                let mut part = vec![0.0f64; cs.len()];
-                let mut acc = vec![0.0f64; cs.len()];
-                for n in 0..cv.n {
-                    cv.sample_sums(n, cs.clone(), f, &mut scratch, &mut part);
-                    for (a, p) in acc.iter_mut().zip(&part) {
-                        *a += *p;
-                    }
-                }
-                acc
-            });
-            parts.concat()
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
