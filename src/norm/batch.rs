@@ -123,8 +123,8 @@ pub fn batch_norm<T: Scalar>(
             let cs = t * FUSED_ROW_CHUNK..((t + 1) * FUSED_ROW_CHUNK).min(c);
             let sums = rows_chunk_sums(&cv, cs.clone(), |v, _| reduce::ident(v));
             let mean: Vec<f64> = sums.iter().map(|&s| s / count as f64).collect();
-            let m2 = rows_chunk_sums(&cv, cs.clone(), |v, k| {
-                let d = v - mean[k - cs.start];
+            let m2 = rows_chunk_sums(&cv, cs.clone(), |v, j| {
+                let d = v - mean[j];
                 d * d
             });
             let a: Vec<f64> = cs
@@ -297,14 +297,18 @@ fn sample_plane_moments<T: Scalar>(
     let s = cv.s as f64;
     let mut sums = vec![0.0f64; cs.len()];
     cv.sample_sums(n, cs.clone(), |v, _| reduce::ident(v), scratch, &mut sums);
-    let means: Vec<f64> = sums.iter().map(|&t| t / s).collect();
-    let start = cs.start;
+    // Indexed by the channel itself (entries below cs.start unused): `f` receives the
+    // channel index, and `means[k - start]` would compile to a gather in the row kernel.
+    let mut means = vec![0.0f64; cs.end];
+    for (m, &t) in means[cs.start..].iter_mut().zip(&sums) {
+        *m = t / s;
+    }
     let mut q = vec![0.0f64; cs.len()];
     cv.sample_sums(
         n,
         cs,
         |v, k| {
-            let d = v - means[k - start];
+            let d = v - means[k];
             d * d
         },
         scratch,
@@ -362,14 +366,26 @@ fn merge_planes(planes: &[(Vec<f64>, Vec<f64>)], c: usize, s: usize) -> (Vec<f64
 }
 
 /// (mean, M2) of one channel with the same arithmetic as [`channel_moments`]; each plane's
-/// two passes run back to back, while it is in L1.
+/// two passes run back to back, while it is in L1. Planes are slices here (NCHW), so this is
+/// [`sample_plane_moments`] and [`PlaneMerge`] without their per-plane vectors (small planes
+/// made the allocations cost more than the sums).
 fn channel_plane_moments<T: Scalar>(cv: &ChannelView<'_, T>, k: usize) -> (f64, f64) {
-    let mut scratch = Vec::new();
-    let planes: Vec<(Vec<f64>, Vec<f64>)> = (0..cv.n)
-        .map(|n| sample_plane_moments(cv, n, k..k + 1, &mut scratch))
+    let s = cv.s as f64;
+    let planes: Vec<(f64, f64)> = (0..cv.n)
+        .map(|n| {
+            let xs = cv.plane_slice(n, k);
+            let t = reduce::sum_slice(xs, reduce::ident);
+            let mp = t / s;
+            (t, reduce::sum_slice(xs, |v| (v - mp) * (v - mp)))
+        })
         .collect();
-    let (mean, m2) = merge_planes(&planes, 1, cv.s);
-    (mean[0], m2[0])
+    let total = planes.iter().fold(0.0f64, |acc, &(t, _)| acc + t);
+    let mean = total / (cv.n as f64 * s);
+    let m2 = planes.iter().fold(0.0f64, |acc, &(t, q)| {
+        let d = t / s - mean;
+        acc + (q + s * (d * d))
+    });
+    (mean, m2)
 }
 
 /// Channels per task in the channels-last path: 16 f32 = one cache line, so two tasks never
@@ -383,8 +399,9 @@ const ROW_SAMPLE_TASKS_MIN_S: usize = 64;
 /// Rows per block of the (N, C) reduction (see [`batch_block_sums`]).
 const BATCH_BLOCK: usize = 256;
 
-/// Channels per task of the fused (N, C) path: 64 f32 = four cache lines of each row.
-const FUSED_ROW_CHUNK: usize = 64;
+/// Channels per task of the fused (N, C) path: 1 KiB of each f32 row (shorter runs made the
+/// per-row call overhead dominate).
+const FUSED_ROW_CHUNK: usize = 256;
 
 /// The fused (N, C) path keeps a block of `FUSED_ROW_CHUNK` channels of every row in L2
 /// between its three passes; beyond that size the block path streams rows instead.
@@ -394,8 +411,9 @@ fn fused_rows_fit<T: Scalar>(cv: &ChannelView<'_, T>) -> bool {
         && cv.n * FUSED_ROW_CHUNK * std::mem::size_of::<T>() <= 512 * 1024
 }
 
-/// [`batch_block_sums`] for the channels `cs` only (`f` gets the channel index): the same
-/// blocks of rows, each summed in row order, folded in order — the same f64 operations.
+/// [`batch_block_sums`] for the channels `cs` only (`f` gets the index within `cs`, so a
+/// per-channel lookup is a plain vector load, not a gather): the same blocks of rows, each
+/// summed in row order, folded in order — the same f64 operations.
 fn rows_chunk_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy>(
     cv: &ChannelView<'_, T>,
     cs: std::ops::Range<usize>,
@@ -403,12 +421,10 @@ fn rows_chunk_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy>(
 ) -> Vec<f64> {
     let mut total = vec![0.0f64; cs.len()];
     let mut acc = vec![0.0f64; cs.len()];
-    let start = cs.start;
     for b in 0..cv.n.div_ceil(BATCH_BLOCK) {
         acc.iter_mut().for_each(|a| *a = 0.0);
         for n in b * BATCH_BLOCK..((b + 1) * BATCH_BLOCK).min(cv.n) {
-            let row = &cv.sample_rows(n)[cs.clone()];
-            reduce::accumulate_row(&mut acc, row, |v, j| f(v, j + start));
+            reduce::accumulate_row(&mut acc, &cv.sample_rows(n)[cs.clone()], f);
         }
         for (t, a) in total.iter_mut().zip(&acc) {
             *t += *a;
