@@ -16,7 +16,9 @@ use super::mixing::{
 use crate::channel::normalize_axis;
 use crate::error::{NormError, Result};
 use crate::pool;
+use crate::reduce::{self, tree, LANES};
 use crate::scalar::Scalar;
+use multiversion::multiversion;
 use ndarray::{ArrayView, ArrayViewMut, IxDyn};
 
 /// Normalizes, sorts and checks the reduced axes.
@@ -70,7 +72,114 @@ fn bytes<T>(x: &ArrayView<'_, T, IxDyn>) -> usize {
     x.len().saturating_mul(std::mem::size_of::<T>())
 }
 
+/// Contiguous runs of a view: the trailing axes merged as far as they are contiguous with
+/// each other; `Some((offsets, len))` when the innermost merged axis has stride 1 (`offsets`:
+/// element offset of each run's first value, runs in logical order, each `len` long).
+fn contiguous_runs(shape: &[usize], strides: &[isize]) -> Option<(Vec<isize>, usize)> {
+    let mut dims = shape.to_vec();
+    let mut st = strides.to_vec();
+    if dims.is_empty() || dims.contains(&0) {
+        return None;
+    }
+    // Unit axes never move the pointer: drop them so they cannot block a merge.
+    let keep: Vec<usize> = (0..dims.len()).filter(|&i| dims[i] != 1).collect();
+    if keep.is_empty() {
+        return Some((vec![0], 1));
+    }
+    dims = keep.iter().map(|&i| dims[i]).collect();
+    st = keep.iter().map(|&i| st[i]).collect();
+    while dims.len() >= 2 {
+        let n = dims.len();
+        if st[n - 2] != dims[n - 1] as isize * st[n - 1] {
+            break;
+        }
+        dims[n - 2] *= dims[n - 1];
+        st[n - 2] = st[n - 1];
+        dims.pop();
+        st.pop();
+    }
+    let k = dims.len() - 1;
+    if st[k] != 1 {
+        return None;
+    }
+    let len = dims[k];
+    let outer: usize = dims[..k].iter().product();
+    let mut offs = Vec::with_capacity(outer);
+    let mut idx = vec![0usize; k];
+    let mut base = 0isize;
+    for _ in 0..outer {
+        offs.push(base);
+        let mut i = k;
+        while i > 0 {
+            i -= 1;
+            idx[i] += 1;
+            base += st[i];
+            if idx[i] < dims[i] {
+                break;
+            }
+            base -= dims[i] as isize * st[i];
+            idx[i] = 0;
+        }
+    }
+    Some((offs, len))
+}
+
+/// Runs shorter than this go through the chunked cursor path.
+const MIN_RUN: usize = 64;
+
+/// Adds `f(s[i])` to lane `(pos + i) mod LANES` of `acc`, i.e. the canonical lanes of a run that
+/// starts at logical index `pos` of its row: bitwise the chunked [`Lanes`] sums.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+fn lanes_run<T: Scalar, F: Fn(f64) -> f64>(acc: &mut [f64; LANES], pos: usize, s: &[T], f: F) {
+    let l0 = pos % LANES;
+    let head = ((LANES - l0) % LANES).min(s.len());
+    for (i, v) in s[..head].iter().enumerate() {
+        acc[l0 + i] += f(v.to_f64());
+    }
+    let mut chunks = s[head..].chunks_exact(LANES);
+    for c in &mut chunks {
+        let c: &[T; LANES] = c.try_into().expect("chunks_exact yields LANES values");
+        for l in 0..LANES {
+            acc[l] += f(c[l].to_f64());
+        }
+    }
+    for (l, v) in chunks.remainder().iter().enumerate() {
+        acc[l] += f(v.to_f64());
+    }
+}
+
+/// y = (x − mean)/den over a run, the same formula as the chunked path.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+fn apply_run<T: Scalar>(xs: &[T], ys: &mut [T], mean: f64, den: f64) {
+    for (o, &v) in ys.iter_mut().zip(xs) {
+        *o = T::from_f64((v.to_f64() - mean) / den);
+    }
+}
+
+/// (mean, sd) of a row read as contiguous runs: the same sums as [`stats`].
+fn stats_runs<T: Scalar>(p: *const T, offs: &[isize], len: usize, m: f64) -> (f64, f64) {
+    let run = |i: usize| {
+        // SAFETY: the caller's offsets address runs of `len` values inside the row.
+        unsafe { std::slice::from_raw_parts(p.offset(offs[i]), len) }
+    };
+    let mut acc = [0.0f64; LANES];
+    for i in 0..offs.len() {
+        lanes_run(&mut acc, i * len, run(i), reduce::ident);
+    }
+    let mean = tree(&acc) / m;
+    let mut acc = [0.0f64; LANES];
+    for i in 0..offs.len() {
+        lanes_run(&mut acc, i * len, run(i), |v| (v - mean) * (v - mean));
+    }
+    (mean, (tree(&acc) / m).sqrt())
+}
+
 /// MVN of `x` over `axes` into `y`.
+///
+/// Every row (one group of reduced values) is summed in the canonical order of `reduce` over
+/// its logical index; rows whose values (in x and y) lie in contiguous runs, as the default
+/// axes (0, 2, 3) of NCHW input do, are read run by run without a staging buffer, the second
+/// pass and the output step re-reading the row from cache. Both paths do the same arithmetic.
 ///
 /// # Errors
 /// Empty, repeated or out-of-range axes, bad eps, `y` of another shape.
@@ -88,6 +197,45 @@ pub fn mean_variance_norm<T: Scalar>(
     let yp = rows.out(y);
     let m = rows.features as f64;
     let per = rows.per_task();
+    if rows.rows == 0 || rows.features == 0 {
+        return Ok(());
+    }
+    // Rows share shape and strides, so the run structure of row 0 is that of every row.
+    let x0 = rows.row(0);
+    let nred = x0.ndim();
+    let ystr = yp.strides()[yp.strides().len() - nred..].to_vec();
+    let runs = match (
+        contiguous_runs(x0.shape(), x0.strides()),
+        contiguous_runs(x0.shape(), &ystr),
+    ) {
+        (Some((xo, len)), Some((yo, ylen))) if len == ylen && len >= MIN_RUN => Some((xo, yo, len)),
+        _ => None,
+    };
+    if let Some((xo, yo, len)) = runs {
+        pool::for_each_task(rows.rows.div_ceil(per), parallel, |t| {
+            for r in t * per..((t + 1) * per).min(rows.rows) {
+                let xr = rows.row(r);
+                let px = xr.as_ptr();
+                let (mean, sd) = stats_runs(px, &xo, len, m);
+                let den = sd + eps;
+                // SAFETY: task t owns rows t·per.. of the output.
+                let mut yr = unsafe { yp.sub(&rows.index(r)) };
+                let py = yr.as_mut_ptr();
+                for (&ox, &oy) in xo.iter().zip(&yo) {
+                    // SAFETY: runs of `len` values inside this row of x and of y (same run
+                    // structure, checked above); the y row is this task's alone.
+                    let (xs, ys) = unsafe {
+                        (
+                            std::slice::from_raw_parts(px.offset(ox), len),
+                            std::slice::from_raw_parts_mut(py.offset(oy), len),
+                        )
+                    };
+                    apply_run(xs, ys, mean, den);
+                }
+            }
+        });
+        return Ok(());
+    }
     pool::for_each_task(rows.rows.div_ceil(per), parallel, |t| {
         let mut buf = vec![0.0f64; CHUNK];
         for r in t * per..((t + 1) * per).min(rows.rows) {
