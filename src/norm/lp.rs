@@ -13,6 +13,9 @@
 
 use super::common::{check_eps, check_out};
 use super::mixing::{check_same_shape, for_tiles, tile_len};
+#[cfg(target_arch = "x86_64")]
+use super::mvn::{as_f32, as_f32_mut, stream_f32, StreamOp};
+use super::mvn::{can_stream, STREAM_MIN_BYTES};
 use crate::channel::normalize_axis;
 use crate::error::{NormError, Result};
 use crate::pool;
@@ -367,6 +370,7 @@ fn normalize_planes<T: Scalar>(
     let nb = s.div_ceil(b);
     let (px, py) = (Ptr(x.as_ptr()), PtrMut(y.as_mut_ptr()));
     let narrow = std::mem::size_of::<T>() < 8;
+    let stream = x.len() * std::mem::size_of::<T>() >= STREAM_MIN_BYTES && can_stream();
     pool::for_each_task(xo.len() * nb, parallel, |t| {
         let (o, bi) = (t / nb, t % nb);
         let j0 = bi * b;
@@ -386,7 +390,16 @@ fn normalize_planes<T: Scalar>(
             let out = unsafe {
                 std::slice::from_raw_parts_mut(py.0.offset(ybase + k as isize * sy), len)
             };
-            divide(out, xrow(k), &w.d);
+            let xs = xrow(k);
+            #[cfg(target_arch = "x86_64")]
+            if stream {
+                if let (Some(xf), Some(yf)) = (as_f32(xs), as_f32_mut(out)) {
+                    // SAFETY: `stream` is only set when AVX-512F was detected.
+                    unsafe { stream_f32(xf, yf, StreamOp::Divide(&w.d)) };
+                    continue;
+                }
+            }
+            divide(out, xs, &w.d);
         }
     });
 }
