@@ -15,7 +15,7 @@ use super::common::{check_eps, check_out};
 use super::mixing::{check_same_shape, for_tiles, tile_len};
 #[cfg(target_arch = "x86_64")]
 use super::mvn::{as_f32, as_f32_mut, stream_f32, StreamOp};
-use super::mvn::{can_stream, STREAM_MIN_BYTES};
+use super::mvn::{can_stream, prefetch_bytes, stream_fence, STREAM_MIN_BYTES};
 use crate::channel::normalize_axis;
 use crate::error::{NormError, Result};
 use crate::pool;
@@ -139,12 +139,18 @@ fn setup<T: Scalar>(x: &ArrayView<'_, T, IxDyn>, p: f64, eps: f64, axis: isize) 
 const LP_TILE_ELEMS: usize = 8192;
 
 /// Bytes of input per block of the plane path: a block (C channels × B positions) is read
-/// twice, for the norms and for the output, so it must stay in L2 in between.
-const LP_BLOCK_BYTES: usize = 256 * 1024;
+/// twice, for the norms and for the output, so it should stay in cache in between; longer
+/// per-channel runs stream better (measured on (32,64,56,56) f32: whole 12 KiB planes, a
+/// 784 KiB block, ~12 % faster than 256–512 KiB blocks).
+const LP_BLOCK_BYTES: usize = 1024 * 1024;
 
 /// Fewest contiguous positions per (outer index) for the plane path; shorter planes go
 /// through the tile path.
 const LP_MIN_PLANE: usize = 16;
+
+/// Channels ahead whose block the norm pass prefetches: each channel's block is a separate
+/// short stream (a few KiB), too short for the hardware prefetcher to ramp up on.
+const LP_PREFETCH: usize = 4;
 
 /// Per-position work buffers of [`block_den`].
 #[derive(Default)]
@@ -210,6 +216,10 @@ fn block_den<'a, U: Scalar + 'a, F: Fn(usize) -> &'a [U]>(
     w.reset(len);
     if narrow && (p == 2.0 || p == 1.0) {
         for k in 0..c {
+            if k + LP_PREFETCH < c {
+                let a = &row(k + LP_PREFETCH)[..len];
+                prefetch_bytes(a.as_ptr().cast::<u8>(), std::mem::size_of_val(a));
+            }
             let r = &row(k)[..len];
             if p == 2.0 {
                 accumulate(&mut w.acc, r, |v| v * v);
@@ -401,6 +411,7 @@ fn normalize_planes<T: Scalar>(
             }
             divide(out, xs, &w.d);
         }
+        stream_fence(stream);
     });
 }
 

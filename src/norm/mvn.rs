@@ -204,7 +204,7 @@ pub(crate) enum StreamOp<'a> {
 
 /// The f32 kernel for `op` with non-temporal stores into the 64-byte aligned middle of `ys`
 /// (the same correctly rounded operations as the scalar formulas: bitwise their results).
-/// Ends with an sfence, so the stores are ordered before the task finishes.
+/// The caller fences with [`stream_fence`] before its task ends.
 ///
 /// # Safety
 /// The CPU must support AVX-512F.
@@ -269,7 +269,19 @@ pub(crate) unsafe fn stream_f32(xs: &[f32], ys: &mut [f32], op: StreamOp<'_>) {
     for j in i..n {
         ys[j] = scalar(xs[j], j);
     }
-    _mm_sfence();
+}
+
+/// Orders this thread's non-temporal stores before anything it does next: every task that
+/// called [`stream_f32`] calls this before it finishes (one fence per task, not per run: a
+/// fence waits for the write-combining buffers to drain).
+#[inline]
+pub(crate) fn stream_fence(stream: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if stream {
+        // SAFETY: SSE is part of x86_64.
+        unsafe { std::arch::x86_64::_mm_sfence() };
+    }
+    let _ = stream;
 }
 
 /// y = (x − mean)/den over a run, streaming f32 output when `stream`.
@@ -286,15 +298,56 @@ fn apply_run_any<T: Scalar>(xs: &[T], ys: &mut [T], mean: f64, den: f64, stream:
     apply_run(xs, ys, mean, den);
 }
 
-/// (mean, sd) of a row read as contiguous runs: the same sums as [`stats`].
+/// Asks for the cache lines of `len` bytes at `p` (a hint: never faults).
+#[inline(always)]
+pub(crate) fn prefetch_bytes(p: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut o = 0;
+        while o < len {
+            // SAFETY: prefetching is a hint; an address outside any mapping is ignored.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    p.wrapping_add(o).cast::<i8>(),
+                )
+            };
+            o += 64;
+        }
+    }
+    let _ = (p, len);
+}
+
+/// Values per piece of the first (memory-bound) pass: 1 KiB of f32, a multiple of the lanes.
+const PIECE: usize = 256;
+/// How far ahead, in values, the first pass prefetches (across run boundaries).
+/// 16 KiB of f32: measured best of 1–32 KiB (1.7 ms vs 2.5 ms without, 1 thread).
+const AHEAD: usize = 4096;
+
+/// (mean, sd) of a row read as contiguous runs: the same sums as [`stats`]. The first pass
+/// streams from memory with a software prefetch a few KiB ahead in logical order (runs of one
+/// row may be far apart, which the hardware prefetcher only learns after some misses); the
+/// second re-reads the row from cache.
 fn stats_runs<T: Scalar>(p: *const T, offs: &[isize], len: usize, m: f64) -> (f64, f64) {
     let run = |i: usize| {
         // SAFETY: the caller's offsets address runs of `len` values inside the row.
         unsafe { std::slice::from_raw_parts(p.offset(offs[i]), len) }
     };
+    let total = offs.len() * len;
     let mut acc = [0.0f64; LANES];
     for i in 0..offs.len() {
-        lanes_run(&mut acc, i * len, run(i), reduce::ident);
+        for (c, piece) in run(i).chunks(PIECE).enumerate() {
+            let pos = i * len + c * PIECE;
+            let q = pos + AHEAD;
+            if q < total {
+                let (r, o) = (q / len, q % len);
+                let n = PIECE.min(len - o);
+                prefetch_bytes(
+                    p.wrapping_offset(offs[r] + o as isize).cast::<u8>(),
+                    n * std::mem::size_of::<T>(),
+                );
+            }
+            lanes_run(&mut acc, pos, piece, reduce::ident);
+        }
     }
     let mean = tree(&acc) / m;
     let mut acc = [0.0f64; LANES];
@@ -363,6 +416,7 @@ pub fn mean_variance_norm<T: Scalar>(
                     };
                     apply_run_any(xs, ys, mean, den, stream);
                 }
+                stream_fence(stream);
             }
         });
         return Ok(());
