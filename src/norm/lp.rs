@@ -432,7 +432,7 @@ pub fn normalize<T: Scalar>(
     let c = x.shape()[ax];
     let s: usize = x.shape()[ax + 1..].iter().product();
     let mut y = y;
-    if x.len() > 0
+    if !x.is_empty()
         && s >= LP_MIN_PLANE
         && inner_contiguous(x.shape(), x.strides(), ax + 1)
         && inner_contiguous(y.shape(), y.strides(), ax + 1)

@@ -218,13 +218,13 @@ pub(crate) unsafe fn stream_f32(xs: &[f32], ys: &mut [f32], op: StreamOp<'_>) {
     };
     let scalar = |v: f32, i: usize| -> f32 {
         let v = f64::from(v);
-        (match op {
+        f32::from_f64(match op {
             StreamOp::Center { mean, den } => (v - mean) / den,
             StreamOp::Divide(d) => v / d[i],
-        }) as f32
+        })
     };
     let addr = ys.as_ptr() as usize;
-    let head = if addr % 4 != 0 {
+    let head = if !addr.is_multiple_of(4) {
         n
     } else {
         (((64 - addr % 64) % 64) / 4).min(n)
