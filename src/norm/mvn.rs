@@ -327,7 +327,15 @@ const AHEAD: usize = 4096;
 /// streams from memory with a software prefetch a few KiB ahead in logical order (runs of one
 /// row may be far apart, which the hardware prefetcher only learns after some misses); the
 /// second re-reads the row from cache.
-fn stats_runs<T: Scalar>(p: *const T, offs: &[isize], len: usize, m: f64) -> (f64, f64) {
+/// `next`: the first value of the row processed after this one (same run structure), which
+/// the prefetch runs into when this row is shorter than the prefetch distance.
+fn stats_runs<T: Scalar>(
+    p: *const T,
+    next: Option<*const T>,
+    offs: &[isize],
+    len: usize,
+    m: f64,
+) -> (f64, f64) {
     let run = |i: usize| {
         // SAFETY: the caller's offsets address runs of `len` values inside the row.
         unsafe { std::slice::from_raw_parts(p.offset(offs[i]), len) }
@@ -338,11 +346,16 @@ fn stats_runs<T: Scalar>(p: *const T, offs: &[isize], len: usize, m: f64) -> (f6
         for (c, piece) in run(i).chunks(PIECE).enumerate() {
             let pos = i * len + c * PIECE;
             let q = pos + AHEAD;
-            if q < total {
+            let target = if q < total {
+                Some((p, q))
+            } else {
+                next.filter(|_| q - total < total).map(|n| (n, q - total))
+            };
+            if let Some((base, q)) = target {
                 let (r, o) = (q / len, q % len);
                 let n = PIECE.min(len - o);
                 prefetch_bytes(
-                    p.wrapping_offset(offs[r] + o as isize).cast::<u8>(),
+                    base.wrapping_offset(offs[r] + o as isize).cast::<u8>(),
                     n * std::mem::size_of::<T>(),
                 );
             }
@@ -355,6 +368,191 @@ fn stats_runs<T: Scalar>(p: *const T, offs: &[isize], len: usize, m: f64) -> (f6
         lanes_run(&mut acc, i * len, run(i), |v| (v - mean) * (v - mean));
     }
     (mean, (tree(&acc) / m).sqrt())
+}
+
+/// (length, stride) of the dims merged into one uniformly strided axis in logical order
+/// (unit dims dropped), or None when they do not merge.
+fn merged(shape: &[usize], strides: &[isize]) -> Option<(usize, isize)> {
+    let mut it = shape.iter().zip(strides).filter(|&(&d, _)| d != 1).rev();
+    let Some((&d0, &s0)) = it.next() else {
+        return Some((1, 1));
+    };
+    let (mut len, stride) = (d0, s0);
+    for (&d, &st) in it {
+        if st != len as isize * stride {
+            return None;
+        }
+        len *= d;
+    }
+    Some((len, stride))
+}
+
+/// Kept values per task of the interleaved path: 16 f32 are one cache line, so tasks read
+/// (and write) disjoint lines of every row.
+const INTERLEAVED_GROUP: usize = 16;
+
+/// acc[(i mod LANES)·g + j] += f(x[i·r + j], j) for rows i in 0..f: the canonical lanes of `g`
+/// interleaved groups at once (the reduced index i is each group's logical index).
+///
+/// # Safety
+/// Rows i·r .. i·r + g (i < f) must lie inside one live view.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+unsafe fn lanes_rows<T: Scalar, F: Fn(f64, usize) -> f64>(
+    acc: &mut [f64],
+    g: usize,
+    p: *const T,
+    f: usize,
+    r: isize,
+    func: F,
+) {
+    for i in 0..f {
+        // SAFETY: forwarded from the caller.
+        let row = unsafe { std::slice::from_raw_parts(p.offset(i as isize * r), g) };
+        let l = i % LANES;
+        for (j, (a, v)) in acc[l * g..(l + 1) * g].iter_mut().zip(row).enumerate() {
+            *a += func(v.to_f64(), j);
+        }
+    }
+}
+
+/// [`lanes_rows`] with g = `INTERLEAVED_GROUP` known at compile time (whole vectors, no
+/// bounds checks in the row loop), else the general form. Same operations either way.
+///
+/// # Safety
+/// As [`lanes_rows`].
+unsafe fn lanes_rows_any<T: Scalar, F: Fn(f64, usize) -> f64>(
+    acc: &mut [f64],
+    g: usize,
+    p: *const T,
+    f: usize,
+    r: isize,
+    func: F,
+) {
+    if g == INTERLEAVED_GROUP && acc.len() == LANES * INTERLEAVED_GROUP {
+        let acc: &mut [[f64; INTERLEAVED_GROUP]] = acc.as_chunks_mut().0;
+        // SAFETY: forwarded from the caller.
+        unsafe { lanes_rows_fixed(acc, p, f, r, func) };
+    } else {
+        // SAFETY: forwarded from the caller.
+        unsafe { lanes_rows(acc, g, p, f, r, func) };
+    }
+}
+
+/// [`lanes_rows`] for g = `INTERLEAVED_GROUP`.
+///
+/// # Safety
+/// As [`lanes_rows`].
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+unsafe fn lanes_rows_fixed<T: Scalar, F: Fn(f64, usize) -> f64>(
+    acc: &mut [[f64; INTERLEAVED_GROUP]],
+    p: *const T,
+    f: usize,
+    r: isize,
+    func: F,
+) {
+    let acc: &mut [[f64; INTERLEAVED_GROUP]; LANES] =
+        acc.try_into().expect("LANES groups of accumulators");
+    for i in 0..f {
+        // SAFETY: forwarded from the caller.
+        let row = unsafe { &*p.offset(i as isize * r).cast::<[T; INTERLEAVED_GROUP]>() };
+        let a = &mut acc[i % LANES];
+        for j in 0..INTERLEAVED_GROUP {
+            a[j] += func(row[j].to_f64(), j);
+        }
+    }
+}
+
+/// y = (x − mean_j)/den_j over rows of `g` interleaved groups.
+///
+/// # Safety
+/// As [`lanes_rows`], for x and for y; the y values are the caller's alone.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn apply_rows<T: Scalar>(
+    px: *const T,
+    rx: isize,
+    py: *mut T,
+    ry: isize,
+    f: usize,
+    mean: &[f64],
+    den: &[f64],
+) {
+    let g = mean.len().min(den.len());
+    for i in 0..f {
+        // SAFETY: forwarded from the caller.
+        let (xs, ys) = unsafe {
+            (
+                std::slice::from_raw_parts(px.offset(i as isize * rx), g),
+                std::slice::from_raw_parts_mut(py.offset(i as isize * ry), g),
+            )
+        };
+        for (((o, v), &m), &d) in ys.iter_mut().zip(xs).zip(mean).zip(den) {
+            *o = T::from_f64((v.to_f64() - m) / d);
+        }
+    }
+}
+
+/// The interleaved path: every row's values are `f` steps of a common stride with the kept
+/// values of one step contiguous (channels-last input reduced over N and the spatial axes).
+/// A task takes `INTERLEAVED_GROUP` rows and walks all steps, each row summed in its own
+/// canonical lanes: bitwise the chunked path.
+#[allow(clippy::too_many_arguments)]
+fn mvn_interleaved<T: Scalar>(
+    px: *const T,
+    rx: isize,
+    py: *mut T,
+    ry: isize,
+    k: usize,
+    f: usize,
+    eps: f64,
+    parallel: bool,
+) {
+    let ptrs = RowPtrs(px, py);
+    let m = f as f64;
+    pool::for_each_task(k.div_ceil(INTERLEAVED_GROUP), parallel, |t| {
+        let (px, py) = ptrs.get();
+        let k0 = t * INTERLEAVED_GROUP;
+        let g = INTERLEAVED_GROUP.min(k - k0);
+        let (px, py) = (px.wrapping_add(k0), py.wrapping_add(k0));
+        let mut acc = vec![0.0f64; LANES * g];
+        let fold = |acc: &[f64]| -> Vec<f64> {
+            (0..g)
+                .map(|j| {
+                    let mut lanes = [0.0f64; LANES];
+                    for (l, v) in lanes.iter_mut().enumerate() {
+                        *v = acc[l * g + j];
+                    }
+                    tree(&lanes)
+                })
+                .collect()
+        };
+        // SAFETY: rows i·rx + k0 .. + g, i < f, are inside x (checked geometry).
+        unsafe { lanes_rows_any(&mut acc, g, px, f, rx, |v, _| reduce::ident(v)) };
+        let mean: Vec<f64> = fold(&acc).iter().map(|&s| s / m).collect();
+        // A fixed-size copy, so the inner loop indexes it without bounds checks.
+        let mut mp = [0.0f64; INTERLEAVED_GROUP];
+        mp[..g].copy_from_slice(&mean);
+        acc.fill(0.0);
+        // SAFETY: as above.
+        unsafe { lanes_rows_any(&mut acc, g, px, f, rx, |v, j| (v - mp[j]) * (v - mp[j])) };
+        let den: Vec<f64> = fold(&acc).iter().map(|&q| (q / m).sqrt() + eps).collect();
+        // SAFETY: as above, for x and y; columns k0.. of y are this task's.
+        unsafe { apply_rows(px, rx, py, ry, f, &mean, &den) };
+    });
+}
+
+/// The first elements of x and y, shareable by tasks.
+#[derive(Clone, Copy)]
+struct RowPtrs<T>(*const T, *mut T);
+// SAFETY: the pointers come from views borrowed for the whole call; tasks read x and write
+// disjoint rows of y.
+unsafe impl<T: Sync> Send for RowPtrs<T> {}
+unsafe impl<T: Sync> Sync for RowPtrs<T> {}
+impl<T> RowPtrs<T> {
+    // A method, so closures capture the whole (Send + Sync) struct, not its fields.
+    fn get(self) -> (*const T, *mut T) {
+        (self.0, self.1)
+    }
 }
 
 /// MVN of `x` over `axes` into `y`.
@@ -376,6 +574,15 @@ pub fn mean_variance_norm<T: Scalar>(
     check_eps(eps)?;
     let red = reduced_axes(axes, x.ndim())?;
     let parallel = pool::worth_parallel(bytes(&x));
+    let nd = x.ndim();
+    let perm: Vec<usize> = (0..nd)
+        .filter(|a| !red.contains(a))
+        .chain(red.iter().copied())
+        .collect();
+    // The same permutation Rows applies (kept axes first), for the interleaved path.
+    let xperm = x.clone().permuted_axes(IxDyn(&perm));
+    let mut y = y;
+    let py_first = y.as_mut_ptr();
     let rows = Rows::new(x, &red);
     let yp = rows.out(y);
     let m = rows.features as f64;
@@ -394,17 +601,48 @@ pub fn mean_variance_norm<T: Scalar>(
         (Some((xo, len)), Some((yo, ylen))) if len == ylen && len >= MIN_RUN => Some((xo, yo, len)),
         _ => None,
     };
+    if runs.is_none() {
+        // Channels-last style: kept values contiguous, reduced ones one strided axis.
+        let k = nd - nred;
+        let yfull = (yp.shape().to_vec(), yp.strides().to_vec());
+        let geo = (
+            merged(&xperm.shape()[..k], &xperm.strides()[..k]),
+            merged(x0.shape(), x0.strides()),
+            merged(&yfull.0[..k], &yfull.1[..k]),
+            merged(x0.shape(), &ystr),
+        );
+        if let (Some((kl, 1)), Some((f, rx)), Some((_, 1)), Some((_, ry))) = geo {
+            if kl >= 2 && f >= 2 {
+                mvn_interleaved(xperm.as_ptr(), rx, py_first, ry, kl, f, eps, parallel);
+                return Ok(());
+            }
+        }
+    }
     if let Some((xo, yo, len)) = runs {
         let stream = bytes(&x0) * rows.rows >= STREAM_MIN_BYTES && can_stream();
+        // Row bases from the kept axes' strides: no per-row views (their IxDyn allocations
+        // cost 20 % on rows of a few KiB).
+        let k = nd - nred;
+        let (xs0, xst) = (xperm.shape()[..k].to_vec(), xperm.strides()[..k].to_vec());
+        let yst = yp.strides()[..k].to_vec();
+        let base = |mut r: usize, st: &[isize]| -> isize {
+            let mut o = 0isize;
+            for (i, &d) in xs0.iter().enumerate().rev() {
+                o += (r % d) as isize * st[i];
+                r /= d;
+            }
+            o
+        };
+        let ptrs = RowPtrs(xperm.as_ptr(), py_first);
         pool::for_each_task(rows.rows.div_ceil(per), parallel, |t| {
+            let (x_first, y_first) = ptrs.get();
             for r in t * per..((t + 1) * per).min(rows.rows) {
-                let xr = rows.row(r);
-                let px = xr.as_ptr();
-                let (mean, sd) = stats_runs(px, &xo, len, m);
+                let px = x_first.wrapping_offset(base(r, &xst));
+                let next = (r + 1 < rows.rows).then(|| x_first.wrapping_offset(base(r + 1, &xst)));
+                let (mean, sd) = stats_runs(px, next, &xo, len, m);
                 let den = sd + eps;
-                // SAFETY: task t owns rows t·per.. of the output.
-                let mut yr = unsafe { yp.sub(&rows.index(r)) };
-                let py = yr.as_mut_ptr();
+                // Task t owns rows t·per.. of the output.
+                let py = y_first.wrapping_offset(base(r, &yst));
                 for (&ox, &oy) in xo.iter().zip(&yo) {
                     // SAFETY: runs of `len` values inside this row of x and of y (same run
                     // structure, checked above); the y row is this task's alone.
@@ -416,8 +654,8 @@ pub fn mean_variance_norm<T: Scalar>(
                     };
                     apply_run_any(xs, ys, mean, den, stream);
                 }
-                stream_fence(stream);
             }
+            stream_fence(stream);
         });
         return Ok(());
     }
