@@ -8,8 +8,14 @@
 //! ```
 //! The norm is computed on values divided by the power of two 2^⌊log2 max|x|⌋ (exact), so it
 //! neither overflows nor underflows: float64 rows of 1e200 or of subnormals normalize
-//! correctly. Each position gathers its channel vector into a tile (see `mixing::for_tiles`)
-//! and sums it in channel order in f64: layout- and thread-independent.
+//! correctly (for f16/f32 input with p = 1 or 2 the scaling is exact at every step, so it is
+//! skipped: bitwise the same norms). Every position sums its channels in channel order in
+//! f64, whatever the path, so results are layout- and thread-independent. Forward paths:
+//! * planes (NCHW, axis 1): blocks of contiguous positions, channel planes walked twice
+//!   (norms, then output from cache), vectorized across positions;
+//! * rows (channels contiguous: NHWC axis 1, last axis of C order; f16/f32, p = 1, 2);
+//! * tiles (anything else): each position's channel vector gathered into a tile (see
+//!   `mixing::for_tiles`).
 
 use super::common::{check_eps, check_out};
 use super::mixing::{check_same_shape, for_tiles, tile_len};

@@ -8,6 +8,12 @@
 //! ```
 //! ONNX's function body computes σ² as E[x²] − E[x]²; here it is the exact two-pass variance
 //! in f64, which agrees with ONNX's reference data and does not cancel.
+//!
+//! Each group's sums are canonical (`reduce`: lane = logical index mod 32 over the group's
+//! reduced values, one tree), read by one of three paths with identical arithmetic: runs
+//! (the group's values lie in contiguous runs: NCHW with the default axes, or axes (2, 3),
+//! (1, 2, 3)), interleaved (groups contiguous side by side at every reduced index: NHWC with
+//! the default axes) and a chunked cursor for any other layout.
 
 use super::common::{check_eps, check_out};
 use super::mixing::{
