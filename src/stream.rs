@@ -374,3 +374,149 @@ mod x86 {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Streaming kernels with other formulas (MVN divides by σ + eps, Lp normalize by the norm),
+// called per run by their ops, which fence once per task.
+// ---------------------------------------------------------------------------------------------
+
+/// The slice as f32 when T is f32.
+#[inline]
+pub fn as_f32<T: 'static>(s: &[T]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| {
+        // SAFETY: T is f32.
+        unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len()) }
+    })
+}
+
+/// The mutable slice as f32 when T is f32.
+#[inline]
+pub fn as_f32_mut<T: 'static>(s: &mut [T]) -> Option<&mut [f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| {
+        // SAFETY: T is f32.
+        unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len()) }
+    })
+}
+
+/// Can the streaming f32 kernels run here?
+#[inline]
+pub fn can_stream() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// What a streaming f32 kernel computes, in f64, rounded once to f32.
+#[derive(Clone, Copy)]
+pub enum StreamOp<'a> {
+    /// y = (x − mean)/den (MVN).
+    Center { mean: f64, den: f64 },
+    /// y_i = x_i/d_i (Lp normalize); `d` as long as x.
+    Divide(&'a [f64]),
+}
+
+/// The f32 kernel for `op` with non-temporal stores into the 64-byte aligned middle of `ys`
+/// (the same correctly rounded operations as the scalar formulas: bitwise their results).
+/// The caller fences with [`stream_fence`] before its task ends.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn stream_f32(xs: &[f32], ys: &mut [f32], op: StreamOp<'_>) {
+    use std::arch::x86_64::*;
+    let n = match op {
+        StreamOp::Center { .. } => xs.len().min(ys.len()),
+        StreamOp::Divide(d) => xs.len().min(ys.len()).min(d.len()),
+    };
+    let scalar = |v: f32, i: usize| -> f32 {
+        let v = f64::from(v);
+        f32::from_f64(match op {
+            StreamOp::Center { mean, den } => (v - mean) / den,
+            StreamOp::Divide(d) => v / d[i],
+        })
+    };
+    let addr = ys.as_ptr() as usize;
+    let head = if !addr.is_multiple_of(4) {
+        n
+    } else {
+        (((64 - addr % 64) % 64) / 4).min(n)
+    };
+    for i in 0..head {
+        ys[i] = scalar(xs[i], i);
+    }
+    let mut i = head;
+    let (px, py) = (xs.as_ptr(), ys.as_mut_ptr());
+    match op {
+        StreamOp::Center { mean, den } => {
+            let (vm, vd) = (_mm512_set1_pd(mean), _mm512_set1_pd(den));
+            while i + 16 <= n {
+                // SAFETY: i + 16 ≤ n; py + i is 64-byte aligned.
+                unsafe {
+                    let lo = _mm512_cvtps_pd(_mm256_loadu_ps(px.add(i)));
+                    let hi = _mm512_cvtps_pd(_mm256_loadu_ps(px.add(i + 8)));
+                    let lo = _mm512_cvtpd_ps(_mm512_div_pd(_mm512_sub_pd(lo, vm), vd));
+                    let hi = _mm512_cvtpd_ps(_mm512_div_pd(_mm512_sub_pd(hi, vm), vd));
+                    _mm256_stream_ps(py.add(i), lo);
+                    _mm256_stream_ps(py.add(i + 8), hi);
+                }
+                i += 16;
+            }
+        }
+        StreamOp::Divide(d) => {
+            let pd = d.as_ptr();
+            while i + 16 <= n {
+                // SAFETY: i + 16 ≤ n ≤ d.len(); py + i is 64-byte aligned.
+                unsafe {
+                    let lo = _mm512_cvtps_pd(_mm256_loadu_ps(px.add(i)));
+                    let hi = _mm512_cvtps_pd(_mm256_loadu_ps(px.add(i + 8)));
+                    let lo = _mm512_cvtpd_ps(_mm512_div_pd(lo, _mm512_loadu_pd(pd.add(i))));
+                    let hi = _mm512_cvtpd_ps(_mm512_div_pd(hi, _mm512_loadu_pd(pd.add(i + 8))));
+                    _mm256_stream_ps(py.add(i), lo);
+                    _mm256_stream_ps(py.add(i + 8), hi);
+                }
+                i += 16;
+            }
+        }
+    }
+    for j in i..n {
+        ys[j] = scalar(xs[j], j);
+    }
+}
+
+/// Orders this thread's non-temporal stores before anything it does next: every task that
+/// called [`stream_f32`] calls this before it finishes (one fence per task, not per run: a
+/// fence waits for the write-combining buffers to drain).
+#[inline]
+pub fn stream_fence(stream: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if stream {
+        // SAFETY: SSE is part of x86_64.
+        unsafe { std::arch::x86_64::_mm_sfence() };
+    }
+    let _ = stream;
+}
+
+/// Asks for the cache lines of `len` bytes at `p` (a hint: never faults).
+#[inline(always)]
+pub fn prefetch_bytes(p: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut o = 0;
+        while o < len {
+            // SAFETY: prefetching is a hint; an address outside any mapping is ignored.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    p.wrapping_add(o).cast::<i8>(),
+                )
+            };
+            o += 64;
+        }
+    }
+    let _ = (p, len);
+}

@@ -19,13 +19,13 @@
 
 use super::common::{check_eps, check_out};
 use super::mixing::{check_same_shape, for_tiles, tile_len};
-#[cfg(target_arch = "x86_64")]
-use super::mvn::{as_f32, as_f32_mut, stream_f32, StreamOp};
-use super::mvn::{can_stream, prefetch_bytes, stream_fence, STREAM_MIN_BYTES};
 use crate::channel::normalize_axis;
 use crate::error::{NormError, Result};
 use crate::pool;
 use crate::scalar::Scalar;
+#[cfg(target_arch = "x86_64")]
+use crate::stream::{as_f32, as_f32_mut, stream_f32, StreamOp};
+use crate::stream::{can_stream, prefetch_bytes, stream_fence, worth_streaming};
 use multiversion::multiversion;
 use ndarray::{ArrayView, ArrayViewMut, IxDyn};
 
@@ -397,7 +397,7 @@ fn normalize_planes<T: Scalar>(
     let nb = s.div_ceil(b);
     let (px, py) = (Ptr(x.as_ptr()), PtrMut(y.as_mut_ptr()));
     let narrow = std::mem::size_of::<T>() < 8;
-    let stream = x.len() * std::mem::size_of::<T>() >= STREAM_MIN_BYTES && can_stream();
+    let stream = worth_streaming(x.len() * std::mem::size_of::<T>()) && can_stream();
     pool::for_each_task(xo.len() * nb, parallel, |t| {
         let (o, bi) = (t / nb, t % nb);
         let j0 = bi * b;

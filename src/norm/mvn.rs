@@ -24,6 +24,10 @@ use crate::error::{NormError, Result};
 use crate::pool;
 use crate::reduce::{self, tree, LANES};
 use crate::scalar::Scalar;
+use crate::stream::{
+    as_f32, as_f32_mut, can_stream, prefetch_bytes, stream_f32, stream_fence, worth_streaming,
+    StreamOp,
+};
 use multiversion::multiversion;
 use ndarray::{ArrayView, ArrayViewMut, IxDyn};
 
@@ -162,134 +166,6 @@ fn apply_run<T: Scalar>(xs: &[T], ys: &mut [T], mean: f64, den: f64) {
     }
 }
 
-/// Outputs of at least this many bytes are written with non-temporal stores where the fast
-/// kernels allow it (f32 on AVX-512): a streaming store skips the read-for-ownership of the
-/// destination line, a third of the DRAM traffic of a one-read-one-write op. Smaller outputs
-/// stay in cache for the caller.
-pub(crate) const STREAM_MIN_BYTES: usize = 4 << 20;
-
-/// The slice as f32 when T is f32.
-#[inline]
-pub(crate) fn as_f32<T: 'static>(s: &[T]) -> Option<&[f32]> {
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| {
-        // SAFETY: T is f32.
-        unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len()) }
-    })
-}
-
-/// The mutable slice as f32 when T is f32.
-#[inline]
-pub(crate) fn as_f32_mut<T: 'static>(s: &mut [T]) -> Option<&mut [f32]> {
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| {
-        // SAFETY: T is f32.
-        unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len()) }
-    })
-}
-
-/// Can the streaming f32 kernels run here?
-#[inline]
-pub(crate) fn can_stream() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// What a streaming f32 kernel computes, in f64, rounded once to f32.
-#[derive(Clone, Copy)]
-pub(crate) enum StreamOp<'a> {
-    /// y = (x − mean)/den (MVN).
-    Center { mean: f64, den: f64 },
-    /// y_i = x_i/d_i (Lp normalize); `d` as long as x.
-    Divide(&'a [f64]),
-}
-
-/// The f32 kernel for `op` with non-temporal stores into the 64-byte aligned middle of `ys`
-/// (the same correctly rounded operations as the scalar formulas: bitwise their results).
-/// The caller fences with [`stream_fence`] before its task ends.
-///
-/// # Safety
-/// The CPU must support AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn stream_f32(xs: &[f32], ys: &mut [f32], op: StreamOp<'_>) {
-    use std::arch::x86_64::*;
-    let n = match op {
-        StreamOp::Center { .. } => xs.len().min(ys.len()),
-        StreamOp::Divide(d) => xs.len().min(ys.len()).min(d.len()),
-    };
-    let scalar = |v: f32, i: usize| -> f32 {
-        let v = f64::from(v);
-        f32::from_f64(match op {
-            StreamOp::Center { mean, den } => (v - mean) / den,
-            StreamOp::Divide(d) => v / d[i],
-        })
-    };
-    let addr = ys.as_ptr() as usize;
-    let head = if !addr.is_multiple_of(4) {
-        n
-    } else {
-        (((64 - addr % 64) % 64) / 4).min(n)
-    };
-    for i in 0..head {
-        ys[i] = scalar(xs[i], i);
-    }
-    let mut i = head;
-    let (px, py) = (xs.as_ptr(), ys.as_mut_ptr());
-    match op {
-        StreamOp::Center { mean, den } => {
-            let (vm, vd) = (_mm512_set1_pd(mean), _mm512_set1_pd(den));
-            while i + 16 <= n {
-                // SAFETY: i + 16 ≤ n; py + i is 64-byte aligned.
-                unsafe {
-                    let lo = _mm512_cvtps_pd(_mm256_loadu_ps(px.add(i)));
-                    let hi = _mm512_cvtps_pd(_mm256_loadu_ps(px.add(i + 8)));
-                    let lo = _mm512_cvtpd_ps(_mm512_div_pd(_mm512_sub_pd(lo, vm), vd));
-                    let hi = _mm512_cvtpd_ps(_mm512_div_pd(_mm512_sub_pd(hi, vm), vd));
-                    _mm256_stream_ps(py.add(i), lo);
-                    _mm256_stream_ps(py.add(i + 8), hi);
-                }
-                i += 16;
-            }
-        }
-        StreamOp::Divide(d) => {
-            let pd = d.as_ptr();
-            while i + 16 <= n {
-                // SAFETY: i + 16 ≤ n ≤ d.len(); py + i is 64-byte aligned.
-                unsafe {
-                    let lo = _mm512_cvtps_pd(_mm256_loadu_ps(px.add(i)));
-                    let hi = _mm512_cvtps_pd(_mm256_loadu_ps(px.add(i + 8)));
-                    let lo = _mm512_cvtpd_ps(_mm512_div_pd(lo, _mm512_loadu_pd(pd.add(i))));
-                    let hi = _mm512_cvtpd_ps(_mm512_div_pd(hi, _mm512_loadu_pd(pd.add(i + 8))));
-                    _mm256_stream_ps(py.add(i), lo);
-                    _mm256_stream_ps(py.add(i + 8), hi);
-                }
-                i += 16;
-            }
-        }
-    }
-    for j in i..n {
-        ys[j] = scalar(xs[j], j);
-    }
-}
-
-/// Orders this thread's non-temporal stores before anything it does next: every task that
-/// called [`stream_f32`] calls this before it finishes (one fence per task, not per run: a
-/// fence waits for the write-combining buffers to drain).
-#[inline]
-pub(crate) fn stream_fence(stream: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if stream {
-        // SAFETY: SSE is part of x86_64.
-        unsafe { std::arch::x86_64::_mm_sfence() };
-    }
-    let _ = stream;
-}
-
 /// y = (x − mean)/den over a run, streaming f32 output when `stream`.
 fn apply_run_any<T: Scalar>(xs: &[T], ys: &mut [T], mean: f64, den: f64, stream: bool) {
     #[cfg(target_arch = "x86_64")]
@@ -302,25 +178,6 @@ fn apply_run_any<T: Scalar>(xs: &[T], ys: &mut [T], mean: f64, den: f64, stream:
     }
     let _ = stream;
     apply_run(xs, ys, mean, den);
-}
-
-/// Asks for the cache lines of `len` bytes at `p` (a hint: never faults).
-#[inline(always)]
-pub(crate) fn prefetch_bytes(p: *const u8, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let mut o = 0;
-        while o < len {
-            // SAFETY: prefetching is a hint; an address outside any mapping is ignored.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    p.wrapping_add(o).cast::<i8>(),
-                )
-            };
-            o += 64;
-        }
-    }
-    let _ = (p, len);
 }
 
 /// Values per piece of the first (memory-bound) pass: 1 KiB of f32, a multiple of the lanes.
@@ -625,7 +482,7 @@ pub fn mean_variance_norm<T: Scalar>(
         }
     }
     if let Some((xo, yo, len)) = runs {
-        let stream = bytes(&x0) * rows.rows >= STREAM_MIN_BYTES && can_stream();
+        let stream = worth_streaming(bytes(&x0) * rows.rows) && can_stream();
         // Row bases from the kept axes' strides: no per-row views (their IxDyn allocations
         // cost 20 % on rows of a few KiB).
         let k = nd - nred;
