@@ -316,6 +316,11 @@ impl<T> ChannelOut<'_, T> {
     pub fn access(&self) -> Access {
         self.access
     }
+
+    /// Whether applies may stream (a task that applied ends with `stream::stream_fence`).
+    pub fn stream(&self) -> bool {
+        self.shared.stream
+    }
 }
 
 /// Checks that a per-channel parameter has shape (C,).

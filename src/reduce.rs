@@ -157,7 +157,8 @@ pub fn apply_slice<T: Scalar>(
     }
 }
 
-/// [`apply_slice`], written with streaming stores when `stream` (see `crate::stream`).
+/// [`apply_slice`], written with streaming stores when `stream` (see `crate::stream`); a task
+/// that passes `stream` ends with `crate::stream::stream_fence`.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 pub fn apply_slice_to<T: Scalar>(
@@ -175,7 +176,8 @@ pub fn apply_slice_to<T: Scalar>(
     }
 }
 
-/// [`apply_rows`], written with streaming stores when `stream` (see `crate::stream`).
+/// [`apply_rows`], written with streaming stores when `stream` (see `crate::stream`); a task
+/// that passes `stream` ends with `crate::stream::stream_fence`.
 #[inline]
 pub fn apply_rows_to<T: Scalar>(
     xs: &[T],

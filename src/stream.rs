@@ -38,7 +38,7 @@ pub fn worth_streaming(bytes: usize) -> bool {
 
 /// y_j = (x_j − m)·(a·w_j) + b_j with streaming stores, as `reduce::apply_slice`. Returns
 /// false (nothing written) where no streaming kernel exists for T or this CPU; the caller
-/// then uses the cached path.
+/// then uses the cached path. The calling task must end with [`stream_fence`].
 pub fn apply_slice<T: Scalar>(
     xs: &[T],
     ys: &mut [T],
@@ -73,7 +73,8 @@ pub fn apply_slice<T: Scalar>(
 
 /// Rows of `c` channels with streaming stores, as `reduce::apply_rows`:
 /// y[r, k] = (x[r, k] − m_k)·a_k + b_k. Returns false (nothing written) where no streaming
-/// kernel exists.
+/// kernel exists or the rows are not 64-byte aligned (each row would start with a scalar
+/// head). The calling task must end with [`stream_fence`].
 pub fn apply_rows<T: Scalar>(
     xs: &[T],
     ys: &mut [T],
@@ -91,6 +92,9 @@ pub fn apply_rows<T: Scalar>(
             || a.len() < c
             || b.len() < c
         {
+            return false;
+        }
+        if !(ys.as_ptr() as usize).is_multiple_of(64) {
             return false;
         }
         let p = x86::Params {
@@ -164,8 +168,9 @@ mod x86 {
     }
 
     /// Applies `p` to every (x, y) pair of slices (each at most as long as the per-element
-    /// arrays), then fences once: streaming stores are weakly ordered, and the `sfence` makes
-    /// them visible before the caller's task is reported done.
+    /// arrays). Streaming stores are weakly ordered: the task that calls this fences once with
+    /// [`super::stream_fence`] before it finishes (a fence per row cost up to a third of the
+    /// time).
     pub fn run<'s, T: 'static>(
         pairs: impl IntoIterator<Item = (&'s [T], &'s mut [T])>,
         p: &Params<'_>,
@@ -203,8 +208,6 @@ mod x86 {
                 }
             }
         }
-        // SAFETY: sfence has no preconditions (SSE, part of x86-64).
-        unsafe { _mm_sfence() };
         true
     }
 

@@ -151,6 +151,7 @@ pub fn batch_norm<T: Scalar>(
                 // Planes of channel k belong to this task only.
                 cv.apply_plane(n, k, &yo, m, a, b[k]);
             }
+            crate::stream::stream_fence(yo.stream());
             (m, m2)
         });
         let (mean, m2): (Vec<f64>, Vec<f64>) = per_channel.into_iter().unzip();
@@ -172,6 +173,7 @@ pub fn batch_norm<T: Scalar>(
             for n in t * per..((t + 1) * per).min(cv.n) {
                 cv.apply_sample(n, &yo, &mean, &a, &b);
             }
+            crate::stream::stream_fence(yo.stream());
         });
         (mean, var, m2)
     };

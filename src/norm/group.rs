@@ -76,6 +76,7 @@ pub(crate) fn grouped<T: Scalar>(
                 // Planes of group (n, g) belong to this task only.
                 cv.apply_plane(n, k, &yo, m, a, bias.map_or(0.0, |b| b[k]));
             }
+            crate::stream::stream_fence(yo.stream());
             (m, rs, var)
         });
         let mut stats = GroupStats::default();
@@ -124,6 +125,7 @@ pub(crate) fn grouped<T: Scalar>(
         let b: Vec<f64> = (0..c).map(|k| bias.map_or(0.0, |b| b[k])).collect();
         // Task n owns sample n of y.
         cv.apply_sample(n, &yo, &m, &a, &b);
+        crate::stream::stream_fence(yo.stream());
         (gmean, grstd, gvar)
     });
     let mut stats = GroupStats::default();

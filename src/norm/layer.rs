@@ -47,6 +47,7 @@ pub fn layer_norm<T: Scalar>(
             unsafe { rv.apply_row(r, &yp, m, rs, w, b) };
             st.push((m, rs));
         }
+        crate::stream::stream_fence(yp.stream);
         st
     });
     let (mean, rstd) = parts.into_iter().flatten().unzip();

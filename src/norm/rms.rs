@@ -43,6 +43,7 @@ pub fn rms_norm<T: Scalar>(
             unsafe { rv.apply_row(r, &yp, 0.0, rs, w, None) };
             st.push(rs);
         }
+        crate::stream::stream_fence(yp.stream);
         st
     });
     Ok(GroupStats {
