@@ -26,6 +26,7 @@ use crate::error::Result;
 use crate::pool;
 use crate::reduce::{self, tree, SharedMut, LANES};
 use crate::scalar::Scalar;
+use multiversion::multiversion;
 use ndarray::{ArrayView, ArrayViewMut, IxDyn, Zip};
 
 /// Parameters of [`filter_response_norm`]: per-channel arrays (length C) read as f64.
@@ -141,7 +142,15 @@ fn affine_of(p: &FrnParams<'_>, c: usize, sumsq: f64, count: usize, rstd: Option
             let ms = sumsq / count as f64;
             let e = p.eps + p.learned_eps.map_or(0.0, |l| l[c].abs());
             let s = (ms + e).sqrt();
-            (s, 1.0 / s)
+            if count == 1 {
+                // One value per plane: x̂ = x / sqrt(x² + eps) exactly (the closed form).
+                (s, 1.0 / s)
+            } else {
+                // x̂ = x·(1/s): one f64 rounding more than x/s (far below float32's), and an
+                // f64 division per element was most of the op's time. Forward and backward
+                // both come here, so TLU masks still agree bit for bit.
+                (f64::NAN, 1.0 / s)
+            }
         }
     };
     Affine {
@@ -183,6 +192,14 @@ unsafe fn out_rows<'a, T>(yp: &SharedMut<'a, T>, n: usize) -> Option<&'a mut [T]
     let mut perm: Vec<usize> = (1..k).collect();
     perm.push(0);
     ys.permuted_axes(IxDyn(&perm)).into_slice()
+}
+
+/// y = f(x) over a plane, cloned per instruction set.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+fn apply_plane<T: Scalar, F: Fn(f64) -> T>(xs: &[T], ys: &mut [T], f: F) {
+    for (o, &v) in ys.iter_mut().zip(xs) {
+        *o = f(v.to_f64());
+    }
 }
 
 /// Channels-last fast path: x (and grad_y) are `Access::Rows` and the output sample is rows
@@ -259,6 +276,31 @@ pub fn filter_response_norm<T: Scalar>(
             a.iter().map(|a| a.rstd).collect::<Vec<f64>>()
         });
         return Ok(per_sample.concat());
+    }
+    if cv.access == Access::Planes && yp.is_standard_layout() {
+        // NCHW into a C-contiguous output: planes as slices, about 64 KiB per task.
+        let per = (16 * 1024 / cv.s.max(1)).max(1);
+        let st = [yp.strides()[0], yp.strides()[1]];
+        let parts = pool::map_tasks((cv.n * c).div_ceil(per), parallel, |t| {
+            let planes = t * per..((t + 1) * per).min(cv.n * c);
+            let mut rs = Vec::with_capacity(planes.len());
+            for i in planes {
+                let (n, ch) = (i / c, i % c);
+                let xs = cv.plane_slice(n, ch);
+                let a = affine_of(p, ch, reduce::sum_slice(xs, |v| v * v), cv.s, None);
+                let tau = p.tau.map(|t| t[ch]);
+                // SAFETY: plane (n, ch) of the C-contiguous output is this block; this task
+                // owns it.
+                let ys = unsafe { yp.block_mut(n as isize * st[0] + ch as isize * st[1], cv.s) };
+                apply_plane(xs, ys, |v| {
+                    let z = a.z(v);
+                    T::from_f64(tau.map_or(z, |t| tlu1(z, t)))
+                });
+                rs.push(a.rstd);
+            }
+            rs
+        });
+        return Ok(parts.concat());
     }
     Ok(pool::map_tasks(cv.n * c, parallel, |i| {
         let (n, ch) = (i / c, i % c);
