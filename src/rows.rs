@@ -70,6 +70,25 @@ impl<'a, T: Scalar> RowView<'a, T> {
         idx
     }
 
+    /// Asks for the row `ahead` rows past r to be brought into cache (a hint; contiguous
+    /// inputs only), if it is before `end` (the task's own rows: prefetching the next task's
+    /// rows into this core's cache cost 8 %): the first pass over a row reads memory, and the
+    /// hardware prefetcher alone left it waiting (0.73× the time on LN (8192, 1024)).
+    #[inline]
+    pub fn prefetch_ahead(&self, r: usize, end: usize) {
+        let row = self.features * std::mem::size_of::<T>();
+        let ahead = (8 * 1024 / row.max(1)).max(1);
+        if r + ahead >= end {
+            return;
+        }
+        if let Some(s) = self.contiguous {
+            if let Some(next) = s.get((r + ahead) * self.features..(r + ahead + 1) * self.features)
+            {
+                crate::stream::prefetch_bytes(next.as_ptr().cast(), row);
+            }
+        }
+    }
+
     /// Canonical sum of f over row r.
     pub fn row_sum<F: Fn(f64) -> f64>(&self, r: usize, f: F) -> f64 {
         match self.contiguous {
@@ -131,7 +150,7 @@ impl<'a, T: Scalar> RowView<'a, T> {
 /// Rows per task: about 64 KiB of input, so small rows are batched and the pool is not woken
 /// per row.
 pub fn rows_per_task(features: usize, elem: usize) -> usize {
-    (64 * 1024 / (features.max(1) * elem)).max(1)
+    (256 * 1024 / (features.max(1) * elem)).max(1)
 }
 
 /// Output helper for the row ops.

@@ -37,7 +37,9 @@ pub fn rms_norm<T: Scalar>(
     let parts = pool::map_tasks(rv.rows.div_ceil(per), parallel, |t| {
         let rows = t * per..((t + 1) * per).min(rv.rows);
         let mut st = Vec::with_capacity(rows.len());
+        let end = rows.end;
         for r in rows {
+            rv.prefetch_ahead(r, end);
             let rs = rstd(rv.row_sum(r, |v| v * v) / f, eps);
             // SAFETY: row r belongs to this task only.
             unsafe { rv.apply_row(r, &yp, 0.0, rs, w, None) };
