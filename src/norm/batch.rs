@@ -375,6 +375,12 @@ fn channel_plane_moments<T: Scalar>(cv: &ChannelView<'_, T>, k: usize) -> (f64, 
     let s = cv.s as f64;
     let planes: Vec<(f64, f64)> = (0..cv.n)
         .map(|n| {
+            if n + 1 < cv.n {
+                // The next plane of this channel is a sample stride away: a jump the
+                // hardware prefetcher cannot guess.
+                let next = cv.plane_slice(n + 1, k);
+                crate::stream::prefetch_bytes(next.as_ptr().cast(), std::mem::size_of_val(next));
+            }
             let xs = cv.plane_slice(n, k);
             let t = reduce::sum_slice(xs, reduce::ident);
             let mp = t / s;
