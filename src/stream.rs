@@ -167,6 +167,22 @@ mod x86 {
         }
     }
 
+    /// Calls `$f::<MV, W, B>` for the Options that `$p` holds.
+    macro_rules! by_flags {
+        ($f:ident, $xs:expr, $ys:expr, $p:expr) => {
+            match ($p.mv.is_some(), $p.w.is_some(), $p.bias.is_some()) {
+                (false, false, false) => $f::<false, false, false>($xs, $ys, $p),
+                (false, false, true) => $f::<false, false, true>($xs, $ys, $p),
+                (false, true, false) => $f::<false, true, false>($xs, $ys, $p),
+                (false, true, true) => $f::<false, true, true>($xs, $ys, $p),
+                (true, false, false) => $f::<true, false, false>($xs, $ys, $p),
+                (true, false, true) => $f::<true, false, true>($xs, $ys, $p),
+                (true, true, false) => $f::<true, true, false>($xs, $ys, $p),
+                (true, true, true) => $f::<true, true, true>($xs, $ys, $p),
+            }
+        };
+    }
+
     /// Applies `p` to every (x, y) pair of slices (each at most as long as the per-element
     /// arrays). Streaming stores are weakly ordered: the task that calls this fences once with
     /// [`super::stream_fence`] before it finishes (a fence per row cost up to a third of the
@@ -193,17 +209,17 @@ mod x86 {
                     let xs = std::slice::from_raw_parts(xs.as_ptr().cast::<f32>(), n);
                     let ys = std::slice::from_raw_parts_mut(yp.cast::<f32>(), n);
                     if lvl == 2 {
-                        f32_avx512(xs, ys, p)
+                        by_flags!(f32_avx512_k, xs, ys, p)
                     } else {
-                        f32_avx2(xs, ys, p)
+                        by_flags!(f32_avx2_k, xs, ys, p)
                     }
                 } else {
                     let xs = std::slice::from_raw_parts(xs.as_ptr().cast::<f64>(), n);
                     let ys = std::slice::from_raw_parts_mut(yp.cast::<f64>(), n);
                     if lvl == 2 {
-                        f64_avx512(xs, ys, p)
+                        by_flags!(f64_avx512_k, xs, ys, p)
                     } else {
-                        f64_avx2(xs, ys, p)
+                        by_flags!(f64_avx2_k, xs, ys, p)
                     }
                 }
             }
@@ -211,47 +227,66 @@ mod x86 {
         true
     }
 
-    /// Per-lane (a, b) of elements j..j+8 as f64 vectors.
+    /// Per-lane (m, a, b) of elements j..j+8 (512) or j..j+4 (256) as f64 vectors. `$mv`,
+    /// `$w`, `$b` are const flags (one monomorphized loop per combination: a run-time test of
+    /// each Option inside the loop cost a tenth of the kernel) and `$pm`, `$pw`, `$pb` the
+    /// arrays' pointers.
     macro_rules! coef512 {
-        ($p:expr, $j:expr, $vm:expr, $va:expr, $vb:expr) => {{
-            let m = match $p.mv {
-                // SAFETY (all loads): j + 8 <= n <= len of every per-element array (checked
-                // by `apply`).
-                Some(v) => _mm512_loadu_pd(v.as_ptr().add($j)),
-                None => $vm,
+        ($j:expr, ($mv:expr, $w:expr, $b:expr), ($pm:expr, $pw:expr, $pb:expr), $vm:expr, $va:expr, $vb:expr) => {{
+            // SAFETY (all loads): j + 8 <= n <= len of every per-element array (`apply`).
+            let m = if $mv {
+                _mm512_loadu_pd($pm.add($j))
+            } else {
+                $vm
             };
-            let a = match $p.w {
-                Some(w) => _mm512_mul_pd($va, _mm512_loadu_pd(w.as_ptr().add($j))),
-                None => $va,
+            let a = if $w {
+                _mm512_mul_pd($va, _mm512_loadu_pd($pw.add($j)))
+            } else {
+                $va
             };
-            let b = match $p.bias {
-                Some(v) => _mm512_loadu_pd(v.as_ptr().add($j)),
-                None => $vb,
+            let b = if $b {
+                _mm512_loadu_pd($pb.add($j))
+            } else {
+                $vb
             };
             (m, a, b)
         }};
     }
 
     macro_rules! coef256 {
-        ($p:expr, $j:expr, $vm:expr, $va:expr, $vb:expr) => {{
-            let m = match $p.mv {
-                Some(v) => _mm256_loadu_pd(v.as_ptr().add($j)),
-                None => $vm,
+        ($j:expr, ($mv:expr, $w:expr, $b:expr), ($pm:expr, $pw:expr, $pb:expr), $vm:expr, $va:expr, $vb:expr) => {{
+            let m = if $mv {
+                _mm256_loadu_pd($pm.add($j))
+            } else {
+                $vm
             };
-            let a = match $p.w {
-                Some(w) => _mm256_mul_pd($va, _mm256_loadu_pd(w.as_ptr().add($j))),
-                None => $va,
+            let a = if $w {
+                _mm256_mul_pd($va, _mm256_loadu_pd($pw.add($j)))
+            } else {
+                $va
             };
-            let b = match $p.bias {
-                Some(v) => _mm256_loadu_pd(v.as_ptr().add($j)),
-                None => $vb,
+            let b = if $b {
+                _mm256_loadu_pd($pb.add($j))
+            } else {
+                $vb
             };
             (m, a, b)
         }};
     }
 
+    /// The arrays' pointers (null where absent; never read then).
+    fn ptrs(p: &Params<'_>) -> (*const f64, *const f64, *const f64) {
+        let ptr = |v: Option<&[f64]>| v.map_or(std::ptr::null(), <[f64]>::as_ptr);
+        (ptr(p.mv), ptr(p.w), ptr(p.bias))
+    }
+
     #[target_feature(enable = "avx512f")]
-    unsafe fn f32_avx512(xs: &[f32], ys: &mut [f32], p: &Params<'_>) {
+    unsafe fn f32_avx512_k<const MV: bool, const W: bool, const B: bool>(
+        xs: &[f32],
+        ys: &mut [f32],
+        p: &Params<'_>,
+    ) {
+        let pp = ptrs(p);
         let n = xs.len();
         let h = head(ys.as_ptr().cast(), 4, 64, n);
         for j in 0..h {
@@ -271,8 +306,8 @@ mod x86 {
                 let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
                     _mm512_castps_pd(x),
                 )));
-                let (m0, a0, b0) = coef512!(p, j, vm, va, vb);
-                let (m1, a1, b1) = coef512!(p, j + 8, vm, va, vb);
+                let (m0, a0, b0) = coef512!(j, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
+                let (m1, a1, b1) = coef512!(j + 8, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
                 let y0 = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(lo, m0), a0), b0);
                 let y1 = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(hi, m1), a1), b1);
                 let y = _mm512_insertf64x4::<1>(
@@ -289,7 +324,12 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2")]
-    unsafe fn f32_avx2(xs: &[f32], ys: &mut [f32], p: &Params<'_>) {
+    unsafe fn f32_avx2_k<const MV: bool, const W: bool, const B: bool>(
+        xs: &[f32],
+        ys: &mut [f32],
+        p: &Params<'_>,
+    ) {
+        let pp = ptrs(p);
         let n = xs.len();
         let h = head(ys.as_ptr().cast(), 4, 32, n);
         for j in 0..h {
@@ -307,8 +347,8 @@ mod x86 {
                 let x = _mm256_loadu_ps(xs.as_ptr().add(j));
                 let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
                 let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x));
-                let (m0, a0, b0) = coef256!(p, j, vm, va, vb);
-                let (m1, a1, b1) = coef256!(p, j + 4, vm, va, vb);
+                let (m0, a0, b0) = coef256!(j, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
+                let (m1, a1, b1) = coef256!(j + 4, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
                 let y0 = _mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(lo, m0), a0), b0);
                 let y1 = _mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(hi, m1), a1), b1);
                 let y = _mm256_set_m128(_mm256_cvtpd_ps(y1), _mm256_cvtpd_ps(y0));
@@ -322,7 +362,12 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn f64_avx512(xs: &[f64], ys: &mut [f64], p: &Params<'_>) {
+    unsafe fn f64_avx512_k<const MV: bool, const W: bool, const B: bool>(
+        xs: &[f64],
+        ys: &mut [f64],
+        p: &Params<'_>,
+    ) {
+        let pp = ptrs(p);
         let n = xs.len();
         let h = head(ys.as_ptr().cast(), 8, 64, n);
         for j in 0..h {
@@ -338,7 +383,7 @@ mod x86 {
             // SAFETY: j + 8 <= n; ys + j is 64-byte aligned (head).
             unsafe {
                 let x = _mm512_loadu_pd(xs.as_ptr().add(j));
-                let (m0, a0, b0) = coef512!(p, j, vm, va, vb);
+                let (m0, a0, b0) = coef512!(j, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
                 let y = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(x, m0), a0), b0);
                 _mm512_stream_pd(ys.as_mut_ptr().add(j), y);
             }
@@ -350,7 +395,12 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2")]
-    unsafe fn f64_avx2(xs: &[f64], ys: &mut [f64], p: &Params<'_>) {
+    unsafe fn f64_avx2_k<const MV: bool, const W: bool, const B: bool>(
+        xs: &[f64],
+        ys: &mut [f64],
+        p: &Params<'_>,
+    ) {
+        let pp = ptrs(p);
         let n = xs.len();
         let h = head(ys.as_ptr().cast(), 8, 32, n);
         for j in 0..h {
@@ -366,7 +416,7 @@ mod x86 {
             // SAFETY: j + 4 <= n; ys + j is 32-byte aligned (head).
             unsafe {
                 let x = _mm256_loadu_pd(xs.as_ptr().add(j));
-                let (m0, a0, b0) = coef256!(p, j, vm, va, vb);
+                let (m0, a0, b0) = coef256!(j, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
                 let y = _mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(x, m0), a0), b0);
                 _mm256_stream_pd(ys.as_mut_ptr().add(j), y);
             }
