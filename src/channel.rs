@@ -194,6 +194,33 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
         }
     }
 
+    /// [`Self::sample_sums`] of (x − m_c)², `m` indexed from `cs.start`: the same sums,
+    /// through a vectorizable kernel for channels-last rows.
+    pub fn sample_sq_dev_sums(
+        &self,
+        n: usize,
+        cs: std::ops::Range<usize>,
+        m: &[f64],
+        scratch: &mut Vec<f64>,
+        out: &mut [f64],
+    ) {
+        if self.access == Access::Rows {
+            reduce::sum_rows_sq_dev(self.sample_rows(n), self.c, cs, m, scratch, out);
+        } else {
+            let start = cs.start;
+            self.sample_sums(
+                n,
+                cs,
+                |v, k| {
+                    let d = v - m[k - start];
+                    d * d
+                },
+                scratch,
+                out,
+            );
+        }
+    }
+
     /// Prepares an output of the caller's logical shape for [`Self::apply_sample`].
     pub fn output<'b>(&self, y: ArrayViewMut<'b, T, IxDyn>) -> ChannelOut<'b, T> {
         let yp = self.permute_out(y);

@@ -299,23 +299,9 @@ fn sample_plane_moments<T: Scalar>(
     let s = cv.s as f64;
     let mut sums = vec![0.0f64; cs.len()];
     cv.sample_sums(n, cs.clone(), |v, _| reduce::ident(v), scratch, &mut sums);
-    // Indexed by the channel itself (entries below cs.start unused): `f` receives the
-    // channel index, and `means[k - start]` would compile to a gather in the row kernel.
-    let mut means = vec![0.0f64; cs.end];
-    for (m, &t) in means[cs.start..].iter_mut().zip(&sums) {
-        *m = t / s;
-    }
+    let means: Vec<f64> = sums.iter().map(|&t| t / s).collect();
     let mut q = vec![0.0f64; cs.len()];
-    cv.sample_sums(
-        n,
-        cs,
-        |v, k| {
-            let d = v - means[k];
-            d * d
-        },
-        scratch,
-        &mut q,
-    );
+    cv.sample_sq_dev_sums(n, cs, &means, scratch, &mut q);
     (sums, q)
 }
 
