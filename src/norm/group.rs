@@ -99,16 +99,9 @@ pub(crate) fn grouped<T: Scalar>(
                     .iter()
                     .map(|&s| s / count)
                     .collect();
-                cv.sample_sums(
-                    n,
-                    0..c,
-                    |v, k| {
-                        let d = v - gmean[k / cpg];
-                        d * d
-                    },
-                    &mut scratch,
-                    &mut sums,
-                );
+                // The group mean per channel, so the row kernel vectorizes (same values).
+                let per_c: Vec<f64> = (0..c).map(|k| gmean[k / cpg]).collect();
+                cv.sample_sq_dev_sums(n, 0..c, &per_c, &mut scratch, &mut sums);
                 let gvar = fold_groups(&sums, cpg, groups)
                     .iter()
                     .map(|&s| s / count)
@@ -261,16 +254,9 @@ pub(crate) fn grouped_backward<'a, T: Scalar>(
                     .iter()
                     .map(|&s| s / count)
                     .collect();
-                cv.sample_sums(
-                    n,
-                    0..c,
-                    |v, k| {
-                        let d = v - gmean[k / cpg];
-                        d * d
-                    },
-                    &mut scratch,
-                    &mut sums,
-                );
+                // The group mean per channel, so the row kernel vectorizes (same values).
+                let per_c: Vec<f64> = (0..c).map(|k| gmean[k / cpg]).collect();
+                cv.sample_sq_dev_sums(n, 0..c, &per_c, &mut scratch, &mut sums);
                 let grstd: Vec<f64> = fold_groups(&sums, cpg, groups)
                     .iter()
                     .map(|&s| rstd(s / count, p.eps))
