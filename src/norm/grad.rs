@@ -146,11 +146,31 @@ pub fn pair_sums<T: Scalar>(
 /// sums run as two loops over the (cache-resident) plane: each then has one accumulator array
 /// and vectorizes, where one fused loop would not.
 #[inline]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 pub fn pair_sums_slices<T: Scalar>(dy: &[T], x: &[T], m: f64) -> [f64; 2] {
-    [
-        crate::reduce::sum_slice(dy, crate::reduce::ident),
-        centred_dot(dy, x, m),
-    ]
+    // Both canonical sums in one pass over dy (bitwise `sum_slice(dy, ident)` and
+    // `centred_dot(dy, x, m)`: the same lanes, the same operations): dy is read once.
+    let n = dy.len().min(x.len());
+    let (dy, x) = (&dy[..n], &x[..n]);
+    let mut a = [0.0f64; LANES];
+    let mut b = [0.0f64; LANES];
+    let mut dc = dy.chunks_exact(LANES);
+    let mut xc = x.chunks_exact(LANES);
+    for (d, v) in (&mut dc).zip(&mut xc) {
+        let d: &[T; LANES] = d.try_into().expect("chunks_exact yields LANES values");
+        let v: &[T; LANES] = v.try_into().expect("chunks_exact yields LANES values");
+        for l in 0..LANES {
+            let g = d[l].to_f64();
+            a[l] += crate::reduce::ident(g);
+            b[l] += g * (v[l].to_f64() - m);
+        }
+    }
+    for (l, (g, v)) in dc.remainder().iter().zip(xc.remainder()).enumerate() {
+        let g = g.to_f64();
+        a[l] += crate::reduce::ident(g);
+        b[l] += g * (v.to_f64() - m);
+    }
+    [tree(&a), tree(&b)]
 }
 
 /// Canonical `Σ dy·(x − m)` over two slices.
