@@ -156,6 +156,16 @@ pub fn accumulate_row<T: Scalar, F: Fn(f64, usize) -> f64>(acc: &mut [f64], row:
     }
 }
 
+/// acc[k] += (row[k] − m[k])²: [`accumulate_row`] of the squared deviation with the means
+/// zipped in (a closure lookup left part of the loop scalar). Same f64 operations.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+pub fn accumulate_row_sq_dev<T: Scalar>(acc: &mut [f64], row: &[T], m: &[f64]) {
+    for ((a, x), &mk) in acc.iter_mut().zip(row).zip(m) {
+        let d = x.to_f64() - mk;
+        *a += d * d;
+    }
+}
+
 /// y = (x − m)·a + b over slices; `w`, `bias` (if given) make a and b per element:
 /// a_j = a·w_j, b_j = bias_j. One loop per combination, so each vectorizes.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]

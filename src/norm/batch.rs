@@ -121,11 +121,12 @@ pub fn batch_norm<T: Scalar>(
         // statistics and normalizes them while the block is in L2.
         let per_chunk = pool::map_tasks(c.div_ceil(FUSED_ROW_CHUNK), parallel, |t| {
             let cs = t * FUSED_ROW_CHUNK..((t + 1) * FUSED_ROW_CHUNK).min(c);
-            let sums = rows_chunk_sums(&cv, cs.clone(), |v, _| reduce::ident(v));
+            let sums = rows_chunk_sums(&cv, cs.clone(), |acc, row| {
+                reduce::accumulate_row(acc, row, |v, _| reduce::ident(v));
+            });
             let mean: Vec<f64> = sums.iter().map(|&s| s / count as f64).collect();
-            let m2 = rows_chunk_sums(&cv, cs.clone(), |v, j| {
-                let d = v - mean[j];
-                d * d
+            let m2 = rows_chunk_sums(&cv, cs.clone(), |acc, row| {
+                reduce::accumulate_row_sq_dev(acc, row, &mean);
             });
             let a: Vec<f64> = cs
                 .clone()
@@ -405,20 +406,21 @@ fn fused_rows_fit<T: Scalar>(cv: &ChannelView<'_, T>) -> bool {
         && cv.n * FUSED_ROW_CHUNK * std::mem::size_of::<T>() <= 512 * 1024
 }
 
-/// [`batch_block_sums`] for the channels `cs` only (`f` gets the index within `cs`, so a
-/// per-channel lookup is a plain vector load, not a gather): the same blocks of rows, each
-/// summed in row order, folded in order — the same f64 operations.
-fn rows_chunk_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy>(
+/// [`batch_block_sums`] for the channels `cs` only: `add_row(acc, row)` adds one row's
+/// channels `cs` into the block's accumulators (a kernel of `reduce`, so per-channel values
+/// are zipped in, never looked up); the same blocks of rows, each summed in row order, folded
+/// in order — the same f64 operations.
+fn rows_chunk_sums<T: Scalar, F: Fn(&mut [f64], &[T])>(
     cv: &ChannelView<'_, T>,
     cs: std::ops::Range<usize>,
-    f: F,
+    add_row: F,
 ) -> Vec<f64> {
     let mut total = vec![0.0f64; cs.len()];
     let mut acc = vec![0.0f64; cs.len()];
     for b in 0..cv.n.div_ceil(BATCH_BLOCK) {
         acc.iter_mut().for_each(|a| *a = 0.0);
         for n in b * BATCH_BLOCK..((b + 1) * BATCH_BLOCK).min(cv.n) {
-            reduce::accumulate_row(&mut acc, &cv.sample_rows(n)[cs.clone()], f);
+            add_row(&mut acc, &cv.sample_rows(n)[cs.clone()]);
         }
         for (t, a) in total.iter_mut().zip(&acc) {
             *t += *a;
