@@ -39,9 +39,8 @@ pub fn layer_norm<T: Scalar>(
     let parts = pool::map_tasks(rv.rows.div_ceil(per), parallel, |t| {
         let rows = t * per..((t + 1) * per).min(rv.rows);
         let mut st = Vec::with_capacity(rows.len());
-        let end = rows.end;
+        // No row prefetch here (measured 1.03–1.04× the time; it pays off for RMS norm).
         for r in rows {
-            rv.prefetch_ahead(r, end);
             let m = rv.row_sum(r, crate::reduce::ident) / f;
             let var = rv.row_sum(r, |v| (v - m) * (v - m)) / f;
             let rs = rstd(var, eps);
