@@ -114,6 +114,44 @@ pub fn apply_rows<T: Scalar>(
     }
 }
 
+/// dx = r·(s·dy − μ − (x − m)·k) (`norm::grad::Coef::dx`, the same operations in the same
+/// order) with streaming stores into `dx`, float32 on AVX-512 only (the backward benchmark's
+/// case; elsewhere it returns false and the caller uses the cached loop). The calling task
+/// must end with [`stream_fence`].
+#[allow(clippy::too_many_arguments)]
+pub fn grad_slices<T: Scalar>(
+    dx: &mut [T],
+    dy: &[T],
+    x: &[T],
+    m: f64,
+    r: f64,
+    s: f64,
+    mu: f64,
+    k: f64,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !can_stream() {
+            return false;
+        }
+        let n = dx.len().min(dy.len()).min(x.len());
+        let (Some(dy), Some(x)) = (as_f32(&dy[..n]), as_f32(&x[..n])) else {
+            return false;
+        };
+        let Some(dx) = as_f32_mut(&mut dx[..n]) else {
+            return false;
+        };
+        // SAFETY: AVX-512F was detected (`can_stream`).
+        unsafe { x86::grad_f32_avx512(dx, dy, x, [m, r, s, mu, k]) };
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (dx, dy, x, m, r, s, mu, k);
+        false
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use crate::reduce::affine;
@@ -278,6 +316,66 @@ mod x86 {
     fn ptrs(p: &Params<'_>) -> (*const f64, *const f64, *const f64) {
         let ptr = |v: Option<&[f64]>| v.map_or(std::ptr::null(), <[f64]>::as_ptr);
         (ptr(p.mv), ptr(p.w), ptr(p.bias))
+    }
+
+    /// See [`super::grad_slices`]; `c` = [m, r, s, μ, k].
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn grad_f32_avx512(dx: &mut [f32], dy: &[f32], x: &[f32], c: [f64; 5]) {
+        let [m, r, s, mu, k] = c;
+        let one = |g: f32, v: f32| -> f32 {
+            let g = s * f64::from(g);
+            #[allow(clippy::cast_possible_truncation)] // the one rounding to f32
+            let y = (r * (g - mu - (f64::from(v) - m) * k)) as f32;
+            y
+        };
+        let n = dx.len();
+        let h = head(dx.as_ptr().cast(), 4, 64, n);
+        for j in 0..h {
+            dx[j] = one(dy[j], x[j]);
+        }
+        let (vm, vr, vs, vmu, vk) = (
+            _mm512_set1_pd(m),
+            _mm512_set1_pd(r),
+            _mm512_set1_pd(s),
+            _mm512_set1_pd(mu),
+            _mm512_set1_pd(k),
+        );
+        let mut j = h;
+        while j + 16 <= n {
+            // SAFETY: j + 16 <= n for all three slices; dx + j is 64-byte aligned (head).
+            unsafe {
+                let g = _mm512_loadu_ps(dy.as_ptr().add(j));
+                let v = _mm512_loadu_ps(x.as_ptr().add(j));
+                let half = |a: __m512, hi: bool| {
+                    if hi {
+                        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                            _mm512_castps_pd(a),
+                        )))
+                    } else {
+                        _mm512_cvtps_pd(_mm512_castps512_ps256(a))
+                    }
+                };
+                let f = |gd: __m512d, vd: __m512d| {
+                    let g = _mm512_mul_pd(vs, gd);
+                    let t = _mm512_sub_pd(
+                        _mm512_sub_pd(g, vmu),
+                        _mm512_mul_pd(_mm512_sub_pd(vd, vm), vk),
+                    );
+                    _mm512_cvtpd_ps(_mm512_mul_pd(vr, t))
+                };
+                let lo = f(half(g, false), half(v, false));
+                let hi = f(half(g, true), half(v, true));
+                let y = _mm512_insertf64x4::<1>(
+                    _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+                    _mm256_castps_pd(hi),
+                );
+                _mm512_stream_ps(dx.as_mut_ptr().add(j), _mm512_castpd_ps(y));
+            }
+            j += 16;
+        }
+        for i in j..n {
+            dx[i] = one(dy[i], x[i]);
+        }
     }
 
     #[target_feature(enable = "avx512f")]

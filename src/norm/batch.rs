@@ -617,8 +617,10 @@ pub fn batch_norm_backward<T: Scalar>(
                 // SAFETY: plane (n, k) of dx is a standard-layout block of s elements (checked
                 // above) written only by the task of channel k.
                 let d = unsafe { dxp.block_mut(n as isize * st0 + k as isize * st1, cv.s) };
-                super::grad::apply_slices(d, pair.dy.plane_slice(n, k), cv.plane_slice(n, k), cf);
+                let (g, v) = (pair.dy.plane_slice(n, k), cv.plane_slice(n, k));
+                super::grad::apply_slices_to(d, g, v, cf, dxp.stream);
             }
+            crate::stream::stream_fence(dxp.stream);
             (rs, acc)
         });
         return Ok(ParamGrads {

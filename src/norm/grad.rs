@@ -208,6 +208,14 @@ impl Coef {
     }
 }
 
+/// [`apply_slices`], with streaming stores when `stream` (the calling task then ends with
+/// `crate::stream::stream_fence`).
+pub fn apply_slices_to<T: Scalar>(dx: &mut [T], dy: &[T], x: &[T], cf: Coef, stream: bool) {
+    if !(stream && crate::stream::grad_slices(dx, dy, x, cf.m, cf.r, cf.s, cf.mu, cf.k)) {
+        apply_slices(dx, dy, x, cf);
+    }
+}
+
 /// `dx = cf.dx(dy, x)` over contiguous slices (one vectorizable loop).
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 pub fn apply_slices<T: Scalar>(dx: &mut [T], dy: &[T], x: &[T], cf: Coef) {

@@ -332,7 +332,7 @@ fn grouped_backward_planes<T: Scalar>(
     p: &GroupedBackward<'_>,
     cpg: usize,
 ) -> super::grad::ParamGrads {
-    use super::grad::{apply_slices, pair_sums_slices, Coef, ParamGrads};
+    use super::grad::{apply_slices_to, pair_sums_slices, Coef, ParamGrads};
     let (c, groups) = (cv.c, p.groups);
     let count = (cpg * cv.s) as f64;
     let wk = |k: usize| p.weight.map_or(1.0, |w| w[k]);
@@ -374,8 +374,10 @@ fn grouped_backward_planes<T: Scalar>(
             // SAFETY: plane (n, k) of dx is a standard-layout block of s elements (checked by
             // the caller) that only this task, the owner of group (n, g), writes.
             let d = unsafe { dxp.block_mut(n as isize * st0 + k as isize * st1, cv.s) };
-            apply_slices(d, pair.dy.plane_slice(n, k), cv.plane_slice(n, k), cf);
+            let (gy, v) = (pair.dy.plane_slice(n, k), cv.plane_slice(n, k));
+            apply_slices_to(d, gy, v, cf, dxp.stream);
         }
+        crate::stream::stream_fence(dxp.stream);
         sums.iter().map(|s| [r * s[1], s[0]]).collect::<Vec<_>>()
     });
     // Parameter gradients: per-channel contributions folded in batch order.

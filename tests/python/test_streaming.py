@@ -84,3 +84,35 @@ def test_streamed_layer_norm_matches_the_float64_formula():
     w, b = np.linspace(0.5, 1.5, 1031), np.linspace(-1, 1, 1031)
     y = rn.layer_norm(x, (1031,), w, b)
     ref.assert_output_close(y, ref.layer_norm(x, (1031,), w, b)[0], np.float32)
+
+
+_BACKWARD_SCRIPT = """
+import sys, numpy as np, rsnorm as rn
+rng = np.random.default_rng(11)
+x = (rng.standard_normal((8, 16, 130, 131)) * 2 + 3).astype(np.float32)
+gy = rng.standard_normal(x.shape).astype(np.float32)
+w, b = np.linspace(0.5, 1.5, 16), np.linspace(-1, 1, 16)
+bn = rn.batch_norm_backward(gy, x, None, None, w, b, training=True)
+gn = rn.group_norm_backward(gy, x, 4, w, b)
+np.savez(sys.argv[1], bn=bn.x, bn_w=bn.weight, gn=gn.x, gn_w=gn.weight)
+"""
+
+
+def test_streamed_backward_is_bitwise_the_cached_one(tmp_path):
+    """dx of batch and group norm (8.7 MB: streamed) equals the run with streaming off."""
+    import os
+    import subprocess
+    import sys
+
+    out = {}
+    for mode in ("default", "off"):
+        env = dict(os.environ)
+        if mode == "off":
+            env["RSNORM_STREAM_MIN_MB"] = "off"
+        path = tmp_path / f"{mode}.npz"
+        subprocess.run([sys.executable, "-c", _BACKWARD_SCRIPT, str(path)], env=env,
+                       check=True)
+        out[mode] = np.load(path)
+    assert out["default"]["bn"].nbytes >= STREAM_MIN
+    for key in ("bn", "bn_w", "gn", "gn_w"):
+        ref.assert_bitwise_equal(out["default"][key], out["off"][key], key)
