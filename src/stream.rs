@@ -55,6 +55,7 @@ pub fn apply_slice<T: Scalar>(
             return false;
         }
         let p = x86::Params {
+            period: 0,
             mv: None,
             m,
             a,
@@ -73,8 +74,9 @@ pub fn apply_slice<T: Scalar>(
 
 /// Rows of `c` channels with streaming stores, as `reduce::apply_rows`:
 /// y[r, k] = (x[r, k] − m_k)·a_k + b_k. Returns false (nothing written) where no streaming
-/// kernel exists or the rows are not 64-byte aligned (each row would start with a scalar
-/// head). The calling task must end with [`stream_fence`].
+/// kernel exists. The rows are read as one flat run (any c, any alignment; a first version
+/// streamed row by row and needed 64-byte aligned rows). The calling task must end with
+/// [`stream_fence`].
 pub fn apply_rows<T: Scalar>(
     xs: &[T],
     ys: &mut [T],
@@ -85,27 +87,24 @@ pub fn apply_rows<T: Scalar>(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        // Rows that are not whole 64-byte lines would be mostly scalar heads and tails.
-        if c == 0
-            || !(c * size_of::<T>()).is_multiple_of(64)
-            || m.len() < c
-            || a.len() < c
-            || b.len() < c
-        {
+        if c == 0 || m.len() < c || a.len() < c || b.len() < c {
             return false;
         }
-        if !(ys.as_ptr() as usize).is_multiple_of(64) {
-            return false;
-        }
+        // The rows as one flat run with per-channel arrays of period c, extended by one
+        // vector so that no vector load wraps (any c, any alignment of the output).
+        let ext = |v: &[f64]| -> Vec<f64> { (0..c + 16).map(|i| v[i % c]).collect() };
+        let (me, ae, be) = (ext(m), ext(a), ext(b));
+        let n = xs.len().min(ys.len()) / c * c;
         let p = x86::Params {
-            mv: Some(&m[..c]),
+            period: c,
+            mv: Some(&me),
             m: 0.0,
             a: 1.0,
             b: 0.0,
-            w: Some(&a[..c]),
-            bias: Some(&b[..c]),
+            w: Some(&ae),
+            bias: Some(&be),
         };
-        x86::run(xs.chunks_exact(c).zip(ys.chunks_exact_mut(c)), &p)
+        x86::run([(&xs[..n], &mut ys[..n])], &p)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -159,6 +158,10 @@ mod x86 {
     use std::arch::x86_64::*;
 
     pub struct Params<'a> {
+        /// 0, or the period c of the per-element arrays: element j then uses entry j mod c
+        /// (channels-last rows read as one flat run; the arrays hold c + 16 entries, entry i
+        /// being that of channel i mod c, so a vector never wraps).
+        pub period: usize,
         /// Per-element means (channels-last rows), else `m` for every element.
         pub mv: Option<&'a [f64]>,
         pub m: f64,
@@ -172,6 +175,7 @@ mod x86 {
         /// The scalar formula, element j (heads and tails).
         #[inline(always)]
         fn one<T: crate::scalar::Scalar>(&self, x: T, j: usize) -> T {
+            let j = if self.period > 0 { j % self.period } else { j };
             let m = self.mv.map_or(self.m, |v| v[j]);
             let a = self.w.map_or(self.a, |w| self.a * w[j]);
             let b = self.bias.map_or(self.b, |v| v[j]);
@@ -312,6 +316,16 @@ mod x86 {
         }};
     }
 
+    /// The next vector's entry in the per-element arrays (see `Params::period`).
+    #[inline(always)]
+    fn advance(ci: usize, v: usize, period: usize) -> usize {
+        let mut ci = ci + v;
+        while period > 0 && ci >= period {
+            ci -= period;
+        }
+        ci
+    }
+
     /// The arrays' pointers (null where absent; never read then).
     fn ptrs(p: &Params<'_>) -> (*const f64, *const f64, *const f64) {
         let ptr = |v: Option<&[f64]>| v.map_or(std::ptr::null(), <[f64]>::as_ptr);
@@ -396,6 +410,7 @@ mod x86 {
             _mm512_set1_pd(p.b),
         );
         let mut j = h;
+        let mut ci = if p.period > 0 { h % p.period } else { h };
         while j + 16 <= n {
             // SAFETY: j + 16 <= n; ys + j is 64-byte aligned (head).
             unsafe {
@@ -404,8 +419,8 @@ mod x86 {
                 let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
                     _mm512_castps_pd(x),
                 )));
-                let (m0, a0, b0) = coef512!(j, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
-                let (m1, a1, b1) = coef512!(j + 8, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
+                let (m0, a0, b0) = coef512!(ci, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
+                let (m1, a1, b1) = coef512!(ci + 8, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
                 let y0 = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(lo, m0), a0), b0);
                 let y1 = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(hi, m1), a1), b1);
                 let y = _mm512_insertf64x4::<1>(
@@ -415,6 +430,7 @@ mod x86 {
                 _mm512_stream_ps(ys.as_mut_ptr().add(j), _mm512_castpd_ps(y));
             }
             j += 16;
+            ci = advance(ci, 16, p.period);
         }
         for k in j..n {
             ys[k] = p.one(xs[k], k);
@@ -439,20 +455,22 @@ mod x86 {
             _mm256_set1_pd(p.b),
         );
         let mut j = h;
+        let mut ci = if p.period > 0 { h % p.period } else { h };
         while j + 8 <= n {
             // SAFETY: j + 8 <= n; ys + j is 32-byte aligned (head).
             unsafe {
                 let x = _mm256_loadu_ps(xs.as_ptr().add(j));
                 let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
                 let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x));
-                let (m0, a0, b0) = coef256!(j, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
-                let (m1, a1, b1) = coef256!(j + 4, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
+                let (m0, a0, b0) = coef256!(ci, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
+                let (m1, a1, b1) = coef256!(ci + 4, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
                 let y0 = _mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(lo, m0), a0), b0);
                 let y1 = _mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(hi, m1), a1), b1);
                 let y = _mm256_set_m128(_mm256_cvtpd_ps(y1), _mm256_cvtpd_ps(y0));
                 _mm256_stream_ps(ys.as_mut_ptr().add(j), y);
             }
             j += 8;
+            ci = advance(ci, 8, p.period);
         }
         for k in j..n {
             ys[k] = p.one(xs[k], k);
@@ -477,15 +495,17 @@ mod x86 {
             _mm512_set1_pd(p.b),
         );
         let mut j = h;
+        let mut ci = if p.period > 0 { h % p.period } else { h };
         while j + 8 <= n {
             // SAFETY: j + 8 <= n; ys + j is 64-byte aligned (head).
             unsafe {
                 let x = _mm512_loadu_pd(xs.as_ptr().add(j));
-                let (m0, a0, b0) = coef512!(j, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
+                let (m0, a0, b0) = coef512!(ci, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
                 let y = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(x, m0), a0), b0);
                 _mm512_stream_pd(ys.as_mut_ptr().add(j), y);
             }
             j += 8;
+            ci = advance(ci, 8, p.period);
         }
         for k in j..n {
             ys[k] = p.one(xs[k], k);
@@ -510,15 +530,17 @@ mod x86 {
             _mm256_set1_pd(p.b),
         );
         let mut j = h;
+        let mut ci = if p.period > 0 { h % p.period } else { h };
         while j + 4 <= n {
             // SAFETY: j + 4 <= n; ys + j is 32-byte aligned (head).
             unsafe {
                 let x = _mm256_loadu_pd(xs.as_ptr().add(j));
-                let (m0, a0, b0) = coef256!(j, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
+                let (m0, a0, b0) = coef256!(ci, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
                 let y = _mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(x, m0), a0), b0);
                 _mm256_stream_pd(ys.as_mut_ptr().add(j), y);
             }
             j += 4;
+            ci = advance(ci, 4, p.period);
         }
         for k in j..n {
             ys[k] = p.one(xs[k], k);

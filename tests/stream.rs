@@ -55,8 +55,8 @@ fn check<T: rsnorm::Scalar>(conv: fn(f64) -> T) {
             }
         }
     }
-    // Rows with per-channel (m, a, b), 16 and 32 channels.
-    for c in [16, 32] {
+    // Rows with per-channel (m, a, b): any channel count, any alignment of the output.
+    for c in [1, 3, 8, 16, 32, 70] {
         let rows = 40;
         let m = data(c, 4);
         let a = data(c, 5);
@@ -64,13 +64,16 @@ fn check<T: rsnorm::Scalar>(conv: fn(f64) -> T) {
         let xs: Vec<T> = data(rows * c, 7).into_iter().map(conv).collect();
         let mut want = vec![conv(0.0); rows * c];
         reduce::apply_rows(&xs, &mut want, c, &m, &a, &bb);
-        // A 64-byte aligned destination: Vec<f64> storage of enough bytes, reinterpreted.
-        let mut got = vec![conv(0.0); rows * c + 64];
-        let off = got.as_ptr().align_offset(64);
-        let g = &mut got[off..off + rows * c];
-        if stream::apply_rows(&xs, g, c, &m, &a, &bb) {
-            stream::stream_fence(true);
-            assert!(g.iter().zip(&want).all(|(p, q)| p == q), "rows c={c}");
+        for shift in 0..5 {
+            let mut buf = vec![conv(0.0); rows * c + 64];
+            let g = &mut buf[shift..shift + rows * c];
+            if stream::apply_rows(&xs, g, c, &m, &a, &bb) {
+                stream::stream_fence(true);
+                assert!(
+                    g.iter().zip(&want).all(|(p, q)| p == q),
+                    "rows c={c} shift={shift}"
+                );
+            }
         }
     }
 }
