@@ -94,12 +94,20 @@ gy = rng.standard_normal(x.shape).astype(np.float32)
 w, b = np.linspace(0.5, 1.5, 16), np.linspace(-1, 1, 16)
 bn = rn.batch_norm_backward(gy, x, None, None, w, b, training=True)
 gn = rn.group_norm_backward(gy, x, 4, w, b)
-np.savez(sys.argv[1], bn=bn.x, bn_w=bn.weight, gn=gn.x, gn_w=gn.weight)
+r = x.reshape(-1, 131)
+gr = gy.reshape(-1, 131)
+wr = np.linspace(0.5, 1.5, 131)
+ln = rn.layer_norm_backward(gr, r, (131,), wr, wr)
+ln0 = rn.layer_norm_backward(gr, r, (131,))
+rms = rn.rms_norm_backward(gr, r, (131,), wr)
+np.savez(sys.argv[1], bn=bn.x, bn_w=bn.weight, gn=gn.x, gn_w=gn.weight, ln=ln.x, ln_w=ln.weight,
+         ln0=ln0.x, rms=rms.x)
 """
 
 
 def test_streamed_backward_is_bitwise_the_cached_one(tmp_path):
-    """dx of batch and group norm (8.7 MB: streamed) equals the run with streaming off."""
+    """dx of batch, group, layer and RMS norm (8.7 MB: streamed) equals the run with streaming
+    off."""
     import os
     import subprocess
     import sys
@@ -114,5 +122,5 @@ def test_streamed_backward_is_bitwise_the_cached_one(tmp_path):
                        check=True)
         out[mode] = np.load(path)
     assert out["default"]["bn"].nbytes >= STREAM_MIN
-    for key in ("bn", "bn_w", "gn", "gn_w"):
+    for key in ("bn", "bn_w", "gn", "gn_w", "ln", "ln_w", "ln0", "rms"):
         ref.assert_bitwise_equal(out["default"][key], out["off"][key], key)
