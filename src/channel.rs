@@ -99,34 +99,26 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
     }
 
     fn access_of<U>(xp: &ArrayView<'_, U, IxDyn>) -> Access {
-        if xp.shape().contains(&0) {
+        let (sh, st) = (xp.shape(), xp.strides());
+        if sh.contains(&0) {
             return Access::Strided;
         }
-        let sample = xp.index_axis(Axis(0), 0);
-        let rows = Self::rows_contig(&sample);
-        // Every plane has the shape and strides of the first one.
-        let plane = sample.index_axis(Axis(0), 0);
-        let planes = plane.as_slice().is_some();
+        // From the strides alone (no sub-views: building them was a tenth of a tiny batch
+        // norm). A plane is C-contiguous; a sample read as (S…, C) is C-contiguous. These are
+        // exactly ndarray's `as_slice` conditions on those views.
+        let planes = c_contiguous(sh[2..].iter().zip(&st[2..]).rev());
+        let rows = c_contiguous(
+            std::iter::once((&sh[1], &st[1])).chain(sh[2..].iter().zip(&st[2..]).rev()),
+        );
+        let plane_len: usize = sh[2..].iter().product();
         // With a single spatial element a plane is one value: rows of C (NC input) is the
         // faster walk. Both paths perform the same arithmetic, so the choice is free.
         match (planes, rows) {
-            (true, true) if plane.len() == 1 => Access::Rows,
+            (true, true) if plane_len == 1 => Access::Rows,
             (true, _) => Access::Planes,
             (false, true) => Access::Rows,
             _ => Access::Strided,
         }
-    }
-
-    /// Is a (C, S…) sample contiguous when read as (S…, C)?
-    fn rows_contig<U>(sample: &ArrayView<'_, U, IxDyn>) -> bool {
-        let k = sample.ndim();
-        let mut perm: Vec<usize> = (1..k).collect();
-        perm.push(0);
-        sample
-            .clone()
-            .permuted_axes(IxDyn(&perm))
-            .as_slice()
-            .is_some()
     }
 
     /// Offset (in elements) of the first value of plane (n, c).
@@ -330,6 +322,17 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
     pub fn samples_per_task(&self) -> usize {
         (64 * 1024 / (self.c * self.s * std::mem::size_of::<T>()).max(1)).max(1)
     }
+}
+
+/// Whether (dim, stride) pairs, innermost first, describe a C-contiguous block with positive
+/// strides (dimensions of length 1 may have any stride), as ndarray's standard layout.
+fn c_contiguous<'s>(mut dims: impl Iterator<Item = (&'s usize, &'s isize)>) -> bool {
+    let mut expect: isize = 1;
+    dims.all(|(&d, &st)| {
+        let ok = d == 1 || st == expect;
+        expect = expect.saturating_mul(d as isize);
+        ok
+    })
 }
 
 /// An output permuted like its input, with the access path both share.
