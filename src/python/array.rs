@@ -221,6 +221,13 @@ fn write_typed<T: Scalar + Element>(
     if !is_writeable(arr) {
         return Err(value_error(format!("{name} is read-only")));
     }
+    // C-contiguous (the usual state array): the buffer directly, no ndarray view.
+    if let Ok(sl) = unsafe { a.as_slice_mut() } {
+        for (o, &x) in sl.iter_mut().zip(vals) {
+            *o = T::from_f64(x);
+        }
+        return Ok(());
+    }
     let mut v = unsafe { a.as_array_mut() };
     for (o, &x) in v.iter_mut().zip(vals) {
         *o = T::from_f64(x);
