@@ -183,7 +183,7 @@ mod x86 {
         }
     }
 
-    fn level() -> u8 {
+    pub(super) fn level() -> u8 {
         use std::sync::OnceLock;
         static L: OnceLock<u8> = OnceLock::new();
         *L.get_or_init(|| {
@@ -198,7 +198,7 @@ mod x86 {
     }
 
     /// Elements before `ys` reaches `align` bytes (capped at n).
-    fn head(ptr: *const u8, elem: usize, align: usize, n: usize) -> usize {
+    pub(super) fn head(ptr: *const u8, elem: usize, align: usize, n: usize) -> usize {
         let mis = ptr as usize % align;
         if mis == 0 {
             0
@@ -576,7 +576,7 @@ pub fn as_f32_mut<T: 'static>(s: &mut [T]) -> Option<&mut [f32]> {
 pub fn can_stream() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        x86::level() == 2
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -614,12 +614,7 @@ pub unsafe fn stream_f32(xs: &[f32], ys: &mut [f32], op: StreamOp<'_>) {
             StreamOp::Divide(d) => v / d[i],
         })
     };
-    let addr = ys.as_ptr() as usize;
-    let head = if !addr.is_multiple_of(4) {
-        n
-    } else {
-        (((64 - addr % 64) % 64) / 4).min(n)
-    };
+    let head = x86::head(ys.as_ptr().cast(), 4, 64, n);
     for i in 0..head {
         ys[i] = scalar(xs[i], i);
     }
