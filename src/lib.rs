@@ -17,6 +17,7 @@ pub mod pool;
 pub mod reduce;
 pub mod rows;
 pub mod scalar;
+pub mod scratch;
 pub mod stream;
 
 pub use error::{NormError, Result};

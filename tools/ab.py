@@ -45,7 +45,50 @@ WORKLOADS = {
         x, np.ones(64, np.float32), np.zeros(64, np.float32), np.full(64, -1, np.float32),
         out=y)),
     "mvn (32,64,56,56)": ((32, 64, 56, 56), lambda m, x, y: m.mean_variance_norm(x, out=y)),
+    "bn eval (256,1024)": ((256, 1024), lambda m, x, y: m.batch_norm(
+        x, _ones(1024, 0.0), _ones(1024), training=False, out=y)),
+    "bn eval (8,256,14,14)": ((8, 256, 14, 14), lambda m, x, y: m.batch_norm(
+        x, _ones(256, 0.0), _ones(256), training=False, out=y)),
+    "bn eval nhwc (32,56,56,64)": ((32, 56, 56, 64), lambda m, x, y: m.batch_norm(
+        x, _ones(64, 0.0), _ones(64), training=False, axis=-1, out=y)),
+    # Backward: statistics from the forward (as a training step has them); x is reused as dy.
+    "bwd bn (32,64,56,56)": ((32, 64, 56, 56), lambda m, x, y: m.batch_norm_backward(
+        x, x, None, None, _ones(64), _ones(64), True,
+        stats=_stats(m, "bn", x, lambda: m.batch_norm(x, None, None, _ones(64), _ones(64),
+                                                      True, return_stats=True)))),
+    "bwd ln (8192,1024)": ((8192, 1024), lambda m, x, y: m.layer_norm_backward(
+        x, x, (1024,), _ones(1024), _ones(1024), 1e-5,
+        _stats(m, "ln", x, lambda: m.layer_norm(x, (1024,), _ones(1024), _ones(1024), 1e-5,
+                                                return_stats=True)))),
+    "bwd rms (8192,1024)": ((8192, 1024), lambda m, x, y: m.rms_norm_backward(
+        x, x, (1024,), _ones(1024), None,
+        _stats(m, "rms", x, lambda: m.rms_norm(x, (1024,), _ones(1024), return_stats=True)))),
+    "bwd gn (16,256,32,32)": ((16, 256, 32, 32), lambda m, x, y: m.group_norm_backward(
+        x, x, 32, _ones(256), _ones(256), 1e-5,
+        _stats(m, "gn", x, lambda: m.group_norm(x, 32, _ones(256), _ones(256), 1e-5,
+                                                return_stats=True)))),
 }
+
+
+@functools.cache
+def _ones(n: int, value: float = 1.0) -> np.ndarray:
+    return np.full(n, value, np.float32)
+
+
+_STATS: dict = {}
+
+
+def _stats(m, key: str, x: np.ndarray, forward):
+    """The forward's statistics, computed once per build and input."""
+    k = (id(m), key, id(x))
+    if k not in _STATS:
+        _STATS[k] = forward()[1]
+    return _STATS[k]
+
+
+def _first(r) -> np.ndarray:
+    """The output array of a call (a backward returns gradients, x's first)."""
+    return np.asarray(r.x if hasattr(r, "x") else r[0] if isinstance(r, tuple) else r)
 
 
 def load_old(path: str):
@@ -76,7 +119,9 @@ def main() -> None:
         y = np.empty_like(x)
         fo = functools.partial(call, old, x, y)
         fn = functools.partial(call, new, x, y)
-        fo(), fn()
+        ro, rn_ = _first(fo()).copy(), _first(fn())
+        same = "bitwise" if np.array_equal(ro, rn_, equal_nan=True) else (
+            f"DIFFER max {np.nanmax(np.abs(ro.astype(np.float64) - rn_)):.3g}")
         number = max(3, int(0.02 / (timeit.timeit(fo, number=3) / 3)))
         to, tn = [], []
         for i in range(a.rounds):
@@ -85,7 +130,7 @@ def main() -> None:
             for f, ts in ((fo, to), (fn, tn)) if i % 2 == 0 else ((fn, tn), (fo, to)):
                 ts.append(timeit.timeit(f, number=number) / number)
         mo, mn = float(np.median(to)), float(np.median(tn))
-        print(f"{name:24s} old {mo * 1e6:9.1f} us  new {mn * 1e6:9.1f} us  new/old {mn / mo:5.2f}",
+        print(f"{name:24s} old {mo * 1e6:9.1f} us  new {mn * 1e6:9.1f} us  new/old {mn / mo:5.2f}  {same}",
               flush=True)
 
 

@@ -419,6 +419,11 @@ impl<'a, T: Scalar> GradRows<'a, T> {
         &self.lead
     }
 
+    /// The whole array as one C-contiguous slice (rows of `features` values), if it is one.
+    pub fn contiguous(&self) -> Option<&'a [T]> {
+        self.contiguous
+    }
+
     /// Row r as a view of the trailing dims (logical order = canonical order).
     pub fn row(&self, r: usize) -> ArrayView<'a, T, IxDyn> {
         if let Some(s) = self.contiguous {
@@ -433,6 +438,20 @@ impl<'a, T: Scalar> GradRows<'a, T> {
         }
         v
     }
+
+    /// Hints row `r + ahead` (about 8 KiB ahead) into cache if it is before `end`, the task's
+    /// own rows (contiguous inputs only): as in the forward (`RowView::prefetch_ahead`).
+    #[inline]
+    pub fn prefetch_ahead(&self, r: usize, end: usize) {
+        let row = self.features * std::mem::size_of::<T>();
+        let ahead = (8 * 1024 / row.max(1)).max(1);
+        if let (true, Some(s)) = (r + ahead < end, self.contiguous) {
+            if let Some(next) = s.get((r + ahead) * self.features..(r + ahead + 1) * self.features)
+            {
+                crate::stream::prefetch_bytes(next.as_ptr().cast(), row);
+            }
+        }
+    }
 }
 
 /// Rows per block of the row ops' backward: about 256 KiB of input per block. Parameter
@@ -442,12 +461,15 @@ pub fn grad_rows_per_block(features: usize, elem: usize) -> usize {
     (256 * 1024 / (features.max(1) * elem)).max(1)
 }
 
-/// Folds per-block parameter partials in block order: `Σ_b parts[b]` element-wise.
-pub fn fold_parts(parts: impl Iterator<Item = Option<Vec<f64>>>, len: usize) -> Vec<f64> {
+/// Folds per-block parameter partials (rows of `len` values, one per block) in block order:
+/// `Σ_b parts[b]` element-wise.
+pub fn fold_parts(parts: &[f64], len: usize) -> Vec<f64> {
     let mut acc = vec![0.0f64; len];
-    for p in parts.flatten() {
-        for (a, v) in acc.iter_mut().zip(&p) {
-            *a += v;
+    if len > 0 {
+        for p in parts.chunks_exact(len) {
+            for (a, v) in acc.iter_mut().zip(p) {
+                *a += v;
+            }
         }
     }
     acc

@@ -549,3 +549,69 @@ def test_bitwise_two_dimensional_inputs(rng, dtype):
         for a, b in zip(outs[0], other):
             for u, v in zip(a, b):
                 assert u.tobytes() == v.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("features", [1, 31, 100, 257])
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_row_backward_paths_are_bitwise_equal(rng, restore_threads, dtype, features, op):
+    # C-contiguous inputs take the grouped row path (rows in groups, dweight/dbias accumulated
+    # column chunk by column chunk); rows that are contiguous in a wider array take the per-row
+    # path; strided rows the general element path. All three must agree bit for bit, with and
+    # without the forward's statistics, for every affine combination, across row groups (up to
+    # 16 rows) and column chunks (32 values) with tails, with −0.0 in grad_y, for 1 and 2
+    # threads.
+    rows = 150
+    x = (rng.standard_normal((rows, features)) * 2 + 5).astype(dtype)
+    gy = rng.standard_normal((rows, features)).astype(dtype)
+    gy[::7, ::3] = -0.0
+    w = np.linspace(0.5, 1.5, features).astype(dtype)
+    wide = np.zeros((rows, features + 3), dtype)  # rows contiguous, the array is not
+    wide_g = np.zeros_like(wide)
+    wide[:, 1:features + 1], wide_g[:, 1:features + 1] = x, gy
+    step = np.zeros((rows, 2 * features), dtype)  # strided rows
+    step_g = np.zeros_like(step)
+    step[:, ::2], step_g[:, ::2] = x, gy
+    layouts = [(x, gy), (wide[:, 1:features + 1], wide_g[:, 1:features + 1]),
+               (step[:, ::2], step_g[:, ::2])]
+
+    def run(xs, gs, wb, stats):
+        if op == "layer_norm":
+            return rn.layer_norm_backward(gs, xs, features, *wb, stats=stats)
+        return rn.rms_norm_backward(gs, xs, features, wb[0], 1e-5, stats=stats)
+
+    for wb in [(None, None), (w, None), (None, w), (w, w)]:
+        if op == "rms_norm" and wb[1] is not None:
+            continue
+        if op == "layer_norm":
+            stats = rn.layer_norm(x, features, *wb, return_stats=True)[1]
+        else:
+            stats = rn.rms_norm(x, features, wb[0], return_stats=True)[1]
+        # (Statistics returned in float32/float16 are rounded, so "given" and "recomputed"
+        # are compared separately.)
+        for threads, st in itertools.product((1, 2), (None, stats)):
+            rn.set_num_threads(threads)
+            got = [run(xs, gs, wb, st) for xs, gs in layouts]
+            for g in got[1:]:
+                for u, v in zip(got[0], g):
+                    assert (u is None) == (v is None)
+                    if u is not None:
+                        assert u.tobytes() == v.tobytes(), (op, wb[0] is not None, threads)
+    # And the values: dx against the float64 formula.
+    x64, g64, w64 = (a.astype(np.float64) for a in (x, gy, w))
+    g = rn.layer_norm_backward(gy, x, features, w, w) if op == "layer_norm" else (
+        rn.rms_norm_backward(gy, x, features, w, 1e-5))
+    gw = g64 * w64
+    if op == "layer_norm":
+        d = x64 - x64.mean(axis=1, keepdims=True)
+        r = 1 / np.sqrt((d * d).mean(axis=1, keepdims=True) + 1e-5)
+        xh = d * r
+        dx = r * (gw - gw.mean(axis=1, keepdims=True) - xh * (gw * xh).mean(axis=1, keepdims=True))
+    else:
+        r = 1 / np.sqrt((x64 * x64).mean(axis=1, keepdims=True) + 1e-5)
+        xh = x64 * r
+        dx = r * (gw - xh * (gw * xh).mean(axis=1, keepdims=True))
+    tol = {np.float16: 2e-3, np.float32: 2e-6, np.float64: 1e-12}[dtype]
+    np.testing.assert_allclose(g.x, dx, rtol=tol, atol=tol * np.abs(dx).max())
+    np.testing.assert_allclose(g.weight, (g64 * xh).sum(axis=0), rtol=tol * 10,
+                               atol=tol * 10 * np.abs(g64 * xh).sum(axis=0).max())
