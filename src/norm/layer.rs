@@ -322,6 +322,14 @@ fn group_rows<T: Scalar, const W: bool, const PW: bool, const PB: bool>(
     let mut coef = [RowCoef::default(); 16];
     for g0 in (0..rows).step_by(per) {
         let g1 = (g0 + per).min(rows);
+        // The next group into cache while this one is computed: without it the reads of
+        // pass 1 waited for memory and the arithmetic did not overlap them.
+        let next = g1 * f..((g1 + per).min(rows) * f);
+        if let (Some(a), Some(b)) = (gs.get(next.clone()), xs.get(next)) {
+            let bytes = std::mem::size_of_val(a);
+            crate::stream::prefetch_bytes(a.as_ptr().cast(), bytes);
+            crate::stream::prefetch_bytes(b.as_ptr().cast(), bytes);
+        }
         for r in g0..g1 {
             let row = r * f..(r + 1) * f;
             let (m, rs) = stats_of(r0 + r);
