@@ -268,6 +268,42 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
         }
     }
 
+    /// Writes y = (x − m)·a + b over channel k of every sample (any layout), for callers that
+    /// split the work by channel.
+    pub fn apply_channel(&self, k: usize, y: &ChannelOut<'_, T>, m: f64, a: f64, b: f64) {
+        let xk = self.x.index_axis(Axis(1), k);
+        // SAFETY: the caller owns channel k of y.
+        let mut yk = unsafe { y.shared.sub_axis(1, k) };
+        reduce::apply_view(&xk, &mut yk, m, a, b);
+    }
+
+    /// Writes y = (x − m_k)·a_k + b_k for the channels `ks` of an input with one value per
+    /// plane, any layout, row by row (a whole-channel view per channel would write y one
+    /// element per cache line when x and y have different layouts).
+    pub fn apply_channel_group(
+        &self,
+        ks: std::ops::Range<usize>,
+        y: &ChannelOut<'_, T>,
+        m: &[f64],
+        a: &[f64],
+        b: &[f64],
+    ) {
+        debug_assert_eq!(self.s, 1);
+        let (px, xs) = (self.x.as_ptr(), self.x.strides());
+        let (py, ys) = (y.shared.as_mut_ptr(), y.shared.strides());
+        for n in 0..self.n as isize {
+            for k in ks.clone() {
+                let ki = k as isize;
+                // SAFETY: (n, k, 0, …) is an element of x and of y (spatial dims are 1); the
+                // caller owns channels ks of y.
+                unsafe {
+                    let v = *px.offset(n * xs[0] + ki * xs[1]);
+                    *py.offset(n * ys[0] + ki * ys[1]) = reduce::affine(v, m[k], a[k], b[k]);
+                }
+            }
+        }
+    }
+
     /// Writes y = (x − m_k)·a_k + b_k for the channels `cs` of every sample of a
     /// one-value-per-plane input with Rows access ((N, C) C-contiguous); `m`, `a`, `b` are
     /// indexed from `cs.start`. Tasks calling this for disjoint `cs` write disjoint memory.

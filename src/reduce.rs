@@ -68,10 +68,73 @@ pub fn sum_view<T: Scalar, F: Fn(f64) -> f64>(v: &ArrayView<'_, T, IxDyn>, f: F)
         return sum_slice(s, f);
     }
     let mut acc = [0.0f64; LANES];
-    for (i, x) in v.iter().enumerate() {
-        acc[i % LANES] += f(x.to_f64());
-    }
+    let mut l = 0;
+    let (p, st) = (v.as_ptr(), inner_stride(v.strides()));
+    for_each_run(v.shape(), [v.strides()], |[o], len| {
+        for k in 0..len as isize {
+            // SAFETY: `for_each_run` yields offsets of elements of v (k < the run length).
+            let x = unsafe { *p.offset(o + k * st) };
+            acc[l] += f(x.to_f64());
+            l = if l + 1 == LANES { 0 } else { l + 1 };
+        }
+    });
     tree(&acc)
+}
+
+/// The stride of the last axis (1 for a 0-d view, whose one run has one element).
+#[inline]
+pub fn inner_stride(strides: &[isize]) -> isize {
+    strides.last().copied().unwrap_or(1)
+}
+
+/// Walks arrays of one `shape` in logical (row-major) order, one run along the last axis at a
+/// time: `f(offsets, len)` gets each array's element offset of the run's first element
+/// (`strides[k]` are array k's strides; the run then steps by its last stride).
+///
+/// ndarray's element iterators over `IxDyn` views update a dynamic multi-index per element;
+/// strided inputs (a Fortran-order or transposed array) went through them 50–200× slower than
+/// contiguous ones. Here the multi-index moves once per run and the run is a plain stride loop,
+/// and the order, hence every canonical sum, is unchanged.
+pub fn for_each_run<const K: usize>(
+    shape: &[usize],
+    strides: [&[isize]; K],
+    mut f: impl FnMut([isize; K], usize),
+) {
+    assert!(
+        strides.iter().all(|st| st.len() == shape.len()),
+        "for_each_run: every array needs the shape's rank"
+    );
+    if shape.contains(&0) {
+        return;
+    }
+    let Some((&len, outer)) = shape.split_last() else {
+        f([0; K], 1);
+        return;
+    };
+    let mut idx = vec![0usize; outer.len()];
+    let mut off = [0isize; K];
+    loop {
+        f(off, len);
+        // Next multi-index of the outer axes (an odometer), offsets kept in step.
+        let mut ax = outer.len();
+        loop {
+            if ax == 0 {
+                return;
+            }
+            ax -= 1;
+            idx[ax] += 1;
+            if idx[ax] < outer[ax] {
+                for (o, st) in off.iter_mut().zip(&strides) {
+                    *o += st[ax];
+                }
+                break;
+            }
+            for (o, st) in off.iter_mut().zip(&strides) {
+                *o -= st[ax] * (outer[ax] as isize - 1);
+            }
+            idx[ax] = 0;
+        }
+    }
 }
 
 /// Canonical sums for the channels `cs` of a channels-last block: rows of `row_len`
@@ -311,6 +374,16 @@ impl<'a, T> SharedMut<'a, T> {
         unsafe { r.deref_into_view_mut() }
     }
 
+    /// The sub-view at `index` along `axis` (that axis removed).
+    ///
+    /// # Safety
+    /// As [`SharedMut::sub`].
+    pub unsafe fn sub_axis(&self, axis: usize, index: usize) -> ArrayViewMut<'a, T, IxDyn> {
+        let r = self.raw.clone().index_axis_move(ndarray::Axis(axis), index);
+        // SAFETY: as in `sub`.
+        unsafe { r.deref_into_view_mut() }
+    }
+
     pub fn shape(&self) -> &[usize] {
         self.raw.shape()
     }
@@ -324,6 +397,11 @@ impl<'a, T> SharedMut<'a, T> {
         self.raw.strides()
     }
 
+    /// The first element; with `strides()` it addresses any element.
+    pub fn as_mut_ptr(&self) -> *mut T {
+        self.raw.as_ptr().cast_mut()
+    }
+
     /// The contiguous block of `len` elements starting `offset` elements from the first one.
     ///
     /// # Safety
@@ -332,5 +410,39 @@ impl<'a, T> SharedMut<'a, T> {
     pub unsafe fn block_mut(&self, offset: isize, len: usize) -> &'a mut [T] {
         // SAFETY: forwarded from the caller.
         unsafe { std::slice::from_raw_parts_mut(self.raw.as_ptr().cast_mut().offset(offset), len) }
+    }
+}
+
+#[cfg(test)]
+mod run_tests {
+    use super::*;
+
+    /// `for_each_run` visits every element in logical order, for any strides.
+    #[test]
+    fn runs_follow_logical_order() {
+        let base: Vec<f64> = (0..120).map(f64::from).collect();
+        let a = ndarray::ArrayView::from_shape((4, 5, 6), &base)
+            .unwrap()
+            .into_dyn();
+        let views = [
+            a.clone(),
+            a.slice(ndarray::s![.., ..;2, ..;-3]).into_dyn(),
+            a.clone().reversed_axes(),
+            a.slice(ndarray::s![..;-1, 1.., ..]).into_dyn(),
+            a.slice(ndarray::s![2, .., 3]).into_dyn(),
+        ];
+        for v in views {
+            let c = v.as_standard_layout();
+            let mut got = vec![];
+            let (p, st) = (v.as_ptr(), inner_stride(v.strides()));
+            for_each_run(v.shape(), [v.strides(), c.strides()], |[o, oc], len| {
+                for k in 0..len as isize {
+                    // SAFETY: offsets of v's elements.
+                    got.push(unsafe { *p.offset(o + k * st) });
+                    assert_eq!(c.as_slice().unwrap()[(oc + k) as usize], got[got.len() - 1]);
+                }
+            });
+            assert_eq!(got, v.iter().copied().collect::<Vec<_>>());
+        }
     }
 }

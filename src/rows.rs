@@ -141,9 +141,23 @@ impl<'a, T: Scalar> RowView<'a, T> {
         for &i in &idx {
             xv = xv.index_axis_move(Axis(0), i);
         }
-        for (j, (o, &v)) in yr.iter_mut().zip(xv.iter()).enumerate() {
-            *o = reduce::affine(v, m, a(j), bj(j));
-        }
+        assert_eq!(yr.shape(), xv.shape(), "rows of one shape");
+        let (py, px) = (yr.as_mut_ptr(), xv.as_ptr());
+        let (sy, sx) = (
+            reduce::inner_stride(yr.strides()),
+            reduce::inner_stride(xv.strides()),
+        );
+        let mut j = 0;
+        reduce::for_each_run(xv.shape(), [yr.strides(), xv.strides()], |[oy, ox], len| {
+            for k in 0..len as isize {
+                // SAFETY: offsets of elements of the row views (same shape); yr is ours.
+                unsafe {
+                    *py.offset(oy + k * sy) =
+                        reduce::affine(*px.offset(ox + k * sx), m, a(j), bj(j));
+                }
+                j += 1;
+            }
+        });
     }
 }
 

@@ -177,14 +177,38 @@ pub fn batch_norm<T: Scalar>(
             (rm.to_vec(), rv.to_vec(), None)
         };
         let a: Vec<f64> = (0..c).map(|k| scale(k, rstd(var[k], p.eps))).collect();
-        let per = cv.samples_per_task();
-        // Each task writes its own block of samples of y.
-        pool::for_each_task(cv.n.div_ceil(per), parallel, |t| {
-            for n in t * per..((t + 1) * per).min(cv.n) {
-                cv.apply_sample(n, &yo, &mean, &a, &b);
-            }
-            crate::stream::stream_fence(yo.stream());
-        });
+        if yo.access() == Access::Strided {
+            // Layouts without contiguous samples or planes (e.g. a Fortran-order (N, C)
+            // array): one whole-channel view per channel instead of one view per (n, c)
+            // plane, which with one value per plane cost 100× the arithmetic.
+            // With one value per plane, groups of 16 channels go row by row instead.
+            let channel_bytes = cv.n * cv.s * std::mem::size_of::<T>();
+            let per = if cv.s == 1 {
+                16
+            } else {
+                (64 * 1024 / channel_bytes.max(1)).max(1)
+            };
+            pool::for_each_task(c.div_ceil(per), parallel, |t| {
+                let ks = t * per..((t + 1) * per).min(c);
+                // Channels ks of y belong to this task only.
+                if cv.s == 1 {
+                    cv.apply_channel_group(ks, &yo, &mean, &a, &b);
+                } else {
+                    for k in ks {
+                        cv.apply_channel(k, &yo, mean[k], a[k], b[k]);
+                    }
+                }
+            });
+        } else {
+            let per = cv.samples_per_task();
+            // Each task writes its own block of samples of y.
+            pool::for_each_task(cv.n.div_ceil(per), parallel, |t| {
+                for n in t * per..((t + 1) * per).min(cv.n) {
+                    cv.apply_sample(n, &yo, &mean, &a, &b);
+                }
+                crate::stream::stream_fence(yo.stream());
+            });
+        }
         (mean, var, m2)
     };
     let rs: Vec<f64> = var.iter().map(|&v| rstd(v, p.eps)).collect();
@@ -451,6 +475,7 @@ fn batch_block_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy + Sync>(
     parallel: bool,
     f: F,
 ) -> Vec<f64> {
+    debug_assert_eq!(cv.s, 1);
     let c = cv.c;
     let blocks = cv.n.div_ceil(BATCH_BLOCK);
     let rows_of = |b: usize| b * BATCH_BLOCK..((b + 1) * BATCH_BLOCK).min(cv.n);
@@ -463,22 +488,31 @@ fn batch_block_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy + Sync>(
             acc
         })
     } else {
-        // Any other layout: one task per channel walks its column in logical order.
-        let per_channel = pool::map_tasks(c, parallel, |k| {
-            let col = cv.x.index_axis(ndarray::Axis(1), k);
-            let mut it = col.iter();
+        // Any other layout (one value per plane: element (n, k) at n·s₀ + k·s₁): one task
+        // per group of channels walks the rows in order, one serial chain per channel (the
+        // canonical order), the chains of the group interleaved so that they overlap (one
+        // channel at a time was bound by the add latency).
+        const G: usize = 8;
+        let per_group = pool::map_tasks(c.div_ceil(G), parallel, |g| {
+            let ks = g * G..((g + 1) * G).min(c);
+            let (p, st) = (cv.x.as_ptr(), cv.x.strides());
+            let (s0, s1) = (st[0], st[1]);
             (0..blocks)
                 .map(|b| {
-                    let mut acc = 0.0f64;
-                    for x in it.by_ref().take(rows_of(b).len()) {
-                        acc += f(x.to_f64(), k);
+                    let mut acc = [0.0f64; G];
+                    for n in rows_of(b) {
+                        for (a, k) in acc.iter_mut().zip(ks.clone()) {
+                            // SAFETY: (n, k, 0, …) is an element of x (spatial dims are 1).
+                            let x = unsafe { *p.offset(n as isize * s0 + k as isize * s1) };
+                            *a += f(x.to_f64(), k);
+                        }
                     }
                     acc
                 })
-                .collect::<Vec<f64>>()
+                .collect::<Vec<_>>()
         });
         (0..blocks)
-            .map(|b| per_channel.iter().map(|p| p[b]).collect())
+            .map(|b| (0..c).map(|k| per_group[k / G][b][k % G]).collect())
             .collect()
     };
     let mut total = vec![0.0f64; c];

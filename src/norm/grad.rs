@@ -102,9 +102,25 @@ pub fn visit_pairs<T: Scalar, F: FnMut(usize, usize, f64, f64)>(
         visit_slices(a, b, f);
         return;
     }
-    for (j, (a, b)) in dy.iter().zip(x.iter()).enumerate() {
-        f(j, j % LANES, a.to_f64(), b.to_f64());
-    }
+    assert_eq!(
+        dy.shape(),
+        x.shape(),
+        "visit_pairs needs views of one shape"
+    );
+    let (pa, pb) = (dy.as_ptr(), x.as_ptr());
+    let (sa, sb) = (
+        crate::reduce::inner_stride(dy.strides()),
+        crate::reduce::inner_stride(x.strides()),
+    );
+    let mut j = 0;
+    crate::reduce::for_each_run(x.shape(), [dy.strides(), x.strides()], |[oa, ob], len| {
+        for k in 0..len as isize {
+            // SAFETY: offsets of elements of the two views, which have the same shape.
+            let (a, b) = unsafe { (*pa.offset(oa + k * sa), *pb.offset(ob + k * sb)) };
+            f(j, j % LANES, a.to_f64(), b.to_f64());
+            j += 1;
+        }
+    });
 }
 
 /// [`visit_pairs`] over two slices of equal length, unrolled by lanes so lane indices are
@@ -427,8 +443,11 @@ impl<'a, T: Scalar> GradRows<'a, T> {
     /// Row r as a view of the trailing dims (logical order = canonical order).
     pub fn row(&self, r: usize) -> ArrayView<'a, T, IxDyn> {
         if let Some(s) = self.contiguous {
+            // The row keeps its trailing shape: paths that walk two rows together by runs
+            // (`reduce::for_each_run`) need both of one shape.
             let f = self.features;
-            return ArrayView::from_shape(IxDyn(&[f]), &s[r * f..(r + 1) * f]).unwrap_or_else(
+            let trailing = &self.v.shape()[self.lead.len()..];
+            return ArrayView::from_shape(IxDyn(trailing), &s[r * f..(r + 1) * f]).unwrap_or_else(
                 |_| ArrayView::from_shape(IxDyn(&[0]), &s[..0]).expect("empty view"),
             );
         }

@@ -256,10 +256,27 @@ pub(crate) fn row_backward<T: Scalar>(
             });
             let mu = if centred { tree(&sg) / ff } else { 0.0 };
             let kk = rs * rs * tree(&sgd) / ff;
-            for (j, ((o, &g0), &v)) in dr.iter_mut().zip(gv.iter()).zip(xv.iter()).enumerate() {
-                let g = w.map_or(g0.to_f64(), |w| w[j] * g0.to_f64());
-                *o = T::from_f64(rs * (g - mu - (v.to_f64() - m) * kk));
-            }
+            let (po, pg, px) = (dr.as_mut_ptr(), gv.as_ptr(), xv.as_ptr());
+            let st = [dr.strides(), gv.strides(), xv.strides()].map(crate::reduce::inner_stride);
+            let mut j = 0;
+            assert!(
+                dr.shape() == xv.shape() && gv.shape() == xv.shape(),
+                "rows of one shape"
+            );
+            let strides = [dr.strides(), gv.strides(), xv.strides()];
+            crate::reduce::for_each_run(xv.shape(), strides, |[oo, og, ox], len| {
+                for k in 0..len as isize {
+                    // SAFETY: offsets of elements of the three row views (same shape); row r
+                    // of dx is this task's.
+                    unsafe {
+                        let g0 = (*pg.offset(og + k * st[1])).to_f64();
+                        let v = (*px.offset(ox + k * st[2])).to_f64();
+                        let g = w.map_or(g0, |w| w[j] * g0);
+                        *po.offset(oo + k * st[0]) = T::from_f64(rs * (g - mu - (v - m) * kk));
+                    }
+                    j += 1;
+                }
+            });
         }
     });
     ParamGrads {
