@@ -371,3 +371,40 @@ def test_nc_training_paths_agree_bitwise(shape, dtype):
     y_ref = ref.batch_norm(x, None, None, w, b, training=True)
     y_ref = y_ref[0] if isinstance(y_ref, tuple) else y_ref
     ref.assert_output_close(runs[0][0], y_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(600, 21), (37, 5, 1), (300, 1)])
+def test_one_value_per_plane_any_layout_bitwise(rng, dtype, training, shape):
+    # One value per plane in layouts without contiguous samples (Fortran order, reversed,
+    # sliced): channel-group sums and the row-by-row apply of those layouts must give bitwise
+    # the C-contiguous result, for row blocks of 256 with a tail, channel groups of 8/16 with
+    # a tail, and an output of another layout (out= in Fortran order).
+    x = (rng.standard_normal(shape) * 3 + 2).astype(dtype)
+    c = shape[1]
+    rm, rv = np.linspace(-1, 1, c).astype(dtype), np.linspace(0.5, 2, c).astype(dtype)
+    w, b = np.linspace(0.5, 1.5, c).astype(dtype), np.linspace(-1, 1, c).astype(dtype)
+
+    def run(v, out=None):
+        y = rn.batch_norm(v, rm.copy(), rv.copy(), w, b, training, out=out)
+        return np.ascontiguousarray(y)
+
+    want = run(np.ascontiguousarray(x))
+    wide = np.zeros((shape[0], 2 * c) + shape[2:], dtype)
+    wide[:, ::2] = x
+    for v in (np.asfortranarray(x), x[::-1][::-1], wide[:, ::2],
+              np.ascontiguousarray(x[::-1])[::-1]):
+        ref.assert_bitwise_equal(run(v), want, "layout")
+        ref.assert_bitwise_equal(run(v, out=np.asfortranarray(np.empty_like(x))), want, "out")
+    # And the values against the float64 formula.
+    x64 = x.astype(np.float64)
+    if training:
+        m, var = x64.mean(axis=0), x64.var(axis=0)
+    else:
+        m, var = rm.astype(np.float64), rv.astype(np.float64)
+    sh = (1, c) + (1,) * (len(shape) - 2)
+    y64 = (x64 - m.reshape(sh)) / np.sqrt(var.reshape(sh) + 1e-5) * w.reshape(sh).astype(
+        np.float64) + b.reshape(sh).astype(np.float64)
+    tol = {np.float16: 2e-3, np.float32: 2e-6, np.float64: 1e-12}[dtype]
+    np.testing.assert_allclose(want.astype(np.float64), y64, rtol=tol, atol=tol * 4)
