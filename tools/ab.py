@@ -38,6 +38,7 @@ WORKLOADS = {
     "ln (64,512,768)": ((64, 512, 768), lambda m, x, y: m.layer_norm(x, (768,), out=y)),
     "rms (8192,1024)": ((8192, 1024), lambda m, x, y: m.rms_norm(x, (1024,), out=y)),
     "gn (16,256,32,32)": ((16, 256, 32, 32), lambda m, x, y: m.group_norm(x, 32, out=y)),
+    "gn (8,512,64,64)": ((8, 512, 64, 64), lambda m, x, y: m.group_norm(x, 32, out=y)),
     "in (16,64,128,128)": ((16, 64, 128, 128), lambda m, x, y: m.instance_norm(x, out=y)),
     "lrn (32,96,55,55)": ((32, 96, 55, 55),
                           lambda m, x, y: m.local_response_norm(x, 5, out=y)),
