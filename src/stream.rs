@@ -584,6 +584,24 @@ pub fn can_stream() -> bool {
     }
 }
 
+/// Writes 32 f32 values to `dst` with non-temporal stores (two full cache lines).
+///
+/// # Safety
+/// The CPU must support AVX-512F; `dst` must be 64-byte aligned and valid for 32 writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub unsafe fn stream_32_f32(dst: *mut f32, src: &[f32; 32]) {
+    use std::arch::x86_64::*;
+    // SAFETY: forwarded from the caller; `src` holds 32 values.
+    unsafe {
+        let a = _mm512_loadu_ps(src.as_ptr());
+        let b = _mm512_loadu_ps(src.as_ptr().add(16));
+        _mm512_stream_ps(dst, a);
+        _mm512_stream_ps(dst.add(16), b);
+    }
+}
+
 /// What a streaming f32 kernel computes, in f64, rounded once to f32.
 #[derive(Clone, Copy)]
 pub enum StreamOp<'a> {

@@ -184,6 +184,7 @@ pub(crate) fn row_backward<T: Scalar>(
                 ff,
                 centred,
                 w: w.unwrap_or(&[]),
+                stream: dxp.stream,
             };
             match (w.is_some(), want_bias) {
                 (false, false) => {
@@ -291,6 +292,8 @@ struct GroupArgs<'a> {
     ff: f64,
     centred: bool,
     w: &'a [f64],
+    /// The output is large enough to be streamed (`SharedMut::stream`).
+    stream: bool,
 }
 
 /// The coefficients of `dx = rs·(g − mu − (x − m)·kk)` for one row.
@@ -336,6 +339,13 @@ fn group_rows<T: Scalar, const W: bool, const PW: bool, const PB: bool>(
     }
     let rows = xs.len() / f;
     let per = group_len(f, std::mem::size_of::<T>());
+    // Large float32 outputs are written around the caches (as the forward's, see
+    // `crate::stream`) when every 32-value chunk of every row is two aligned cache lines.
+    let stream = a.stream
+        && crate::stream::as_f32(o).is_some()
+        && crate::stream::can_stream()
+        && f.is_multiple_of(16)
+        && (o.as_ptr() as usize).is_multiple_of(64);
     let mut coef = [RowCoef::default(); 16];
     for g0 in (0..rows).step_by(per) {
         let g1 = (g0 + per).min(rows);
@@ -376,8 +386,10 @@ fn group_rows<T: Scalar, const W: bool, const PW: bool, const PB: bool>(
             a.w,
             pw,
             pb,
+            stream,
         );
     }
+    crate::stream::stream_fence(stream);
 }
 
 /// Pass 2 of `group_rows` over the rows of one group (`co.len()` rows of `f` values).
@@ -392,6 +404,7 @@ fn group_apply<T: Scalar, const W: bool, const PW: bool, const PB: bool>(
     w: &[f64],
     pw: &mut [f64],
     pb: &mut [f64],
+    stream: bool,
 ) {
     use crate::reduce::LANES;
     // One value of row c: its dx, and its terms added to the dweight/dbias accumulators.
@@ -437,6 +450,24 @@ fn group_apply<T: Scalar, const W: bool, const PW: bool, const PB: bool>(
             let g8: &[T; LANES] = gs[at.clone()].try_into().expect("LANES values");
             let x8: &[T; LANES] = xs[at.clone()].try_into().expect("LANES values");
             let o8: &mut [T; LANES] = (&mut o[at]).try_into().expect("LANES values");
+            if stream {
+                let mut buf = [T::from_f64(0.0); LANES];
+                for l in 0..LANES {
+                    buf[l] = one::<T, W, PW, PB>(c, g8[l], x8[l], w8[l], &mut aw[l], &mut ab[l]);
+                }
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `stream` is set only for T = f32 on AVX-512 CPUs with every chunk
+                // 64-byte aligned (see `group_rows`); o8 holds 32 values.
+                unsafe {
+                    crate::stream::stream_32_f32(
+                        o8.as_mut_ptr().cast::<f32>(),
+                        &*buf.as_ptr().cast::<[f32; LANES]>(),
+                    );
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                o8.copy_from_slice(&buf);
+                continue;
+            }
             for l in 0..LANES {
                 o8[l] = one::<T, W, PW, PB>(c, g8[l], x8[l], w8[l], &mut aw[l], &mut ab[l]);
             }

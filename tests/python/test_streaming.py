@@ -100,14 +100,24 @@ wr = np.linspace(0.5, 1.5, 131)
 ln = rn.layer_norm_backward(gr, r, (131,), wr, wr)
 ln0 = rn.layer_norm_backward(gr, r, (131,))
 rms = rn.rms_norm_backward(gr, r, (131,), wr)
+# Rows whose 32-value chunks are whole aligned cache lines (1024) or end in a half chunk (144):
+# the grouped row path streams dx.
+rows = {}
+for f in (1024, 144):
+    xr = (rng.standard_normal((2 * 2**21 // f + 3, f)) * 2 + 3).astype(np.float32)
+    gq = rng.standard_normal(xr.shape).astype(np.float32)
+    wq = np.linspace(0.5, 1.5, f)
+    g = rn.layer_norm_backward(gq, xr, f, wq, wq)
+    rows[f"ln{f}"], rows[f"ln{f}_w"], rows[f"ln{f}_b"] = g.x, g.weight, g.bias
+    rows[f"rms{f}"] = rn.rms_norm_backward(gq, xr, f, wq).x
 np.savez(sys.argv[1], bn=bn.x, bn_w=bn.weight, gn=gn.x, gn_w=gn.weight, ln=ln.x, ln_w=ln.weight,
-         ln0=ln0.x, rms=rms.x)
+         ln0=ln0.x, rms=rms.x, **rows)
 """
 
 
 def test_streamed_backward_is_bitwise_the_cached_one(tmp_path):
     """dx of batch, group, layer and RMS norm (8.7 MB: streamed) equals the run with streaming
-    off."""
+    off, for rows that the grouped row path streams too."""
     import os
     import subprocess
     import sys
@@ -122,5 +132,8 @@ def test_streamed_backward_is_bitwise_the_cached_one(tmp_path):
                        check=True)
         out[mode] = np.load(path)
     assert out["default"]["bn"].nbytes >= STREAM_MIN
-    for key in ("bn", "bn_w", "gn", "gn_w", "ln", "ln_w", "ln0", "rms"):
+    assert out["default"]["ln1024"].nbytes >= STREAM_MIN
+    assert out["default"]["ln144"].nbytes >= STREAM_MIN
+    for key in ("bn", "bn_w", "gn", "gn_w", "ln", "ln_w", "ln0", "rms", "ln1024", "ln1024_w",
+                "ln1024_b", "rms1024", "ln144", "ln144_w", "ln144_b", "rms144"):
         ref.assert_bitwise_equal(out["default"][key], out["off"][key], key)
