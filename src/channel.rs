@@ -268,6 +268,44 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
         }
     }
 
+    /// [`Self::apply_sample`] for the samples `ns`; one-value-per-plane rows ((N, C)
+    /// C-contiguous) that stay cached go `ROW_BLOCK` rows per kernel call, each coefficient
+    /// loaded once per block (bitwise the same values).
+    pub fn apply_samples(
+        &self,
+        ns: std::ops::Range<usize>,
+        y: &ChannelOut<'_, T>,
+        m: &[f64],
+        a: &[f64],
+        b: &[f64],
+    ) {
+        if self.s == 1
+            && self.access == Access::Rows
+            && y.access == Access::Rows
+            && !y.shared.stream
+        {
+            use reduce::ROW_BLOCK;
+            let c = self.c;
+            // SAFETY: as in `apply_sample`: sample n of y is a contiguous run of c values,
+            // owned by the caller for n in ns, disjoint for distinct n.
+            let y_of = |n: usize| unsafe { y.shared.block_mut(self.offset_in(&y.shared, n, 0), c) };
+            let mut n = ns.start;
+            while n + ROW_BLOCK <= ns.end {
+                let xs: [&[T]; ROW_BLOCK] = std::array::from_fn(|i| self.sample_rows(n + i));
+                let ys: [&mut [T]; ROW_BLOCK] = std::array::from_fn(|i| y_of(n + i));
+                reduce::apply_rows_block(xs, ys, m, a, b);
+                n += ROW_BLOCK;
+            }
+            for n in n..ns.end {
+                self.apply_sample(n, y, m, a, b);
+            }
+            return;
+        }
+        for n in ns {
+            self.apply_sample(n, y, m, a, b);
+        }
+    }
+
     /// Writes y = (x − m)·a + b over channel k of every sample (any layout), for callers that
     /// split the work by channel.
     pub fn apply_channel(&self, k: usize, y: &ChannelOut<'_, T>, m: f64, a: f64, b: f64) {
@@ -316,18 +354,26 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
         b: &[f64],
     ) {
         debug_assert!(self.s == 1 && self.access == Access::Rows && y.access == Access::Rows);
-        for n in 0..self.n {
-            let xs = &self.sample_rows(n)[cs.clone()];
-            // SAFETY: y has Rows access with one value per plane, so channels cs of sample n
-            // are this contiguous run; the caller owns them.
-            let ys = unsafe {
-                y.shared.block_mut(
-                    self.offset_in(&y.shared, n, 0) + cs.start as isize,
-                    cs.len(),
-                )
-            };
-            // Cached stores: a streamed run this short would pay one fence per row.
-            reduce::apply_rows(xs, ys, cs.len(), m, a, b);
+        use reduce::ROW_BLOCK;
+        let x_of = |n: usize| &self.sample_rows(n)[cs.clone()];
+        // SAFETY: y has Rows access with one value per plane, so channels cs of sample n are
+        // this contiguous run; the caller owns them, and distinct n give disjoint runs.
+        let y_of = |n: usize| unsafe {
+            y.shared.block_mut(
+                self.offset_in(&y.shared, n, 0) + cs.start as isize,
+                cs.len(),
+            )
+        };
+        // Cached stores: a streamed run this short would pay one fence per row.
+        let mut n = 0;
+        while n + ROW_BLOCK <= self.n {
+            let xs: [&[T]; ROW_BLOCK] = std::array::from_fn(|i| x_of(n + i));
+            let ys: [&mut [T]; ROW_BLOCK] = std::array::from_fn(|i| y_of(n + i));
+            reduce::apply_rows_block(xs, ys, m, a, b);
+            n += ROW_BLOCK;
+        }
+        for n in n..self.n {
+            reduce::apply_rows(x_of(n), y_of(n), cs.len(), m, a, b);
         }
     }
 

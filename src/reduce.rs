@@ -229,6 +229,62 @@ pub fn accumulate_row_sq_dev<T: Scalar>(acc: &mut [f64], row: &[T], m: &[f64]) {
     }
 }
 
+/// Rows per call of the blocked row kernels below.
+pub const ROW_BLOCK: usize = 4;
+
+/// `acc[k] += rows[0][k] + 0.0; acc[k] += rows[1][k] + 0.0; …` — [`accumulate_row`] with
+/// [`ident`] over `ROW_BLOCK` rows in order, each accumulator loaded and stored once per block
+/// instead of once per row (small (N, C) batch norms were bound by those loads and stores).
+/// Same f64 operations in the same order per channel.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+pub fn accumulate_rows_ident<T: Scalar>(acc: &mut [f64], rows: [&[T]; ROW_BLOCK]) {
+    let n = acc.len();
+    let rows = rows.map(|r| &r[..n]);
+    for (k, a) in acc.iter_mut().enumerate() {
+        let mut v = *a;
+        for r in &rows {
+            v += ident(r[k].to_f64());
+        }
+        *a = v;
+    }
+}
+
+/// [`accumulate_row_sq_dev`] over `ROW_BLOCK` rows in order (see [`accumulate_rows_ident`]).
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+pub fn accumulate_rows_sq_dev<T: Scalar>(acc: &mut [f64], rows: [&[T]; ROW_BLOCK], m: &[f64]) {
+    let n = acc.len();
+    let (rows, m) = (rows.map(|r| &r[..n]), &m[..n]);
+    for (k, (a, &mk)) in acc.iter_mut().zip(m).enumerate() {
+        let mut v = *a;
+        for r in &rows {
+            let d = r[k].to_f64() - mk;
+            v += d * d;
+        }
+        *a = v;
+    }
+}
+
+/// y = (x − m_k)·a_k + b_k over `ROW_BLOCK` rows of the same channels, each coefficient loaded
+/// once per block of rows ([`affine`]: bitwise the one-row kernels).
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+pub fn apply_rows_block<T: Scalar>(
+    xs: [&[T]; ROW_BLOCK],
+    ys: [&mut [T]; ROW_BLOCK],
+    m: &[f64],
+    a: &[f64],
+    b: &[f64],
+) {
+    let n = m.len().min(a.len()).min(b.len());
+    let xs = xs.map(|r| &r[..n]);
+    let mut ys = ys.map(|r| &mut r[..n]);
+    for k in 0..n {
+        let (mk, ak, bk) = (m[k], a[k], b[k]);
+        for (y, x) in ys.iter_mut().zip(&xs) {
+            y[k] = affine(x[k], mk, ak, bk);
+        }
+    }
+}
+
 /// y = (x − m)·a + b over slices; `w`, `bias` (if given) make a and b per element:
 /// a_j = a·w_j, b_j = bias_j. One loop per combination, so each vectorizes.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]

@@ -121,13 +121,9 @@ pub fn batch_norm<T: Scalar>(
         // statistics and normalizes them while the block is in L2.
         let per_chunk = pool::map_tasks(c.div_ceil(FUSED_ROW_CHUNK), parallel, |t| {
             let cs = t * FUSED_ROW_CHUNK..((t + 1) * FUSED_ROW_CHUNK).min(c);
-            let sums = rows_chunk_sums(&cv, cs.clone(), |acc, row| {
-                reduce::accumulate_row(acc, row, |v, _| reduce::ident(v));
-            });
+            let sums = rows_chunk_sums(&cv, cs.clone(), None);
             let mean: Vec<f64> = sums.iter().map(|&s| s / count as f64).collect();
-            let m2 = rows_chunk_sums(&cv, cs.clone(), |acc, row| {
-                reduce::accumulate_row_sq_dev(acc, row, &mean);
-            });
+            let m2 = rows_chunk_sums(&cv, cs.clone(), Some(&mean));
             let a: Vec<f64> = cs
                 .clone()
                 .zip(&m2)
@@ -203,9 +199,7 @@ pub fn batch_norm<T: Scalar>(
             let per = cv.samples_per_task();
             // Each task writes its own block of samples of y.
             pool::for_each_task(cv.n.div_ceil(per), parallel, |t| {
-                for n in t * per..((t + 1) * per).min(cv.n) {
-                    cv.apply_sample(n, &yo, &mean, &a, &b);
-                }
+                cv.apply_samples(t * per..((t + 1) * per).min(cv.n), &yo, &mean, &a, &b);
                 crate::stream::stream_fence(yo.stream());
             });
         }
@@ -440,21 +434,35 @@ fn fused_rows_fit<T: Scalar>(cv: &ChannelView<'_, T>) -> bool {
         && cv.n * FUSED_ROW_CHUNK * std::mem::size_of::<T>() <= 512 * 1024
 }
 
-/// [`batch_block_sums`] for the channels `cs` only: `add_row(acc, row)` adds one row's
-/// channels `cs` into the block's accumulators (a kernel of `reduce`, so per-channel values
-/// are zipped in, never looked up); the same blocks of rows, each summed in row order, folded
-/// in order — the same f64 operations.
-fn rows_chunk_sums<T: Scalar, F: Fn(&mut [f64], &[T])>(
+/// [`batch_block_sums`] for the channels `cs` only, of x itself (`mean` None) or of (x − m_k)²:
+/// the same blocks of rows, each summed in row order, folded in order — the same f64
+/// operations — with the rows taken `ROW_BLOCK` at a time by the blocked kernels of `reduce`.
+fn rows_chunk_sums<T: Scalar>(
     cv: &ChannelView<'_, T>,
     cs: std::ops::Range<usize>,
-    add_row: F,
+    mean: Option<&[f64]>,
 ) -> Vec<f64> {
+    use reduce::ROW_BLOCK;
     let mut total = vec![0.0f64; cs.len()];
     let mut acc = vec![0.0f64; cs.len()];
+    let row = |n: usize| &cv.sample_rows(n)[cs.clone()];
     for b in 0..cv.n.div_ceil(BATCH_BLOCK) {
         acc.iter_mut().for_each(|a| *a = 0.0);
-        for n in b * BATCH_BLOCK..((b + 1) * BATCH_BLOCK).min(cv.n) {
-            add_row(&mut acc, &cv.sample_rows(n)[cs.clone()]);
+        let rows = b * BATCH_BLOCK..((b + 1) * BATCH_BLOCK).min(cv.n);
+        let mut n = rows.start;
+        while n + ROW_BLOCK <= rows.end {
+            let block: [&[T]; ROW_BLOCK] = std::array::from_fn(|i| row(n + i));
+            match mean {
+                None => reduce::accumulate_rows_ident(&mut acc, block),
+                Some(m) => reduce::accumulate_rows_sq_dev(&mut acc, block, m),
+            }
+            n += ROW_BLOCK;
+        }
+        for n in n..rows.end {
+            match mean {
+                None => reduce::accumulate_row(&mut acc, row(n), |v, _| reduce::ident(v)),
+                Some(m) => reduce::accumulate_row_sq_dev(&mut acc, row(n), m),
+            }
         }
         for (t, a) in total.iter_mut().zip(&acc) {
             *t += *a;

@@ -352,7 +352,8 @@ def test_large_two_dimensional_input(rng, dtype):
     np.testing.assert_allclose(rv, new_rv, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("shape", [(256, 1024), (300, 70), (1000, 100), (5000, 64), (2, 3)])
+@pytest.mark.parametrize("shape", [(256, 1024), (300, 70), (259, 70), (301, 33), (1000, 100),
+                                   (5000, 64), (2, 3)])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_nc_training_paths_agree_bitwise(shape, dtype):
     """(N, C) training: the fused per-channel-block path (C-contiguous, N small enough for L2),
@@ -375,7 +376,7 @@ def test_nc_training_paths_agree_bitwise(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("shape", [(600, 21), (37, 5, 1), (300, 1)])
+@pytest.mark.parametrize("shape", [(600, 21), (37, 5, 1), (300, 1), (263, 40)])
 def test_one_value_per_plane_any_layout_bitwise(rng, dtype, training, shape):
     # One value per plane in layouts without contiguous samples (Fortran order, reversed,
     # sliced): channel-group sums and the row-by-row apply of those layouts must give bitwise
