@@ -692,29 +692,40 @@ pub fn batch_norm_backward<T: Scalar>(
         }
     };
 
+    // One value per plane in a layout without contiguous samples (a Fortran-order (N, C)
+    // array, a sliced one): see `one_value_sums`.
+    let one_value = cv.s == 1 && !pair.rows();
     // [Σdy, Σdy·(x − mean)] per channel: channel chunks as tasks, planes folded in batch order.
     let chunk = if pair.rows() { ROW_CHANNEL_CHUNK } else { 1 };
-    let parts = pool::map_tasks(c.div_ceil(chunk), parallel, |t| {
-        let cs = t * chunk..((t + 1) * chunk).min(c);
-        let mut scratch = Vec::new();
-        let mut part = vec![[0.0f64; 2]; cs.len()];
-        let mut acc = vec![[0.0f64; 2]; cs.len()];
-        for n in 0..cv.n {
-            pair.sample_sums(n, cs.clone(), |k| mean[k], &mut scratch, &mut part);
-            for (a, q) in acc.iter_mut().zip(&part) {
-                a[0] += q[0];
-                a[1] += q[1];
+    let parts = if one_value {
+        one_value_sums(&cv, &pair.dy, &mean, parallel)
+    } else {
+        pool::map_tasks(c.div_ceil(chunk), parallel, |t| {
+            let cs = t * chunk..((t + 1) * chunk).min(c);
+            let mut scratch = Vec::new();
+            let mut part = vec![[0.0f64; 2]; cs.len()];
+            let mut acc = vec![[0.0f64; 2]; cs.len()];
+            for n in 0..cv.n {
+                pair.sample_sums(n, cs.clone(), |k| mean[k], &mut scratch, &mut part);
+                for (a, q) in acc.iter_mut().zip(&part) {
+                    a[0] += q[0];
+                    a[1] += q[1];
+                }
             }
-        }
-        acc
-    });
+            acc
+        })
+    };
     let sums: Vec<[f64; 2]> = parts.concat();
 
     let coef: Vec<Coef> = (0..c)
         .map(|k| coef_of(k, mean[k], rs[k], sums[k]))
         .collect();
-    // Each task writes sample n of dx only.
-    pool::for_each_task(cv.n, parallel, |n| pair.apply_sample(n, &dxp, &coef));
+    if one_value {
+        one_value_apply(&cv, &pair.dy, &dxp, &coef, parallel);
+    } else {
+        // Each task writes sample n of dx only.
+        pool::for_each_task(cv.n, parallel, |n| pair.apply_sample(n, &dxp, &coef));
+    }
 
     let empty = count == 0;
     Ok(ParamGrads {
@@ -725,4 +736,72 @@ pub fn batch_norm_backward<T: Scalar>(
         }),
         bias: p.bias.map(|_| sums.iter().map(|s| s[0]).collect()),
     })
+}
+
+/// Channels per task of the one-value-per-plane backward in strided layouts.
+const ONE_VALUE_GROUP: usize = 16;
+
+/// Per-channel [Σdy, Σdy·(x − m)] of inputs with one value per plane in any layout, in groups
+/// of channels that walk the rows (a plane view per value cost ~100× the arithmetic). A
+/// one-value plane's canonical sums are its terms themselves (+0.0 for a −0.0 term, which adds
+/// the same to a sum that starts at +0.0), so these are the plane path's f64 operations, folded
+/// in batch order. One vector of sums per group, in channel order.
+fn one_value_sums<T: Scalar>(
+    x: &ChannelView<'_, T>,
+    dy: &ChannelView<'_, T>,
+    mean: &[f64],
+    parallel: bool,
+) -> Vec<Vec<[f64; 2]>> {
+    let c = x.c;
+    pool::map_tasks(c.div_ceil(ONE_VALUE_GROUP), parallel, |t| {
+        let ks = t * ONE_VALUE_GROUP..((t + 1) * ONE_VALUE_GROUP).min(c);
+        let (px, sx) = (x.x.as_ptr(), x.x.strides());
+        let (pg, sg) = (dy.x.as_ptr(), dy.x.strides());
+        let mut acc = vec![[0.0f64; 2]; ks.len()];
+        for n in 0..x.n as isize {
+            for (a, k) in acc.iter_mut().zip(ks.clone()) {
+                let ki = k as isize;
+                // SAFETY: (n, k, 0, …) is an element of x and of grad_y (spatial dims are 1).
+                let (g, v) = unsafe {
+                    (
+                        (*pg.offset(n * sg[0] + ki * sg[1])).to_f64(),
+                        (*px.offset(n * sx[0] + ki * sx[1])).to_f64(),
+                    )
+                };
+                a[0] += g;
+                a[1] += g * (v - mean[k]);
+            }
+        }
+        acc
+    })
+}
+
+/// dx = coef_k.dx(dy, x) for inputs with one value per plane in any layout, channel groups
+/// walking the rows (as [`one_value_sums`]).
+fn one_value_apply<T: Scalar>(
+    x: &ChannelView<'_, T>,
+    dy: &ChannelView<'_, T>,
+    dx: &crate::reduce::SharedMut<'_, T>,
+    coef: &[super::grad::Coef],
+    parallel: bool,
+) {
+    let c = x.c;
+    pool::for_each_task(c.div_ceil(ONE_VALUE_GROUP), parallel, |t| {
+        let (px, sx) = (x.x.as_ptr(), x.x.strides());
+        let (pg, sg) = (dy.x.as_ptr(), dy.x.strides());
+        let (pd, sd) = (dx.as_mut_ptr(), dx.strides());
+        let ks = t * ONE_VALUE_GROUP..((t + 1) * ONE_VALUE_GROUP).min(c);
+        for n in 0..x.n as isize {
+            for (cf, k) in coef[ks.clone()].iter().zip(ks.clone()) {
+                let ki = k as isize;
+                // SAFETY: (n, k, 0, …) is an element of x, grad_y and dx; this group's channels
+                // of dx are written by this task only.
+                unsafe {
+                    let g = *pg.offset(n * sg[0] + ki * sg[1]);
+                    let v = *px.offset(n * sx[0] + ki * sx[1]);
+                    *pd.offset(n * sd[0] + ki * sd[1]) = cf.dx(g, v);
+                }
+            }
+        }
+    });
 }

@@ -529,26 +529,36 @@ def test_errors():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_bitwise_two_dimensional_inputs(rng, dtype):
-    # (N, C): one value per plane, read as rows of C; compared with the plane-by-plane paths of
-    # Fortran-order and sliced copies. Negative zeros in grad_y must not leak a sign.
-    x = (rng.standard_normal((40, 12)) * 2 + 3).astype(dtype)
-    gy = rng.standard_normal((40, 12)).astype(dtype)
+@pytest.mark.parametrize("shape", [(40, 12), (300, 37)])
+def test_bitwise_two_dimensional_inputs(rng, dtype, shape):
+    # (N, C): one value per plane, read as rows of C; compared with the channel-group paths of
+    # Fortran-order and sliced copies (groups of 16 channels with a tail). Negative zeros in
+    # grad_y must not leak a sign.
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    gy = rng.standard_normal(shape).astype(dtype)
     gy[::3, ::2] = -0.0
-    w = np.linspace(0.5, 1.5, 12)
+    c = shape[1]
+    w = np.linspace(0.5, 1.5, c)
     outs = []
     for kind in ("contiguous", "fortran", "sliced"):
         xs, gs = layout(x, kind), layout(gy, kind)
         outs.append([
             rn.batch_norm_backward(gs, xs, None, None, w, w, True),
             rn.batch_norm_backward(gs, xs, w, w + 1, w, w, False),
-            rn.group_norm_backward(gs, xs, 3, w, w),
-            rn.group_norm_backward(gs, xs, 12, w, w),
+            rn.group_norm_backward(gs, xs, 3 if c % 3 == 0 else 1, w, w),
+            rn.group_norm_backward(gs, xs, c, w, w),
         ])
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             for u, v in zip(a, b):
                 assert u.tobytes() == v.tobytes()
+    # And the training dx against the float64 formula.
+    x64, g64 = x.astype(np.float64), gy.astype(np.float64)
+    d = x64 - x64.mean(axis=0)
+    r = 1 / np.sqrt((d * d).mean(axis=0) + 1e-5)
+    dx = w * r * (g64 - g64.mean(axis=0) - d * r * r * (g64 * d).mean(axis=0))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(outs[1][0].x, dx, rtol=tol, atol=tol * np.abs(dx).max())
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
