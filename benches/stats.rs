@@ -5,7 +5,10 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
-use rsnorm::{batch_norm, group_norm, layer_norm, rms_norm, BatchNormParams};
+use rsnorm::{
+    batch_norm, group_norm, layer_norm, layer_norm_backward, rms_norm, rms_norm_backward,
+    BatchNormParams,
+};
 
 fn input(shape: &[usize]) -> ArrayD<f32> {
     let mut s = 1u32;
@@ -67,6 +70,41 @@ fn bench(c: &mut Criterion) {
             });
         }
     }
+    g.finish();
+
+    // Row backward with weight and bias (dweight, dbias returned): reads x and dy, writes dx.
+    let x = input(&[8192, 1024]);
+    let dy = input(&[8192, 1024]);
+    let mut dx = ArrayD::<f32>::zeros(x.shape());
+    let w: Vec<f64> = (0..1024).map(|j| 0.5 + j as f64 / 1024.0).collect();
+    let mut g = c.benchmark_group("backward_f32");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes((3 * x.len() * 4) as u64));
+    g.bench_function(BenchmarkId::new("rsnorm", "layer_norm_backward"), |b| {
+        b.iter(|| {
+            let p = Some((&w[..], &[1024usize][..]));
+            layer_norm_backward(
+                dy.view(),
+                x.view(),
+                dx.view_mut(),
+                &[1024],
+                p,
+                p,
+                1e-5,
+                None,
+            )
+            .map(|_| ())
+            .unwrap()
+        })
+    });
+    g.bench_function(BenchmarkId::new("rsnorm", "rms_norm_backward"), |b| {
+        b.iter(|| {
+            let p = Some((&w[..], &[1024usize][..]));
+            rms_norm_backward(dy.view(), x.view(), dx.view_mut(), &[1024], p, None, None)
+                .map(|_| ())
+                .unwrap()
+        })
+    });
     g.finish();
 }
 
