@@ -157,6 +157,27 @@ mod x86 {
     use std::any::TypeId;
     use std::arch::x86_64::*;
 
+    /// `dst[..32] = src[..n]` then zeros, with masked loads and full stores (see `load_tail`),
+    /// in the 8-value pieces the readers load (a store forwards only to loads it covers the
+    /// same way: two 16-value stores read back as four 8-value loads stalled again).
+    ///
+    /// # Safety
+    /// AVX2; `src` valid for n ≤ 32 reads, `dst` for 32 writes.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn masked_copy_32_f32(dst: *mut f32, src: *const f32, n: usize) {
+        let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        for j in 0..4 {
+            let left = i32::try_from(n.saturating_sub(8 * j).min(8)).unwrap_or(8);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), iota);
+            // SAFETY: forwarded; masked-off lanes are not read (vmaskmovps does not fault on
+            // them), and the pointer is formed with wrapping arithmetic.
+            unsafe {
+                let v = _mm256_maskload_ps(src.wrapping_add(8 * j), mask);
+                _mm256_storeu_ps(dst.add(8 * j), v);
+            }
+        }
+    }
+
     pub struct Params<'a> {
         /// 0, or the period c of the per-element arrays: element j then uses entry j mod c
         /// (channels-last rows read as one flat run; the arrays hold c + 16 entries, entry i
@@ -584,6 +605,23 @@ pub fn can_stream() -> bool {
     }
 }
 
+/// Copies `src` (at most 32 values) to the front of `dst`. For f32 on AVX2 CPUs with masked
+/// vector loads and full vector stores, so that reading `dst` back as vectors
+/// forwards from the stores (a `memcpy` of a few values writes it piecewise, and the vector
+/// reads that follow stall).
+#[inline]
+pub fn load_tail<T: Copy + 'static>(dst: &mut [T; 32], src: &[T]) {
+    let n = src.len().min(32);
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(s), true) = (as_f32(src), x86::level() >= 1) {
+        // SAFETY: AVX2 is present (level ≥ 1); the masked loads touch only src[..n]
+        // (masked-off lanes never fault), the stores write dst's 32 values; T is f32.
+        unsafe { x86::masked_copy_32_f32(dst.as_mut_ptr().cast::<f32>(), s.as_ptr(), n) };
+        return;
+    }
+    dst[..n].copy_from_slice(&src[..n]);
+}
+
 /// Writes 32 f32 values to `dst` with non-temporal stores (two full cache lines).
 ///
 /// # Safety
@@ -705,4 +743,26 @@ pub fn prefetch_bytes(p: *const u8, len: usize) {
         }
     }
     let _ = (p, len);
+}
+
+#[cfg(test)]
+mod tail_tests {
+    use super::load_tail;
+
+    /// `load_tail` copies exactly the tail and leaves zeros after it, for every length.
+    #[test]
+    fn tails_of_every_length() {
+        let src32: Vec<f32> = (1..=32).map(|i| i as f32).collect();
+        let src64: Vec<f64> = (1..=32).map(f64::from).collect();
+        for n in 0..=32 {
+            let mut d32 = [0.0f32; 32];
+            load_tail(&mut d32, &src32[..n]);
+            assert_eq!(&d32[..n], &src32[..n]);
+            assert!(d32[n..].iter().all(|&v| v == 0.0));
+            let mut d64 = [0.0f64; 32];
+            load_tail(&mut d64, &src64[..n]);
+            assert_eq!(&d64[..n], &src64[..n]);
+            assert!(d64[n..].iter().all(|&v| v == 0.0));
+        }
+    }
 }
