@@ -64,6 +64,13 @@ WORKLOADS = {
     "bwd rms (8192,1024)": ((8192, 1024), lambda m, x, y: m.rms_norm_backward(
         x, x, (1024,), _ones(1024), None,
         _stats(m, "rms", x, lambda: m.rms_norm(x, (1024,), _ones(1024), return_stats=True)))),
+    # Strided layouts (read in place, bitwise the contiguous result; slower kernels).
+    "fortran bn (4096,256)": ((4096, 256), lambda m, x, y: m.batch_norm(
+        _fortran(x), None, None, training=True)),
+    "fortran ln (4096,256)": ((4096, 256), lambda m, x, y: m.layer_norm(_fortran(x), (256,))),
+    "fortran in (8,64,32,32)": ((8, 64, 32, 32), lambda m, x, y: m.instance_norm(_fortran(x))),
+    "fortran bwd bn (4096,256)": ((4096, 256), lambda m, x, y: m.batch_norm_backward(
+        _fortran(x), _fortran(x), None, None, None, None, True)),
     "bwd gn (16,256,32,32)": ((16, 256, 32, 32), lambda m, x, y: m.group_norm_backward(
         x, x, 32, _ones(256), _ones(256), 1e-5,
         _stats(m, "gn", x, lambda: m.group_norm(x, 32, _ones(256), _ones(256), 1e-5,
@@ -77,14 +84,25 @@ def _ones(n: int, value: float = 1.0) -> np.ndarray:
 
 
 _STATS: dict = {}
+_FORTRAN: dict = {}
+
+
+def _fortran(x: np.ndarray) -> np.ndarray:
+    """A Fortran-order copy of x, made once per input (the entry keeps x alive, so its id
+    cannot be reused by another array)."""
+    hit = _FORTRAN.get(id(x))
+    if hit is None or hit[0] is not x:
+        hit = _FORTRAN[id(x)] = (x, np.asfortranarray(x))
+    return hit[1]
 
 
 def _stats(m, key: str, x: np.ndarray, forward):
     """The forward's statistics, computed once per build and input."""
     k = (id(m), key, id(x))
-    if k not in _STATS:
-        _STATS[k] = forward()[1]
-    return _STATS[k]
+    hit = _STATS.get(k)
+    if hit is None or hit[0] is not x:  # the entry keeps x alive: its id is not reused
+        hit = _STATS[k] = (x, forward()[1])
+    return hit[1]
 
 
 def _first(r) -> np.ndarray:
