@@ -13,6 +13,9 @@ pub struct RowView<'a, T> {
     x: ArrayView<'a, T, IxDyn>,
     lead: Vec<usize>,
     contiguous: Option<&'a [T]>,
+    /// A 2-D Fortran-order input (rows × features) as the C-contiguous memory of its
+    /// transpose: feature j of row r at `j·rows + r`.
+    transposed: Option<&'a [T]>,
     pub rows: usize,
     pub features: usize,
 }
@@ -52,13 +55,63 @@ impl<'a, T: Scalar> RowView<'a, T> {
         let rows = lead.iter().product();
         let features = x.shape()[nd - k..].iter().product();
         let contiguous = x.to_slice();
+        let transposed = if contiguous.is_none() && nd == 2 && k == 1 {
+            x.clone().reversed_axes().to_slice()
+        } else {
+            None
+        };
         Self {
             x,
             lead,
             contiguous,
+            transposed,
             rows,
             features,
         }
+    }
+
+    /// Canonical sums of f over the rows `rs` of a 2-D Fortran-order input (see
+    /// `transposed`), `out[r − rs.start]`, or false (nothing written) for other layouts.
+    ///
+    /// Walking such a row touches one value per cache line; here the rows of a block are
+    /// summed side by side, each memory row (one feature of every row) read contiguously, with
+    /// `reduce::sum_rows` — bit for bit the canonical sum of each row (lane = feature mod 32).
+    pub fn block_sums<F: Fn(f64, usize) -> f64>(
+        &self,
+        rs: std::ops::Range<usize>,
+        f: F,
+        scratch: &mut Vec<f64>,
+        out: &mut [f64],
+    ) -> bool {
+        match self.transposed {
+            Some(s) => {
+                reduce::sum_rows(s, self.rows, rs, f, scratch, out);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// [`Self::block_sums`] of (x − m_r)², `m` indexed from `rs.start`.
+    pub fn block_sq_dev_sums(
+        &self,
+        rs: std::ops::Range<usize>,
+        m: &[f64],
+        scratch: &mut Vec<f64>,
+        out: &mut [f64],
+    ) -> bool {
+        match self.transposed {
+            Some(s) => {
+                reduce::sum_rows_sq_dev(s, self.rows, rs, m, scratch, out);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether [`Self::block_sums`] applies (a 2-D Fortran-order input).
+    pub fn is_transposed(&self) -> bool {
+        self.transposed.is_some()
     }
 
     fn unravel(lead: &[usize], mut r: usize) -> Vec<usize> {

@@ -35,8 +35,36 @@ pub fn layer_norm<T: Scalar>(
     let rv = RowView::new(x, normalized_shape.len());
     let (w, b) = (weight.map(|w| w.0), bias.map(|b| b.0));
     let yp = shared_out(y);
-    let per = rows_per_task(rv.features, std::mem::size_of::<T>());
     let f = rv.features as f64;
+    if rv.is_transposed() {
+        // A 2-D Fortran-order input: the statistics of a block of rows side by side.
+        let parts = pool::map_tasks(rv.rows.div_ceil(TRANSPOSED_BLOCK), parallel, |t| {
+            let rows = t * TRANSPOSED_BLOCK..((t + 1) * TRANSPOSED_BLOCK).min(rv.rows);
+            let (mut scratch, mut sums) = (Vec::new(), vec![0.0f64; rows.len()]);
+            rv.block_sums(
+                rows.clone(),
+                |v, _| crate::reduce::ident(v),
+                &mut scratch,
+                &mut sums,
+            );
+            let means: Vec<f64> = sums.iter().map(|&s| s / f).collect();
+            rv.block_sq_dev_sums(rows.clone(), &means, &mut scratch, &mut sums);
+            let st: Vec<(f64, f64)> = means
+                .iter()
+                .zip(&sums)
+                .map(|(&m, &q)| (m, rstd(q / f, eps)))
+                .collect();
+            for (r, &(m, rs)) in rows.zip(&st) {
+                // SAFETY: row r belongs to this task only.
+                unsafe { rv.apply_row(r, &yp, m, rs, w, b) };
+            }
+            crate::stream::stream_fence(yp.stream);
+            st
+        });
+        let (mean, rstd) = parts.into_iter().flatten().unzip();
+        return Ok(GroupStats { mean, rstd });
+    }
+    let per = rows_per_task(rv.features, std::mem::size_of::<T>());
     let parts = pool::map_tasks(rv.rows.div_ceil(per), parallel, |t| {
         let rows = t * per..((t + 1) * per).min(rv.rows);
         let mut st = Vec::with_capacity(rows.len());
@@ -104,6 +132,10 @@ pub fn layer_norm_backward<T: Scalar>(
         stats,
     ))
 }
+
+/// Rows per task of the Fortran-order row path (`RowView::block_sums`): 64 values of each
+/// memory row, one block of accumulators (32 lanes × 64 rows, 16 KiB) in L1.
+pub(crate) const TRANSPOSED_BLOCK: usize = 64;
 
 /// Layer or RMS norm, for the shared row backward.
 #[derive(Clone, Copy, Debug)]

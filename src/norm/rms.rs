@@ -32,8 +32,28 @@ pub fn rms_norm<T: Scalar>(
     let rv = RowView::new(x, normalized_shape.len());
     let w = weight.map(|w| w.0);
     let yp = shared_out(y);
-    let per = rows_per_task(rv.features, std::mem::size_of::<T>());
     let f = rv.features as f64;
+    if rv.is_transposed() {
+        // A 2-D Fortran-order input: the statistics of a block of rows side by side.
+        use super::layer::TRANSPOSED_BLOCK;
+        let parts = pool::map_tasks(rv.rows.div_ceil(TRANSPOSED_BLOCK), parallel, |t| {
+            let rows = t * TRANSPOSED_BLOCK..((t + 1) * TRANSPOSED_BLOCK).min(rv.rows);
+            let (mut scratch, mut sums) = (Vec::new(), vec![0.0f64; rows.len()]);
+            rv.block_sums(rows.clone(), |v, _| v * v, &mut scratch, &mut sums);
+            let st: Vec<f64> = sums.iter().map(|&q| rstd(q / f, eps)).collect();
+            for (r, &rs) in rows.zip(&st) {
+                // SAFETY: row r belongs to this task only.
+                unsafe { rv.apply_row(r, &yp, 0.0, rs, w, None) };
+            }
+            crate::stream::stream_fence(yp.stream);
+            st
+        });
+        return Ok(GroupStats {
+            mean: Vec::new(),
+            rstd: parts.into_iter().flatten().collect(),
+        });
+    }
+    let per = rows_per_task(rv.features, std::mem::size_of::<T>());
     let parts = pool::map_tasks(rv.rows.div_ceil(per), parallel, |t| {
         let rows = t * per..((t + 1) * per).min(rv.rows);
         let mut st = Vec::with_capacity(rows.len());

@@ -203,3 +203,28 @@ def test_positive_and_negative_axis_agree(rng, op):
     x = ref.channels_last(ref.make_input(rng, (4, 6, 5, 7), np.float32))
     for a, b in zip(_outputs(OPS[op](x, -1)), _outputs(OPS[op](x, 3))):
         ref.assert_bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(300, 37), (7, 1000), (65, 64), (1, 5), (5, 1), (130, 2)])
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_fortran_two_dimensional_row_norms(rng, op, shape, dtype):
+    # 2-D Fortran-order inputs (and transposes of C-contiguous arrays) take the block path:
+    # the rows of a block summed side by side from the transposed memory. Bitwise the
+    # contiguous result (outputs and statistics), with out= in either order.
+    x = ref.make_input(rng, shape, dtype)
+    f = shape[1]
+    w = np.linspace(0.5, 1.5, f).astype(dtype)
+
+    def run(v, out=None):
+        if op == "layer_norm":
+            return rn.layer_norm(v, f, w, w[::-1].copy(), out=out, return_stats=True)
+        return rn.rms_norm(v, f, w, out=out, return_stats=True)
+
+    want = run(np.ascontiguousarray(x))
+    for v in (np.asfortranarray(x), np.ascontiguousarray(x.T).T):
+        assert v.flags.f_contiguous
+        for out in (None, np.empty_like(x, order="F"), np.empty_like(x, order="C")):
+            got = run(v, out)
+            for g, e in zip(_outputs(got), _outputs(want)):
+                ref.assert_bitwise_equal(g, e, f"{op} {shape}")
