@@ -177,10 +177,12 @@ pub fn batch_norm<T: Scalar>(
             // Layouts without contiguous samples or planes (e.g. a Fortran-order (N, C)
             // array): one whole-channel view per channel instead of one view per (n, c)
             // plane, which with one value per plane cost 100× the arithmetic.
-            // With one value per plane, groups of 16 channels go row by row instead.
+            // With one value per plane, groups of 8 channels go row by row instead (8, not 16:
+            // in a Fortran-order (N, C) array with N a multiple of 1024 the columns are 4 KiB
+            // multiples apart and share one L1 set; 16 of them overflowed its 12 ways).
             let channel_bytes = cv.n * cv.s * std::mem::size_of::<T>();
             let per = if cv.s == 1 {
-                16
+                8
             } else {
                 (64 * 1024 / channel_bytes.max(1)).max(1)
             };
@@ -738,8 +740,9 @@ pub fn batch_norm_backward<T: Scalar>(
     })
 }
 
-/// Channels per task of the one-value-per-plane backward in strided layouts.
-const ONE_VALUE_GROUP: usize = 16;
+/// Channels per task of the one-value-per-plane backward in strided layouts (8: see the
+/// forward's channel groups).
+const ONE_VALUE_GROUP: usize = 8;
 
 /// Per-channel [Σdy, Σdy·(x − m)] of inputs with one value per plane in any layout, in groups
 /// of channels that walk the rows (a plane view per value cost ~100× the arithmetic). A
