@@ -227,3 +227,20 @@ def test_float32_correctly_rounded(rng):
     for variant, inverse in VARIANTS:
         y = rn.gdn(x, beta, gamma, inverse=inverse, variant=variant)
         assert ref.max_ulp(y, ref.gdn(x, beta, gamma, inverse, variant)) <= 0.501
+
+
+def test_float16_igdn_overflows_to_inf_like_a_rounded_reference(rng):
+    # Found by the long fuzz run: IGDN of float16 values ~100 exceeds float16's range (65504).
+    # The output is the float64 value rounded once to float16: ±inf beyond the range, finite
+    # and close elsewhere — never NaN.
+    x = (rng.standard_normal((4, 2, 4, 4)) * 200).astype(np.float16)
+    beta, gamma = np.ones(2), np.full((2, 2), 1.0)
+    y = rn.gdn(x, beta, gamma, inverse=True)
+    want = ref.gdn(x.astype(np.float64), beta, gamma, True, "gdn")
+    with np.errstate(over="ignore"):
+        rounded = want.astype(np.float16)
+    assert np.isinf(rounded).any() and not np.isnan(y).any()
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(rounded))
+    np.testing.assert_array_equal(np.sign(y), np.sign(rounded))
+    fin = np.isfinite(rounded)
+    np.testing.assert_allclose(y[fin].astype(np.float64), want[fin], rtol=2e-3)
