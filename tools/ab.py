@@ -11,6 +11,10 @@ ratio per workload:
 
 Both copies have their own thread pool and output pool; only rsnorm's compiled kernels differ.
 Check the harness first: the old build against itself should give ratios within a few %.
+The two pools compete for the 2 vCPUs: for small parallel calls (~1 MiB, a few tasks) a
+build's result depends on whether the other's workers are still spinning — a chunking change
+measured 0.69× here and 1.3–1.9× in separate processes. Compare those with `--threads 1`, or
+one build per process.
 """
 
 from __future__ import annotations
