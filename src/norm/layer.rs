@@ -187,15 +187,19 @@ pub(crate) fn row_backward<T: Scalar>(
         (Some(xs), Some(gs), true) => Some((xs, gs)),
         _ => None,
     };
-    // One row of partial parameter gradients per block, folded in block order at the end.
+    // One row of partial parameter gradients per block, folded in block order at the end —
+    // except for rows so wide that a block is one row: the partials would take twice the
+    // input per gradient, so `column_param_grads` sums them column by column afterwards
+    // (bitwise the same: a fold of one-row partials is the row-order sum).
     let tasks = rows.div_ceil(per);
-    let mut w_parts = Scratch::take(if want_w { tasks * f } else { 0 });
-    let mut b_parts = Scratch::take(if want_bias { tasks * f } else { 0 });
+    let wide = per == 1 && blocks.is_some() && (want_w || want_bias);
+    let mut w_parts = Scratch::take(if want_w && !wide { tasks * f } else { 0 });
+    let mut b_parts = Scratch::take(if want_bias && !wide { tasks * f } else { 0 });
     let (wp, bp) = (Parts::new(&mut w_parts, f), Parts::new(&mut b_parts, f));
     pool::for_each_task(tasks, parallel, |t| {
         // SAFETY: task t is the only one that takes part t.
-        let mut pw = want_w.then(|| unsafe { wp.zeroed(t) });
-        let mut pb = want_bias.then(|| unsafe { bp.zeroed(t) });
+        let mut pw = (want_w && !wide).then(|| unsafe { wp.zeroed(t) });
+        let mut pb = (want_bias && !wide).then(|| unsafe { bp.zeroed(t) });
         let end = ((t + 1) * per).min(rows);
         if let Some((xs, gs)) = blocks {
             let r0 = t * per;
@@ -218,17 +222,21 @@ pub(crate) fn row_backward<T: Scalar>(
                 w: w.unwrap_or(&[]),
                 stream: dxp.stream,
             };
-            match (w.is_some(), want_bias) {
-                (false, false) => {
+            let (has_w, has_pw, has_pb) = (w.is_some(), !wide && want_w, !wide && want_bias);
+            match (has_w, has_pw, has_pb) {
+                (false, _, false) => {
                     group_rows::<T, false, false, false>(o, gs, xs, r0, &args, stats_of, pwv, pbv)
                 }
-                (false, true) => {
+                (false, _, true) => {
                     group_rows::<T, false, false, true>(o, gs, xs, r0, &args, stats_of, pwv, pbv)
                 }
-                (true, false) => {
+                (true, false, _) => {
+                    group_rows::<T, true, false, false>(o, gs, xs, r0, &args, stats_of, pwv, pbv)
+                }
+                (true, true, false) => {
                     group_rows::<T, true, true, false>(o, gs, xs, r0, &args, stats_of, pwv, pbv)
                 }
-                (true, true) => {
+                (true, true, true) => {
                     group_rows::<T, true, true, true>(o, gs, xs, r0, &args, stats_of, pwv, pbv)
                 }
             }
@@ -312,9 +320,53 @@ pub(crate) fn row_backward<T: Scalar>(
             });
         }
     });
+    if let (true, Some((xs, gs))) = (wide, blocks) {
+        let st: Vec<(f64, f64)> = pool::map_tasks(rows, parallel, |r| {
+            let xv = ArrayView::from_shape(IxDyn(&[f]), &xs[r * f..(r + 1) * f]).expect("one row");
+            row_stats(r, &xv)
+        });
+        let (pw, pb) = column_param_grads(xs, gs, f, &st, parallel);
+        return ParamGrads {
+            weight: want_w.then_some(pw),
+            bias: want_bias.then_some(pb),
+        };
+    }
     ParamGrads {
         weight: want_w.then(|| fold_parts(&w_parts, f)),
         bias: want_bias.then(|| fold_parts(&b_parts, f)),
+    }
+}
+
+/// dweight_j = Σ_r dy·(x − m_r)·rs_r and dbias_j = Σ_r dy over C-contiguous rows of `f`
+/// values, each column summed over the rows in order (tasks by column chunks: no partials).
+fn column_param_grads<T: Scalar>(
+    xs: &[T],
+    gs: &[T],
+    f: usize,
+    st: &[(f64, f64)],
+    parallel: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    const CHUNK: usize = 4096;
+    let parts = pool::map_tasks(f.div_ceil(CHUNK), parallel, |t| {
+        let js = t * CHUNK..((t + 1) * CHUNK).min(f);
+        let (mut pw, mut pb) = (vec![0.0f64; js.len()], vec![0.0f64; js.len()]);
+        for (r, &(m, rs)) in st.iter().enumerate() {
+            let at = r * f + js.start..r * f + js.end;
+            column_step(&mut pw, &mut pb, &gs[at.clone()], &xs[at], m, rs);
+        }
+        (pw, pb)
+    });
+    let (pw, pb): (Vec<Vec<f64>>, Vec<Vec<f64>>) = parts.into_iter().unzip();
+    (pw.concat(), pb.concat())
+}
+
+/// One row's terms of [`column_param_grads`]: the per-row path's f64 operations.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+fn column_step<T: Scalar>(pw: &mut [f64], pb: &mut [f64], gs: &[T], xs: &[T], m: f64, rs: f64) {
+    for (((p, q), g), v) in pw.iter_mut().zip(pb.iter_mut()).zip(gs).zip(xs) {
+        let g0 = g.to_f64();
+        *p += g0 * (v.to_f64() - m) * rs;
+        *q += g0;
     }
 }
 

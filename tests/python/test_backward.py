@@ -625,3 +625,41 @@ def test_row_backward_paths_are_bitwise_equal(rng, restore_threads, dtype, featu
     np.testing.assert_allclose(g.x, dx, rtol=tol, atol=tol * np.abs(dx).max())
     np.testing.assert_allclose(g.weight, (g64 * xh).sum(axis=0), rtol=tol * 10,
                                atol=tol * 10 * np.abs(g64 * xh).sum(axis=0).max())
+
+
+@pytest.mark.parametrize("dtype,shape", [(np.float32, (5, 70000)), (np.float64, (3, 40000)),
+                                         (np.float16, (2, 140000))])
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_row_backward_wide_rows(rng, dtype, shape, op):
+    # Rows of >= 256 KiB: one row per parameter-gradient block, summed by columns over the rows
+    # (no per-block partials). Bitwise the strided path (which keeps the partials) and close
+    # to the float64 formula.
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    gy = rng.standard_normal(shape).astype(dtype)
+    f = shape[1]
+    w = np.linspace(0.5, 1.5, f).astype(dtype)
+    step = np.zeros((shape[0], 2 * f), dtype)
+    step_g = np.zeros_like(step)
+    step[:, ::2], step_g[:, ::2] = x, gy
+
+    def run(xs, gs):
+        if op == "layer_norm":
+            return rn.layer_norm_backward(gs, xs, f, w, w)
+        return rn.rms_norm_backward(gs, xs, f, w, 1e-5)
+
+    a, b = run(x, gy), run(step[:, ::2], step_g[:, ::2])
+    for u, v in zip(a, b):
+        if u is not None:
+            assert u.tobytes() == v.tobytes()
+    x64, g64 = x.astype(np.float64), gy.astype(np.float64)
+    if op == "layer_norm":
+        d = x64 - x64.mean(axis=1, keepdims=True)
+        xh = d / np.sqrt((d * d).mean(axis=1, keepdims=True) + 1e-5)
+    else:
+        xh = x64 / np.sqrt((x64 * x64).mean(axis=1, keepdims=True) + 1e-5)
+    tol = {np.float16: 1e-2, np.float32: 1e-5, np.float64: 1e-10}[dtype]
+    dw = (g64 * xh).sum(axis=0)
+    np.testing.assert_allclose(a.weight, dw, rtol=tol, atol=tol * np.abs(dw).max())
+    if op == "layer_norm":
+        db = g64.sum(axis=0)
+        np.testing.assert_allclose(a.bias, db, rtol=tol, atol=tol * np.abs(db).max())

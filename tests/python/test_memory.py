@@ -189,3 +189,33 @@ def test_pool_off():
     r = _pool_run(0)
     assert r["base"] != "PooledBuffer"
     assert r["idle_after"] == 0 and r["idle_end"] == 0
+
+
+_WIDE_BWD_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys
+    import numpy as np, rsnorm as rn
+    def maxrss():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    x = np.random.default_rng(0).standard_normal((16, 1 << 20), dtype=np.float32)  # 64 MiB
+    w = np.ones(1 << 20, np.float32)
+    rn.layer_norm_backward(x[:2], x[:2], 1 << 20, w, w)  # warm up
+    base = maxrss()
+    g = rn.layer_norm_backward(x, x, 1 << 20, w, w)
+    print(maxrss() - base, x.nbytes)
+    """
+)
+
+
+def test_wide_row_backward_keeps_no_per_row_partials():
+    # Rows of 4 MiB: one row per parameter-gradient block. Per-block partials would add
+    # 2 x 16 rows x 8 MiB = 256 MiB; summed by columns they add nothing beyond dx and the
+    # (C,) gradients.
+    env = dict(os.environ)
+    root = str(Path(rn.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _WIDE_BWD_SCRIPT], check=False, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    grow, nbytes = map(int, proc.stdout.split())
+    assert grow <= nbytes * 1.15 + 64 * 2**20, f"peak RSS grew by {grow / 2**20:.0f} MiB"
