@@ -279,6 +279,7 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
         a: &[f64],
         b: &[f64],
     ) {
+        let mut n = ns.start;
         if self.s == 1
             && self.access == Access::Rows
             && y.access == Access::Rows
@@ -289,19 +290,14 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
             // SAFETY: as in `apply_sample`: sample n of y is a contiguous run of c values,
             // owned by the caller for n in ns, disjoint for distinct n.
             let y_of = |n: usize| unsafe { y.shared.block_mut(self.offset_in(&y.shared, n, 0), c) };
-            let mut n = ns.start;
             while n + ROW_BLOCK <= ns.end {
                 let xs: [&[T]; ROW_BLOCK] = std::array::from_fn(|i| self.sample_rows(n + i));
                 let ys: [&mut [T]; ROW_BLOCK] = std::array::from_fn(|i| y_of(n + i));
                 reduce::apply_rows_block(xs, ys, m, a, b);
                 n += ROW_BLOCK;
             }
-            for n in n..ns.end {
-                self.apply_sample(n, y, m, a, b);
-            }
-            return;
         }
-        for n in ns {
+        for n in n..ns.end {
             self.apply_sample(n, y, m, a, b);
         }
     }

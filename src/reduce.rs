@@ -171,6 +171,12 @@ pub fn sum_rows<T: Scalar, F: Fn(f64, usize) -> f64>(
             *a += f(x.to_f64(), cs.start + j);
         }
     }
+    fold_lane_rows(acc, c, out);
+}
+
+/// `out[k]` = the tree of the lanes `acc[l·c + k]`, l = 0..LANES (the tail of [`sum_rows`]).
+#[inline(always)]
+fn fold_lane_rows(acc: &[f64], c: usize, out: &mut [f64]) {
     for (k, o) in out.iter_mut().enumerate().take(c) {
         let mut lanes = [0.0f64; LANES];
         for (l, v) in lanes.iter_mut().enumerate() {
@@ -206,13 +212,7 @@ pub fn sum_rows_sq_dev<T: Scalar>(
             *a += d * d;
         }
     }
-    for (k, o) in out.iter_mut().enumerate().take(c) {
-        let mut lanes = [0.0f64; LANES];
-        for (l, v) in lanes.iter_mut().enumerate() {
-            *v = acc[l * c + k];
-        }
-        *o = tree(&lanes);
-    }
+    fold_lane_rows(acc, c, out);
 }
 
 /// y = (x − m)·a + b in f64, rounded once to T. The one normalization formula of the crate.

@@ -70,48 +70,15 @@ impl<'a, T: Scalar> RowView<'a, T> {
         }
     }
 
-    /// Canonical sums of f over the rows `rs` of a 2-D Fortran-order input (see
-    /// `transposed`), `out[r − rs.start]`, or false (nothing written) for other layouts.
+    /// A 2-D Fortran-order input as the C-contiguous memory of its transpose (feature j of
+    /// row r at `j·rows + r`), else None.
     ///
-    /// Walking such a row touches one value per cache line; here the rows of a block are
-    /// summed side by side, each memory row (one feature of every row) read contiguously, with
-    /// `reduce::sum_rows` — bit for bit the canonical sum of each row (lane = feature mod 32).
-    pub fn block_sums<F: Fn(f64, usize) -> f64>(
-        &self,
-        rs: std::ops::Range<usize>,
-        f: F,
-        scratch: &mut Vec<f64>,
-        out: &mut [f64],
-    ) -> bool {
-        match self.transposed {
-            Some(s) => {
-                reduce::sum_rows(s, self.rows, rs, f, scratch, out);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// [`Self::block_sums`] of (x − m_r)², `m` indexed from `rs.start`.
-    pub fn block_sq_dev_sums(
-        &self,
-        rs: std::ops::Range<usize>,
-        m: &[f64],
-        scratch: &mut Vec<f64>,
-        out: &mut [f64],
-    ) -> bool {
-        match self.transposed {
-            Some(s) => {
-                reduce::sum_rows_sq_dev(s, self.rows, rs, m, scratch, out);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Whether [`Self::block_sums`] applies (a 2-D Fortran-order input).
-    pub fn is_transposed(&self) -> bool {
-        self.transposed.is_some()
+    /// Walking such a row touches one value per cache line; callers sum the rows of a block
+    /// side by side instead, each memory row (one feature of every row) read contiguously, with
+    /// `reduce::sum_rows(t, rows, block, …)` — bit for bit the canonical sum of each row (lane
+    /// = feature mod 32).
+    pub fn transposed(&self) -> Option<&'a [T]> {
+        self.transposed
     }
 
     fn unravel(lead: &[usize], mut r: usize) -> Vec<usize> {

@@ -36,19 +36,22 @@ pub fn layer_norm<T: Scalar>(
     let (w, b) = (weight.map(|w| w.0), bias.map(|b| b.0));
     let yp = shared_out(y);
     let f = rv.features as f64;
-    if rv.is_transposed() {
+    if let Some(ts) = rv.transposed() {
         // A 2-D Fortran-order input: the statistics of a block of rows side by side.
+        use crate::reduce::{ident, sum_rows, sum_rows_sq_dev};
         let parts = pool::map_tasks(rv.rows.div_ceil(TRANSPOSED_BLOCK), parallel, |t| {
             let rows = t * TRANSPOSED_BLOCK..((t + 1) * TRANSPOSED_BLOCK).min(rv.rows);
             let (mut scratch, mut sums) = (Vec::new(), vec![0.0f64; rows.len()]);
-            rv.block_sums(
+            sum_rows(
+                ts,
+                rv.rows,
                 rows.clone(),
-                |v, _| crate::reduce::ident(v),
+                |v, _| ident(v),
                 &mut scratch,
                 &mut sums,
             );
             let means: Vec<f64> = sums.iter().map(|&s| s / f).collect();
-            rv.block_sq_dev_sums(rows.clone(), &means, &mut scratch, &mut sums);
+            sum_rows_sq_dev(ts, rv.rows, rows.clone(), &means, &mut scratch, &mut sums);
             let st: Vec<(f64, f64)> = means
                 .iter()
                 .zip(&sums)
@@ -133,7 +136,7 @@ pub fn layer_norm_backward<T: Scalar>(
     ))
 }
 
-/// Rows per task of the Fortran-order row path (`RowView::block_sums`): 64 values of each
+/// Rows per task of the Fortran-order row path (`RowView::transposed`): 64 values of each
 /// memory row, one block of accumulators (32 lanes × 64 rows, 16 KiB) in L1.
 pub(crate) const TRANSPOSED_BLOCK: usize = 64;
 
@@ -648,34 +651,43 @@ fn row_pass1<T: Scalar, const W: bool, const PW: bool, const PB: bool>(
             &mut no_pb
         };
         for l in 0..LANES {
-            let d = x8[l].to_f64() - m;
-            let g0 = g8[l].to_f64();
-            let g = if W { w8[l] * g0 } else { g0 };
-            sg[l] += g;
-            sgd[l] += g * d;
-            if PW {
-                pw8[l] += g0 * d * rs;
-            }
-            if PB {
-                pb8[l] += g0;
-            }
+            let (sums, grads) = ((&mut sg[l], &mut sgd[l]), (&mut pw8[l], &mut pb8[l]));
+            pass1_one::<W, PW, PB>(g8[l].to_f64(), x8[l].to_f64(), w8[l], m, rs, sums, grads);
         }
     }
+    let (mut no_pw1, mut no_pb1) = (0.0f64, 0.0f64);
     for i in full..gs.len() {
         let l = i - full;
-        let d = xs[i].to_f64() - m;
-        let g0 = gs[i].to_f64();
-        let g = if W { w[i] * g0 } else { g0 };
-        sg[l] += g;
-        sgd[l] += g * d;
-        if PW {
-            pw[i] += g0 * d * rs;
-        }
-        if PB {
-            pb[i] += g0;
-        }
+        let wi = if W { w[i] } else { 0.0 };
+        let pwi = if PW { &mut pw[i] } else { &mut no_pw1 };
+        let pbi = if PB { &mut pb[i] } else { &mut no_pb1 };
+        let sums = (&mut sg[l], &mut sgd[l]);
+        pass1_one::<W, PW, PB>(gs[i].to_f64(), xs[i].to_f64(), wi, m, rs, sums, (pwi, pbi));
     }
     [tree(&sg), tree(&sgd)]
+}
+
+/// One value of [`row_pass1`]: its lane's two sums and its dweight/dbias terms.
+#[inline(always)]
+fn pass1_one<const W: bool, const PW: bool, const PB: bool>(
+    g0: f64,
+    v: f64,
+    wj: f64,
+    m: f64,
+    rs: f64,
+    (sg, sgd): (&mut f64, &mut f64),
+    (pw, pb): (&mut f64, &mut f64),
+) {
+    let d = v - m;
+    let g = if W { wj * g0 } else { g0 };
+    *sg += g;
+    *sgd += g * d;
+    if PW {
+        *pw += g0 * d * rs;
+    }
+    if PB {
+        *pb += g0;
+    }
 }
 
 /// Pass 2 over a contiguous row: `dx = rs·(g − mu − (x − m)·kk)`.

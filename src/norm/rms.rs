@@ -33,13 +33,20 @@ pub fn rms_norm<T: Scalar>(
     let w = weight.map(|w| w.0);
     let yp = shared_out(y);
     let f = rv.features as f64;
-    if rv.is_transposed() {
+    if let Some(ts) = rv.transposed() {
         // A 2-D Fortran-order input: the statistics of a block of rows side by side.
         use super::layer::TRANSPOSED_BLOCK;
         let parts = pool::map_tasks(rv.rows.div_ceil(TRANSPOSED_BLOCK), parallel, |t| {
             let rows = t * TRANSPOSED_BLOCK..((t + 1) * TRANSPOSED_BLOCK).min(rv.rows);
             let (mut scratch, mut sums) = (Vec::new(), vec![0.0f64; rows.len()]);
-            rv.block_sums(rows.clone(), |v, _| v * v, &mut scratch, &mut sums);
+            crate::reduce::sum_rows(
+                ts,
+                rv.rows,
+                rows.clone(),
+                |v, _| v * v,
+                &mut scratch,
+                &mut sums,
+            );
             let st: Vec<f64> = sums.iter().map(|&q| rstd(q / f, eps)).collect();
             for (r, &rs) in rows.zip(&st) {
                 // SAFETY: row r belongs to this task only.
