@@ -161,9 +161,9 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
         out.permuted_axes(IxDyn(&channel_first_perm(self.ndim, self.axis)))
     }
 
-    /// Canonical sums of f over each plane of sample n, for channels `cs`, into `out`.
-    /// `f(x, c)` may depend on the channel (e.g. subtract that channel's group mean).
-    pub fn sample_sums<F: Fn(f64, usize) -> f64 + Copy>(
+    /// Canonical sums with the step f over each plane of sample n, for channels `cs`, into
+    /// `out`. `f(acc, x, c)` may depend on the channel (e.g. subtract that channel's mean).
+    pub fn sample_sums<F: Fn(f64, f64, usize) -> f64 + Copy>(
         &self,
         n: usize,
         cs: std::ops::Range<usize>,
@@ -175,18 +175,18 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
             Access::Rows => reduce::sum_rows(self.sample_rows(n), self.c, cs, f, scratch, out),
             Access::Planes => {
                 for (o, c) in out.iter_mut().zip(cs) {
-                    *o = reduce::sum_slice(self.plane_slice(n, c), |v| f(v, c));
+                    *o = reduce::sum_slice(self.plane_slice(n, c), |a, v| f(a, v, c));
                 }
             }
             Access::Strided => {
                 for (o, c) in out.iter_mut().zip(cs) {
-                    *o = reduce::sum_view(&self.plane(n, c), |v| f(v, c));
+                    *o = reduce::sum_view(&self.plane(n, c), |a, v| f(a, v, c));
                 }
             }
         }
     }
 
-    /// [`Self::sample_sums`] of (x − m_c)², `m` indexed from `cs.start`: the same sums,
+    /// [`Self::sample_sums`] with [`reduce::add_sq_dev`], `m` indexed from `cs.start`: the same sums,
     /// through a vectorizable kernel for channels-last rows.
     pub fn sample_sq_dev_sums(
         &self,
@@ -203,10 +203,7 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
             self.sample_sums(
                 n,
                 cs,
-                |v, k| {
-                    let d = v - m[k - start];
-                    d * d
-                },
+                |a, v, k| reduce::add_sq_dev(a, v, m[k - start]),
                 scratch,
                 out,
             );

@@ -109,8 +109,8 @@ impl<'a, T: Scalar> RowView<'a, T> {
         }
     }
 
-    /// Canonical sum of f over row r.
-    pub fn row_sum<F: Fn(f64) -> f64>(&self, r: usize, f: F) -> f64 {
+    /// Canonical sum over row r with the step f (e.g. [`reduce::add`]).
+    pub fn row_sum<F: Fn(f64, f64) -> f64>(&self, r: usize, f: F) -> f64 {
         match self.contiguous {
             Some(s) => reduce::sum_slice(&s[r * self.features..(r + 1) * self.features], f),
             None => {

@@ -14,6 +14,7 @@ use crate::error::{fmt_shape, NormError, Result};
 use crate::pool;
 use crate::reduce;
 use crate::scalar::Scalar;
+use multiversion::multiversion;
 use ndarray::{ArrayView, ArrayViewMut, IxDyn};
 
 /// Which running-statistics update rule `momentum` refers to.
@@ -270,12 +271,9 @@ pub(crate) fn channel_moments<T: Scalar>(
     }
     if cv.s == 1 {
         let count = cv.n as f64;
-        let sums = batch_block_sums(cv, parallel, |v, _| reduce::ident(v));
+        let sums = batch_block_sums(cv, parallel, |a, v, _| reduce::add(a, v));
         let mean: Vec<f64> = sums.iter().map(|&s| s / count).collect();
-        let m2 = batch_block_sums(cv, parallel, |v, k| {
-            let d = v - mean[k];
-            d * d
-        });
+        let m2 = batch_block_sums(cv, parallel, |a, v, k| reduce::add_sq_dev(a, v, mean[k]));
         return (mean, m2);
     }
     if cv.access == Access::Planes {
@@ -328,7 +326,13 @@ fn sample_plane_moments<T: Scalar>(
 ) -> (Vec<f64>, Vec<f64>) {
     let s = cv.s as f64;
     let mut sums = vec![0.0f64; cs.len()];
-    cv.sample_sums(n, cs.clone(), |v, _| reduce::ident(v), scratch, &mut sums);
+    cv.sample_sums(
+        n,
+        cs.clone(),
+        |a, v, _| reduce::add(a, v),
+        scratch,
+        &mut sums,
+    );
     let means: Vec<f64> = sums.iter().map(|&t| t / s).collect();
     let mut q = vec![0.0f64; cs.len()];
     cv.sample_sq_dev_sums(n, cs, &means, scratch, &mut q);
@@ -399,9 +403,12 @@ fn channel_plane_moments<T: Scalar>(cv: &ChannelView<'_, T>, k: usize) -> (f64, 
                 crate::stream::prefetch_bytes(next.as_ptr().cast(), std::mem::size_of_val(next));
             }
             let xs = cv.plane_slice(n, k);
-            let t = reduce::sum_slice(xs, reduce::ident);
+            let t = reduce::sum_slice(xs, reduce::add);
             let mp = t / s;
-            (t, reduce::sum_slice(xs, |v| (v - mp) * (v - mp)))
+            (
+                t,
+                reduce::sum_slice(xs, |a, v| reduce::add_sq_dev(a, v, mp)),
+            )
         })
         .collect();
     let total = planes.iter().fold(0.0f64, |acc, &(t, _)| acc + t);
@@ -455,14 +462,14 @@ fn rows_chunk_sums<T: Scalar>(
         while n + ROW_BLOCK <= rows.end {
             let block: [&[T]; ROW_BLOCK] = std::array::from_fn(|i| row(n + i));
             match mean {
-                None => reduce::accumulate_rows_ident(&mut acc, block),
+                None => reduce::accumulate_rows_add(&mut acc, block),
                 Some(m) => reduce::accumulate_rows_sq_dev(&mut acc, block, m),
             }
             n += ROW_BLOCK;
         }
         for n in n..rows.end {
             match mean {
-                None => reduce::accumulate_row(&mut acc, row(n), |v, _| reduce::ident(v)),
+                None => reduce::accumulate_row(&mut acc, row(n), |a, v, _| reduce::add(a, v)),
                 Some(m) => reduce::accumulate_row_sq_dev(&mut acc, row(n), m),
             }
         }
@@ -480,7 +487,7 @@ fn rows_chunk_sums<T: Scalar>(
 /// same for every layout): blocks of `BATCH_BLOCK` consecutive rows, each summed in row order,
 /// blocks folded in order. Blocks run in parallel, a C-contiguous input streams whole rows, and
 /// the vectors run across channels (C accumulators: one row's worth, in L1).
-fn batch_block_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy + Sync>(
+fn batch_block_sums<T: Scalar, F: Fn(f64, f64, usize) -> f64 + Copy + Sync>(
     cv: &ChannelView<'_, T>,
     parallel: bool,
     f: F,
@@ -502,27 +509,21 @@ fn batch_block_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy + Sync>(
         // per group of channels walks the rows in order, one serial chain per channel (the
         // canonical order), the chains of the group interleaved so that they overlap (one
         // channel at a time was bound by the add latency).
-        const G: usize = 8;
-        let per_group = pool::map_tasks(c.div_ceil(G), parallel, |g| {
-            let ks = g * G..((g + 1) * G).min(c);
-            let (p, st) = (cv.x.as_ptr(), cv.x.strides());
-            let (s0, s1) = (st[0], st[1]);
+        let per_group = pool::map_tasks(c.div_ceil(COLUMN_GROUP), parallel, |g| {
+            let ks = g * COLUMN_GROUP..((g + 1) * COLUMN_GROUP).min(c);
             (0..blocks)
                 .map(|b| {
-                    let mut acc = [0.0f64; G];
-                    for n in rows_of(b) {
-                        for (a, k) in acc.iter_mut().zip(ks.clone()) {
-                            // SAFETY: (n, k, 0, …) is an element of x (spatial dims are 1).
-                            let x = unsafe { *p.offset(n as isize * s0 + k as isize * s1) };
-                            *a += f(x.to_f64(), k);
-                        }
-                    }
-                    acc
+                    // SAFETY: rows_of(b) < n and ks < c index elements of x.
+                    unsafe { column_group_sums(cv, rows_of(b), ks.clone(), f) }
                 })
                 .collect::<Vec<_>>()
         });
         (0..blocks)
-            .map(|b| (0..c).map(|k| per_group[k / G][b][k % G]).collect())
+            .map(|b| {
+                (0..c)
+                    .map(|k| per_group[k / COLUMN_GROUP][b][k % COLUMN_GROUP])
+                    .collect()
+            })
             .collect()
     };
     let mut total = vec![0.0f64; c];
@@ -532,6 +533,34 @@ fn batch_block_sums<T: Scalar, F: Fn(f64, usize) -> f64 + Copy + Sync>(
         }
     }
     total
+}
+
+/// Channels summed side by side by [`column_group_sums`].
+const COLUMN_GROUP: usize = 8;
+
+/// Sums with the step f of the channels `ks` (at most `COLUMN_GROUP`) over the rows `rows`, one
+/// serial chain per channel, for inputs with one value per plane in any layout.
+///
+/// # Safety
+/// `rows` and `ks` must index elements of `cv.x` (spatial dims are 1).
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+unsafe fn column_group_sums<T: Scalar, F: Fn(f64, f64, usize) -> f64>(
+    cv: &ChannelView<'_, T>,
+    rows: std::ops::Range<usize>,
+    ks: std::ops::Range<usize>,
+    f: F,
+) -> [f64; COLUMN_GROUP] {
+    let (p, st) = (cv.x.as_ptr(), cv.x.strides());
+    let (s0, s1) = (st[0], st[1]);
+    let mut acc = [0.0f64; COLUMN_GROUP];
+    for n in rows {
+        for (a, k) in acc.iter_mut().zip(ks.clone()) {
+            // SAFETY: (n, k, 0, …) is an element of x (the caller's contract).
+            let x = unsafe { *p.offset(n as isize * s0 + k as isize * s1) };
+            *a = f(*a, x.to_f64(), k);
+        }
+    }
+    acc
 }
 
 // ---------------------------------------------------------------------------------------------

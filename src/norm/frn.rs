@@ -173,7 +173,7 @@ fn plane_affine<T: Scalar>(
         None => affine_of(
             p,
             c,
-            reduce::sum_view(&cv.plane(n, c), |v| v * v),
+            reduce::sum_view(&cv.plane(n, c), reduce::add_sq),
             cv.s,
             None,
         ),
@@ -260,7 +260,13 @@ pub fn filter_response_norm<T: Scalar>(
         let per_sample = pool::map_tasks(cv.n, parallel, |n| {
             let mut scratch = Vec::new();
             let mut sq = vec![0.0f64; c];
-            cv.sample_sums(n, 0..c, |v, _| v * v, &mut scratch, &mut sq);
+            cv.sample_sums(
+                n,
+                0..c,
+                |a, v, _| reduce::add_sq(a, v),
+                &mut scratch,
+                &mut sq,
+            );
             let a: Vec<Affine> = (0..c).map(|k| affine_of(p, k, sq[k], cv.s, None)).collect();
             // SAFETY: task n owns sample n of the output; `rows_path` checked its layout.
             let ys = unsafe { out_rows(&yp, n) }.unwrap_or_default();
@@ -287,7 +293,7 @@ pub fn filter_response_norm<T: Scalar>(
             for i in planes {
                 let (n, ch) = (i / c, i % c);
                 let xs = cv.plane_slice(n, ch);
-                let a = affine_of(p, ch, reduce::sum_slice(xs, |v| v * v), cv.s, None);
+                let a = affine_of(p, ch, reduce::sum_slice(xs, reduce::add_sq), cv.s, None);
                 let tau = p.tau.map(|t| t[ch]);
                 // SAFETY: plane (n, ch) of the C-contiguous output is this block; this task
                 // owns it.
@@ -358,7 +364,13 @@ pub fn filter_response_norm_backward<T: Scalar>(
                 None => {
                     let mut scratch = Vec::new();
                     let mut sq = vec![0.0f64; c];
-                    cv.sample_sums(n, 0..c, |v, _| v * v, &mut scratch, &mut sq);
+                    cv.sample_sums(
+                        n,
+                        0..c,
+                        |a, v, _| reduce::add_sq(a, v),
+                        &mut scratch,
+                        &mut sq,
+                    );
                     (0..c).map(|k| affine_of(p, k, sq[k], cv.s, None)).collect()
                 }
             };

@@ -63,11 +63,11 @@ pub(crate) fn grouped<T: Scalar>(
             let (n, g) = (t / groups, t % groups);
             let cs = g * cpg..(g + 1) * cpg;
             let total = cs.clone().fold(0.0, |acc, k| {
-                acc + reduce::sum_slice(cv.plane_slice(n, k), reduce::ident)
+                acc + reduce::sum_slice(cv.plane_slice(n, k), reduce::add)
             });
             let m = total / count;
             let m2 = cs.clone().fold(0.0, |acc, k| {
-                acc + reduce::sum_slice(cv.plane_slice(n, k), |v| (v - m) * (v - m))
+                acc + reduce::sum_slice(cv.plane_slice(n, k), |a, v| reduce::add_sq_dev(a, v, m))
             });
             let var = m2 / count;
             let rs = rstd(var, eps);
@@ -94,7 +94,13 @@ pub(crate) fn grouped<T: Scalar>(
             Some((fm, fv)) => (fm.to_vec(), fv.to_vec()),
             None => {
                 let mut sums = vec![0.0f64; c];
-                cv.sample_sums(n, 0..c, |v, _| reduce::ident(v), &mut scratch, &mut sums);
+                cv.sample_sums(
+                    n,
+                    0..c,
+                    |a, v, _| reduce::add(a, v),
+                    &mut scratch,
+                    &mut sums,
+                );
                 let gmean: Vec<f64> = fold_groups(&sums, cpg, groups)
                     .iter()
                     .map(|&s| s / count)
@@ -249,7 +255,13 @@ pub(crate) fn grouped_backward<'a, T: Scalar>(
             (None, None) => {
                 // The forward's sums, in its order: bitwise its statistics.
                 let mut sums = vec![0.0f64; c];
-                cv.sample_sums(n, 0..c, |v, _| reduce::ident(v), &mut scratch, &mut sums);
+                cv.sample_sums(
+                    n,
+                    0..c,
+                    |a, v, _| reduce::add(a, v),
+                    &mut scratch,
+                    &mut sums,
+                );
                 let gmean: Vec<f64> = fold_groups(&sums, cpg, groups)
                     .iter()
                     .map(|&s| s / count)
@@ -345,11 +357,13 @@ fn grouped_backward_planes<T: Scalar>(
             None => {
                 // The forward's sums, in its order: bitwise its statistics.
                 let total = cs.clone().fold(0.0, |acc, k| {
-                    acc + reduce::sum_slice(cv.plane_slice(n, k), reduce::ident)
+                    acc + reduce::sum_slice(cv.plane_slice(n, k), reduce::add)
                 });
                 let m = total / count;
                 let m2 = cs.clone().fold(0.0, |acc, k| {
-                    acc + reduce::sum_slice(cv.plane_slice(n, k), |v| (v - m) * (v - m))
+                    acc + reduce::sum_slice(cv.plane_slice(n, k), |a, v| {
+                        reduce::add_sq_dev(a, v, m)
+                    })
                 });
                 (m, rstd(m2 / count, p.eps))
             }

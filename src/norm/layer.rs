@@ -38,7 +38,7 @@ pub fn layer_norm<T: Scalar>(
     let f = rv.features as f64;
     if let Some(ts) = rv.transposed() {
         // A 2-D Fortran-order input: the statistics of a block of rows side by side.
-        use crate::reduce::{ident, sum_rows, sum_rows_sq_dev};
+        use crate::reduce::{add, sum_rows, sum_rows_sq_dev};
         let parts = pool::map_tasks(rv.rows.div_ceil(TRANSPOSED_BLOCK), parallel, |t| {
             let rows = t * TRANSPOSED_BLOCK..((t + 1) * TRANSPOSED_BLOCK).min(rv.rows);
             let (mut scratch, mut sums) = (Vec::new(), vec![0.0f64; rows.len()]);
@@ -46,7 +46,7 @@ pub fn layer_norm<T: Scalar>(
                 ts,
                 rv.rows,
                 rows.clone(),
-                |v, _| ident(v),
+                |a, v, _| add(a, v),
                 &mut scratch,
                 &mut sums,
             );
@@ -73,8 +73,8 @@ pub fn layer_norm<T: Scalar>(
         let mut st = Vec::with_capacity(rows.len());
         // No row prefetch here (measured 1.03–1.04× the time; it pays off for RMS norm).
         for r in rows {
-            let m = rv.row_sum(r, crate::reduce::ident) / f;
-            let var = rv.row_sum(r, |v| (v - m) * (v - m)) / f;
+            let m = rv.row_sum(r, crate::reduce::add) / f;
+            let var = rv.row_sum(r, |a, v| crate::reduce::add_sq_dev(a, v, m)) / f;
             let rs = rstd(var, eps);
             // SAFETY: row r belongs to this task only.
             unsafe { rv.apply_row(r, &yp, m, rs, w, b) };
@@ -177,11 +177,11 @@ pub(crate) fn row_backward<T: Scalar>(
         let (m, rs) = match (stats, kind) {
             (Some(s), _) => (s.mean.map_or(0.0, |m| m[r]), s.rstd[r]),
             (None, RowKind::Layer(eps)) => {
-                let m = sum_view(xv, crate::reduce::ident) / ff;
-                let var = sum_view(xv, |v| (v - m) * (v - m)) / ff;
+                let m = sum_view(xv, crate::reduce::add) / ff;
+                let var = sum_view(xv, |a, v| crate::reduce::add_sq_dev(a, v, m)) / ff;
                 (m, rstd(var, eps))
             }
-            (None, RowKind::Rms(eps)) => (0.0, rstd(sum_view(xv, |v| v * v) / ff, eps)),
+            (None, RowKind::Rms(eps)) => (0.0, rstd(sum_view(xv, crate::reduce::add_sq) / ff, eps)),
         };
         (if centred { m } else { 0.0 }, rs)
     };

@@ -43,7 +43,7 @@ pub fn rms_norm<T: Scalar>(
                 ts,
                 rv.rows,
                 rows.clone(),
-                |v, _| v * v,
+                |a, v, _| crate::reduce::add_sq(a, v),
                 &mut scratch,
                 &mut sums,
             );
@@ -67,7 +67,7 @@ pub fn rms_norm<T: Scalar>(
         let end = rows.end;
         for r in rows {
             rv.prefetch_ahead(r, end);
-            let rs = rstd(rv.row_sum(r, |v| v * v) / f, eps);
+            let rs = rstd(rv.row_sum(r, crate::reduce::add_sq) / f, eps);
             // SAFETY: row r belongs to this task only.
             unsafe { rv.apply_row(r, &yp, 0.0, rs, w, None) };
             st.push(rs);
