@@ -563,7 +563,7 @@ mod run_tests {
             let v: Vec<f32> = (0..n)
                 .map(|i| 1000.0 + ((i * 7919) % 1013) as f32 / 1013.0 * std::f32::consts::PI)
                 .collect();
-            let m = 1001.123_456_789_f64;
+            let m = 1_001.123_456_789_f64;
             let want = plain(&v, m);
             assert_eq!(
                 sum_slice(&v, |a, x| add_sq_dev(a, x, m)).to_bits(),
