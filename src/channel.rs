@@ -322,17 +322,17 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
         debug_assert_eq!(self.s, 1);
         let (px, xs) = (self.x.as_ptr(), self.x.strides());
         let (py, ys) = (y.shared.as_mut_ptr(), y.shared.strides());
-        for n in 0..self.n as isize {
-            for k in ks.clone() {
-                let ki = k as isize;
-                // SAFETY: (n, k, 0, …) is an element of x and of y (spatial dims are 1); the
-                // caller owns channels ks of y.
-                unsafe {
-                    let v = *px.offset(n * xs[0] + ki * xs[1]);
-                    *py.offset(n * ys[0] + ki * ys[1]) = reduce::affine(v, m[k], a[k], b[k]);
-                }
-            }
-        }
+        // SAFETY: (n, k, 0, …) for n < N, k in ks is an element of x and of y (spatial dims
+        // are 1); the caller owns channels ks of y.
+        unsafe {
+            apply_columns(
+                self.n,
+                ks,
+                (px, [xs[0], xs[1]]),
+                (py, [ys[0], ys[1]]),
+                (m, a, b),
+            )
+        };
     }
 
     /// Writes y = (x − m_k)·a_k + b_k for the channels `cs` of every sample of a
@@ -425,6 +425,34 @@ impl<T> ChannelOut<'_, T> {
     /// Whether applies may stream (a task that applied ends with `stream::stream_fence`).
     pub fn stream(&self) -> bool {
         self.shared.stream
+    }
+}
+
+/// y[n, k] = affine(x[n, k], m_k, a_k, b_k) for n < `rows`, k in `ks`, elements addressed by
+/// their (row, channel) strides (compiled with FMA, like every caller of `reduce::affine`).
+///
+/// # Safety
+/// Every addressed element must lie in x and y, and the caller must own those of y.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx2+fma"
+))]
+unsafe fn apply_columns<T: Scalar>(
+    rows: usize,
+    ks: std::ops::Range<usize>,
+    (px, xs): (*const T, [isize; 2]),
+    (py, ys): (*mut T, [isize; 2]),
+    (m, a, b): (&[f64], &[f64], &[f64]),
+) {
+    for n in 0..rows as isize {
+        for k in ks.clone() {
+            let ki = k as isize;
+            // SAFETY: the caller's contract.
+            unsafe {
+                let v = *px.offset(n * xs[0] + ki * xs[1]);
+                *py.offset(n * ys[0] + ki * ys[1]) = reduce::affine(v, m[k], a[k], b[k]);
+            }
+        }
     }
 }
 

@@ -249,10 +249,13 @@ pub fn sum_rows_sq_dev<T: Scalar>(
     fold_lane_rows(acc, c, out);
 }
 
-/// y = (x − m)·a + b in f64, rounded once to T. The one normalization formula of the crate.
+/// y = (x − m)·a + b in f64 — the product and the sum fused (one rounding) — rounded once to T.
+/// The one normalization formula of the crate; the streaming kernels of `crate::stream` compute
+/// exactly this (`vfmadd`). Fusing saves one of the five f64 operations per value of an apply
+/// that runs from cache (19 % of its arithmetic).
 #[inline(always)]
 pub fn affine<T: Scalar>(x: T, m: f64, a: f64, b: f64) -> T {
-    T::from_f64((x.to_f64() - m) * a + b)
+    T::from_f64((x.to_f64() - m).mul_add(a, b))
 }
 
 /// acc[k] = f(acc[k], row[k], k) for every k: one row of a channels-last block.
@@ -425,6 +428,18 @@ pub fn apply_view<T: Scalar>(
         apply_slice(xs, ys, m, a, b, None, None);
         return;
     }
+    apply_view_strided(x, y, m, a, b);
+}
+
+/// [`apply_view`] of strided views (compiled with FMA, like every caller of [`affine`]).
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+fn apply_view_strided<T: Scalar>(
+    x: &ArrayView<'_, T, IxDyn>,
+    y: &mut ArrayViewMut<'_, T, IxDyn>,
+    m: f64,
+    a: f64,
+    b: f64,
+) {
     Zip::from(y)
         .and(x)
         .for_each(|o, &v| *o = affine(v, m, a, b));

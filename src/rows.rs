@@ -162,23 +162,38 @@ impl<'a, T: Scalar> RowView<'a, T> {
             xv = xv.index_axis_move(Axis(0), i);
         }
         assert_eq!(yr.shape(), xv.shape(), "rows of one shape");
-        let (py, px) = (yr.as_mut_ptr(), xv.as_ptr());
-        let (sy, sx) = (
-            reduce::inner_stride(yr.strides()),
-            reduce::inner_stride(xv.strides()),
-        );
-        let mut j = 0;
-        reduce::for_each_run(xv.shape(), [yr.strides(), xv.strides()], |[oy, ox], len| {
-            for k in 0..len as isize {
-                // SAFETY: offsets of elements of the row views (same shape); yr is ours.
-                unsafe {
-                    *py.offset(oy + k * sy) =
-                        reduce::affine(*px.offset(ox + k * sx), m, a(j), bj(j));
-                }
-                j += 1;
-            }
-        });
+        apply_strided_row(&xv, &mut yr, m, a, bj);
     }
+}
+
+/// y = affine(x, m, a(j), b(j)) over one row of any strides, j the element's logical index
+/// (compiled with FMA, like every caller of `reduce::affine`).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx2+fma"
+))]
+fn apply_strided_row<T: Scalar, A: Fn(usize) -> f64, B: Fn(usize) -> f64>(
+    xv: &ArrayView<'_, T, IxDyn>,
+    yr: &mut ArrayViewMut<'_, T, IxDyn>,
+    m: f64,
+    a: A,
+    bj: B,
+) {
+    let (py, px) = (yr.as_mut_ptr(), xv.as_ptr());
+    let (sy, sx) = (
+        reduce::inner_stride(yr.strides()),
+        reduce::inner_stride(xv.strides()),
+    );
+    let mut j = 0;
+    reduce::for_each_run(xv.shape(), [yr.strides(), xv.strides()], |[oy, ox], len| {
+        for k in 0..len as isize {
+            // SAFETY: offsets of elements of the row views (same shape); yr is ours.
+            unsafe {
+                *py.offset(oy + k * sy) = reduce::affine(*px.offset(ox + k * sx), m, a(j), bj(j));
+            }
+            j += 1;
+        }
+    });
 }
 
 /// Rows per task: about 64 KiB of input, so small rows are batched and the pool is not woken

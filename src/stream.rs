@@ -8,8 +8,8 @@
 //! `vmovntps`/`vmovntpd`. Below [`STREAM_MIN_BYTES`] the output is kept cached: the next op
 //! (or the caller) is likely to read it back from L2/L3.
 //!
-//! The arithmetic is exactly [`crate::reduce::affine`]: f64 subtract, multiply (by `a·w_j`),
-//! add, one rounding to T, with no FMA contraction, so a streamed element is bitwise the
+//! The arithmetic is exactly [`crate::reduce::affine`]: f64 subtract, then one fused
+//! multiply-add (by `a·w_j`, plus b), one rounding to T, so a streamed element is bitwise the
 //! cached one (the tests compare layouts that take either path).
 
 use crate::scalar::Scalar;
@@ -210,7 +210,7 @@ mod x86 {
         *L.get_or_init(|| {
             if is_x86_feature_detected!("avx512f") {
                 2
-            } else if is_x86_feature_detected!("avx2") {
+            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 1
             } else {
                 0
@@ -413,7 +413,7 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,fma")]
     unsafe fn f32_avx512_k<const MV: bool, const W: bool, const B: bool>(
         xs: &[f32],
         ys: &mut [f32],
@@ -442,8 +442,8 @@ mod x86 {
                 )));
                 let (m0, a0, b0) = coef512!(ci, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
                 let (m1, a1, b1) = coef512!(ci + 8, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
-                let y0 = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(lo, m0), a0), b0);
-                let y1 = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(hi, m1), a1), b1);
+                let y0 = _mm512_fmadd_pd(_mm512_sub_pd(lo, m0), a0, b0);
+                let y1 = _mm512_fmadd_pd(_mm512_sub_pd(hi, m1), a1, b1);
                 let y = _mm512_insertf64x4::<1>(
                     _mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps(y0))),
                     _mm256_castps_pd(_mm512_cvtpd_ps(y1)),
@@ -458,7 +458,7 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn f32_avx2_k<const MV: bool, const W: bool, const B: bool>(
         xs: &[f32],
         ys: &mut [f32],
@@ -485,8 +485,8 @@ mod x86 {
                 let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x));
                 let (m0, a0, b0) = coef256!(ci, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
                 let (m1, a1, b1) = coef256!(ci + 4, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
-                let y0 = _mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(lo, m0), a0), b0);
-                let y1 = _mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(hi, m1), a1), b1);
+                let y0 = _mm256_fmadd_pd(_mm256_sub_pd(lo, m0), a0, b0);
+                let y1 = _mm256_fmadd_pd(_mm256_sub_pd(hi, m1), a1, b1);
                 let y = _mm256_set_m128(_mm256_cvtpd_ps(y1), _mm256_cvtpd_ps(y0));
                 _mm256_stream_ps(ys.as_mut_ptr().add(j), y);
             }
@@ -498,7 +498,7 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,fma")]
     unsafe fn f64_avx512_k<const MV: bool, const W: bool, const B: bool>(
         xs: &[f64],
         ys: &mut [f64],
@@ -522,7 +522,7 @@ mod x86 {
             unsafe {
                 let x = _mm512_loadu_pd(xs.as_ptr().add(j));
                 let (m0, a0, b0) = coef512!(ci, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
-                let y = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(x, m0), a0), b0);
+                let y = _mm512_fmadd_pd(_mm512_sub_pd(x, m0), a0, b0);
                 _mm512_stream_pd(ys.as_mut_ptr().add(j), y);
             }
             j += 8;
@@ -533,7 +533,7 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn f64_avx2_k<const MV: bool, const W: bool, const B: bool>(
         xs: &[f64],
         ys: &mut [f64],
@@ -557,7 +557,7 @@ mod x86 {
             unsafe {
                 let x = _mm256_loadu_pd(xs.as_ptr().add(j));
                 let (m0, a0, b0) = coef256!(ci, (MV, W, B), (pp.0, pp.1, pp.2), vm, va, vb);
-                let y = _mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(x, m0), a0), b0);
+                let y = _mm256_fmadd_pd(_mm256_sub_pd(x, m0), a0, b0);
                 _mm256_stream_pd(ys.as_mut_ptr().add(j), y);
             }
             j += 4;
