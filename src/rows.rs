@@ -109,6 +109,15 @@ impl<'a, T: Scalar> RowView<'a, T> {
         }
     }
 
+    /// Canonical sum of row r (`row_sum(r, reduce::add)`, through the vector kernel when the
+    /// row is contiguous).
+    pub fn row_sum_add(&self, r: usize) -> f64 {
+        match self.contiguous {
+            Some(s) => reduce::sum_slice_add(&s[r * self.features..(r + 1) * self.features]),
+            None => self.row_sum(r, reduce::add),
+        }
+    }
+
     /// Canonical sum over row r with the step f (e.g. [`reduce::add`]).
     pub fn row_sum<F: Fn(f64, f64) -> f64>(&self, r: usize, f: F) -> f64 {
         match self.contiguous {

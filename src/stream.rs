@@ -592,6 +592,22 @@ pub fn as_f32_mut<T: 'static>(s: &mut [T]) -> Option<&mut [f32]> {
     })
 }
 
+/// The vector instructions the x86 kernels may use: 2 AVX-512F, 1 AVX2 + FMA, 0 neither.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub fn simd_level() -> u8 {
+    x86::level()
+}
+
+/// `s` as `&[f64]` when T is f64.
+#[inline]
+pub fn as_f64<T: 'static>(s: &[T]) -> Option<&[f64]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f64>()).then(|| {
+        // SAFETY: T is f64.
+        unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<f64>(), s.len()) }
+    })
+}
+
 /// Can the streaming f32 kernels run here?
 #[inline]
 pub fn can_stream() -> bool {

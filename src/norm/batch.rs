@@ -403,7 +403,7 @@ fn channel_plane_moments<T: Scalar>(cv: &ChannelView<'_, T>, k: usize) -> (f64, 
                 crate::stream::prefetch_bytes(next.as_ptr().cast(), std::mem::size_of_val(next));
             }
             let xs = cv.plane_slice(n, k);
-            let t = reduce::sum_slice(xs, reduce::add);
+            let t = reduce::sum_slice_add(xs);
             let mp = t / s;
             (
                 t,

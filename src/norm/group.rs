@@ -63,7 +63,7 @@ pub(crate) fn grouped<T: Scalar>(
             let (n, g) = (t / groups, t % groups);
             let cs = g * cpg..(g + 1) * cpg;
             let total = cs.clone().fold(0.0, |acc, k| {
-                acc + reduce::sum_slice(cv.plane_slice(n, k), reduce::add)
+                acc + reduce::sum_slice_add(cv.plane_slice(n, k))
             });
             let m = total / count;
             let m2 = cs.clone().fold(0.0, |acc, k| {
@@ -357,7 +357,7 @@ fn grouped_backward_planes<T: Scalar>(
             None => {
                 // The forward's sums, in its order: bitwise its statistics.
                 let total = cs.clone().fold(0.0, |acc, k| {
-                    acc + reduce::sum_slice(cv.plane_slice(n, k), reduce::add)
+                    acc + reduce::sum_slice_add(cv.plane_slice(n, k))
                 });
                 let m = total / count;
                 let m2 = cs.clone().fold(0.0, |acc, k| {
