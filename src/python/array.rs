@@ -79,6 +79,13 @@ fn float_array<'a, 'py>(
             describe(obj)
         ))
     })?;
+    if !obj.is_exact_instance_of::<PyUntypedArray>() && is_masked(obj)? {
+        return Err(type_error(format!(
+            "{name} is a numpy.ma.MaskedArray; rsnorm does not honour masks and will not drop \
+             one silently: pass {name}.filled(value) (masked entries replaced) or \
+             np.asarray({name}) (the data with the mask ignored)"
+        )));
+    }
     let dt = arr.dtype();
     let kind = dt.kind();
     let size = dt.itemsize();
@@ -110,6 +117,17 @@ fn float_array<'a, 'py>(
         )));
     }
     Ok((arr, u8::try_from(size).unwrap_or(8)))
+}
+
+/// Whether `obj` is a `numpy.ma.MaskedArray` (only asked for ndarray subclasses: the exact
+/// type check above keeps plain arrays off this path).
+fn is_masked(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+    static CLS: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+    let py = obj.py();
+    let cls = CLS.get_or_try_init(py, || -> PyResult<_> {
+        Ok(py.import("numpy.ma")?.getattr("MaskedArray")?.unbind())
+    })?;
+    obj.is_instance(cls.bind(py))
 }
 
 /// rust-numpy's dynamic views support up to 32 dimensions (NumPy 2 allows 64).
@@ -293,6 +311,13 @@ pub fn prepare_out<'py, T: Element>(
             let u = o.cast::<PyUntypedArray>().map_err(|_| {
                 type_error(format!("out must be a numpy.ndarray, got {}", describe(o)))
             })?;
+            if !o.is_exact_instance_of::<PyUntypedArray>() && is_masked(o)? {
+                return Err(type_error(
+                    "out is a numpy.ma.MaskedArray; its mask would not describe the result: \
+                     pass a plain ndarray"
+                        .into(),
+                ));
+            }
             let a = u.cast::<PyArrayDyn<T>>().map_err(|_| {
                 type_error(format!(
                     "out has dtype {}, but the result has dtype {} (the input's)",

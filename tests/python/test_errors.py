@@ -7,6 +7,7 @@ so a panic fails these tests.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -510,3 +511,46 @@ def test_out_sharing_a_buffer_without_overlap_works(rng, kind):
     assert rn.layer_norm(x, (5,), out=out) is out
     ref.assert_bitwise_equal(out, want)
     ref.assert_bitwise_equal(x, x0)
+
+
+# numpy.ma.MaskedArray: masks are not honoured, so a masked argument is a TypeError naming it —
+# never a result computed from the data behind the mask with the mask silently dropped.
+def _masked(a):
+    return np.ma.masked_array(a, mask=np.zeros(a.shape, bool))
+
+
+_X4 = _x((2, 3, 4, 5)) + 3.0  # positive values keep every op's domain (GDN, FRN) valid
+_C3 = np.ones(3, F32)
+MASKED_CALLS = {
+    **{op: functools.partial(lambda f, m: f(m(_X4)), f) for op, f in CALLS.items()},
+    "local_response_norm": lambda m: rn.local_response_norm(m(_X4), 3),
+    "filter_response_norm": lambda m: rn.filter_response_norm(m(_X4), _C3, _C3 * 0),
+    "tlu": lambda m: rn.tlu(m(_X4), _C3 * 0),
+    "gdn": lambda m: rn.gdn(m(_X4), _C3, np.eye(3, dtype=F32) * 0.1),
+    "mean_variance_norm": lambda m: rn.mean_variance_norm(m(_X4)),
+    "normalize": lambda m: rn.normalize(m(_X4)),
+    "whitening": lambda m: rn.Whitening().fit(m(_X4.reshape(-1, 5).astype(np.float64))),
+    "layer_norm_backward": lambda m: rn.layer_norm_backward(m(_X4), _X4, (5,)),
+    "batch_norm_weight": lambda m: rn.batch_norm(_X4, weight=m(_C3)),
+    "layer_norm_out": lambda m: rn.layer_norm(_X4, (5,), out=m(np.empty_like(_X4))),
+}
+
+
+@pytest.mark.parametrize("call", list(MASKED_CALLS))
+def test_masked_array_is_type_error(call):
+    with pytest.raises(TypeError, match="MaskedArray") as info:
+        MASKED_CALLS[call](_masked)
+    assert ".filled(" in str(info.value) or "plain ndarray" in str(info.value)
+    # The same call on plain arrays works: the refusal is about the mask alone.
+    MASKED_CALLS[call](lambda a: a)
+
+
+class _Tagged(np.ndarray):
+    """An ndarray subclass without a mask (like np.memmap): its data is the array."""
+
+
+def test_other_ndarray_subclasses_are_read_as_arrays():
+    x = _x((3, 5))
+    t = x.view(_Tagged)
+    np.testing.assert_array_equal(rn.layer_norm(t, (5,)), rn.layer_norm(x, (5,)))
+    np.testing.assert_array_equal(rn.batch_norm(t, training=True), rn.batch_norm(x, training=True))

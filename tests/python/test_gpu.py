@@ -778,6 +778,13 @@ def test_errors(rng):
     _raises_like_cpu(TypeError, "layer_norm", [[1.0, 2.0]], 2)
     _raises_like_cpu(TypeError, "group_norm", x, 2, np.ones(4, np.int32))
     _raises_like_cpu(ValueError, "layer_norm", x, (), cpu_too=True)
+    # Masked arrays are refused like on the CPU (data, parameters, out=, asarray).
+    mx = np.ma.masked_array(x, mask=np.zeros(x.shape, bool))
+    assert "MaskedArray" in str(_raises_like_cpu(TypeError, "layer_norm", mx, 3))
+    _raises_like_cpu(TypeError, "group_norm", x, 2, np.ma.masked_array(np.ones(4, np.float32)))
+    _raises_like_cpu(TypeError, "layer_norm", x, 3, out=np.ma.masked_array(np.zeros_like(x)))
+    with pytest.raises(TypeError, match="MaskedArray"):
+        gpu.asarray(mx)
 
 
 # ----------------------------------------------------------------------------- random layouts

@@ -126,6 +126,17 @@ class GPUArray:
         return f"rsnorm.gpu.GPUArray(shape={self._shape}, dtype={self._dtype})"
 
 
+def reject_masked(a, name: str) -> None:
+    """Masks are not honoured, so a masked array is refused rather than silently unmasked
+    (the CPU ops raise the same TypeError)."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy.ma.MaskedArray; rsnorm does not honour masks and will not drop "
+            f"one silently: pass {name}.filled(value) (masked entries replaced) or "
+            f"np.asarray({name}) (the data with the mask ignored)"
+        )
+
+
 def check_dtype(dtype, name: str) -> None:
     dt = np.dtype(dtype)
     if dt.kind != "f" or dt.itemsize not in (2, 4):
@@ -155,6 +166,7 @@ def asarray(a, dtype=None) -> GPUArray:
         raise TypeError(
             f"rsnorm.gpu.asarray expects a NumPy array, got {type(a).__name__}"
         )
+    reject_masked(a, "array")
     arr = np.asarray(a)
     if dtype is not None:
         arr = arr.astype(dtype)

@@ -27,6 +27,7 @@ from ._array import (
     _upload_checked,
     check_dtype,
     empty,
+    reject_masked,
     shape_error,
     value_error,
 )
@@ -128,6 +129,7 @@ def check_x(x, name: str = "x"):
         raise TypeError(
             f"{name} must be a NumPy array or an rsnorm.gpu device array, got {type(x).__name__}"
         )
+    reject_masked(x, name)
     check_dtype(x.dtype, name)
     return True
 
@@ -185,6 +187,7 @@ def param_buffer(ctx, p):
         return None
     if isinstance(p, GPUArray):
         return p._live_buffer(ctx)
+    reject_masked(p, "parameter")
     return _device.upload(ctx, np.ascontiguousarray(p, dtype=np.float32))
 
 
@@ -194,6 +197,7 @@ def check_out(out, x, host: bool):
     if host:
         if not isinstance(out, np.ndarray):
             raise TypeError(f"out must be a NumPy array for NumPy input, got {type(out).__name__}")
+        reject_masked(out, "out")
         if out.shape != x.shape:
             raise shape_error(f"out must have the input's shape {x.shape}, got {out.shape}")
         if out.dtype != x.dtype:
