@@ -78,6 +78,13 @@ pub fn add_sq(acc: f64, v: f64) -> f64 {
     d.mul_add(d, acc)
 }
 
+/// The step of the backward's canonical sum Σ g·d: `g·d + acc`, fused (one rounding) like
+/// [`add_sq_dev`]. Every path of every backward that sums g·(x − m) uses it.
+#[inline(always)]
+pub fn add_prod(acc: f64, g: f64, d: f64) -> f64 {
+    g.mul_add(d, acc)
+}
+
 /// Canonical sum over a contiguous slice with the step `f(acc, x)` (e.g. [`add`]).
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 pub fn sum_slice<T: Scalar, F: Fn(f64, f64) -> f64>(s: &[T], f: F) -> f64 {

@@ -787,25 +787,37 @@ fn one_value_sums<T: Scalar>(
     let c = x.c;
     pool::map_tasks(c.div_ceil(ONE_VALUE_GROUP), parallel, |t| {
         let ks = t * ONE_VALUE_GROUP..((t + 1) * ONE_VALUE_GROUP).min(c);
-        let (px, sx) = (x.x.as_ptr(), x.x.strides());
-        let (pg, sg) = (dy.x.as_ptr(), dy.x.strides());
-        let mut acc = vec![[0.0f64; 2]; ks.len()];
-        for n in 0..x.n as isize {
-            for (a, k) in acc.iter_mut().zip(ks.clone()) {
-                let ki = k as isize;
-                // SAFETY: (n, k, 0, …) is an element of x and of grad_y (spatial dims are 1).
-                let (g, v) = unsafe {
-                    (
-                        (*pg.offset(n * sg[0] + ki * sg[1])).to_f64(),
-                        (*px.offset(n * sx[0] + ki * sx[1])).to_f64(),
-                    )
-                };
-                a[0] += g;
-                a[1] += g * (v - mean[k]);
-            }
-        }
-        acc
+        one_value_group_sums(x, dy, mean, ks)
     })
+}
+
+/// One channel group of [`one_value_sums`].
+fn one_value_group_sums<T: Scalar>(
+    x: &ChannelView<'_, T>,
+    dy: &ChannelView<'_, T>,
+    mean: &[f64],
+    ks: std::ops::Range<usize>,
+) -> Vec<[f64; 2]> {
+    let (px, sx) = (x.x.as_ptr(), x.x.strides());
+    let (pg, sg) = (dy.x.as_ptr(), dy.x.strides());
+    let mut acc = vec![[0.0f64; 2]; ks.len()];
+    for n in 0..x.n as isize {
+        for (a, k) in acc.iter_mut().zip(ks.clone()) {
+            let ki = k as isize;
+            // SAFETY: (n, k, 0, …) is an element of x and of grad_y (spatial dims are 1).
+            let (g, v) = unsafe {
+                (
+                    (*pg.offset(n * sg[0] + ki * sg[1])).to_f64(),
+                    (*px.offset(n * sx[0] + ki * sx[1])).to_f64(),
+                )
+            };
+            // A one-value plane's sum is its rounded term (`add_prod(0.0, g, d)` = g·d + 0.0),
+            // and planes are folded with plain adds: no fused step across planes.
+            a[0] += g;
+            a[1] += g * (v - mean[k]);
+        }
+    }
+    acc
 }
 
 /// dx = coef_k.dx(dy, x) for inputs with one value per plane in any layout, channel groups

@@ -19,7 +19,7 @@
 
 use crate::channel::{Access, ChannelView};
 use crate::error::{fmt_shape, NormError, Result};
-use crate::reduce::{tree, SharedMut, LANES};
+use crate::reduce::{add_prod, tree, SharedMut, LANES};
 use crate::scalar::Scalar;
 use multiversion::multiversion;
 use ndarray::{ArrayView, ArrayViewMut, Axis, IxDyn, Zip};
@@ -91,8 +91,9 @@ pub fn check_stats(
     }
 }
 
-/// Visits `(j, lane, dy_j, x_j)` over two same-shape views in logical order.
-#[inline]
+/// Visits `(j, lane, dy_j, x_j)` over two same-shape views in logical order (compiled with FMA:
+/// its callers' sums use [`add_prod`]).
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 pub fn visit_pairs<T: Scalar, F: FnMut(usize, usize, f64, f64)>(
     dy: &ArrayView<'_, T, IxDyn>,
     x: &ArrayView<'_, T, IxDyn>,
@@ -153,7 +154,7 @@ pub fn pair_sums<T: Scalar>(
     let mut b = [0.0f64; LANES];
     visit_pairs(dy, x, |_, l, g, v| {
         a[l] += g;
-        b[l] += g * (v - m);
+        b[l] = add_prod(b[l], g, v - m);
     });
     [tree(&a), tree(&b)]
 }
@@ -178,15 +179,38 @@ pub fn pair_sums_slices<T: Scalar>(dy: &[T], x: &[T], m: f64) -> [f64; 2] {
         for l in 0..LANES {
             let g = d[l].to_f64();
             a[l] += crate::reduce::ident(g);
-            b[l] += g * (v[l].to_f64() - m);
+            b[l] = add_prod(b[l], g, v[l].to_f64() - m);
         }
     }
     for (l, (g, v)) in dc.remainder().iter().zip(xc.remainder()).enumerate() {
         let g = g.to_f64();
         a[l] += crate::reduce::ident(g);
-        b[l] += g * (v.to_f64() - m);
+        b[l] = add_prod(b[l], g, v.to_f64() - m);
     }
     [tree(&a), tree(&b)]
+}
+
+/// The lanes of `[Σdy, Σdy·(x − m_j)]` for the `ms.len()` channels from `start` of channels-last
+/// rows of `c` values: `lanes[(r mod LANES)·2w + j]` and `[… + w + j]` (w = ms.len()).
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+fn pair_lanes_rows<T: Scalar>(
+    xs: &[T],
+    ds: &[T],
+    c: usize,
+    start: usize,
+    ms: &[f64],
+    lanes: &mut [f64],
+) {
+    let w = ms.len();
+    for (r, (xr, dr)) in xs.chunks_exact(c).zip(ds.chunks_exact(c)).enumerate() {
+        let lane = &mut lanes[(r % LANES) * 2 * w..(r % LANES + 1) * 2 * w];
+        let (la, lb) = lane.split_at_mut(w);
+        for j in 0..w {
+            let g = dr[start + j].to_f64();
+            la[j] += g;
+            lb[j] = add_prod(lb[j], g, xr[start + j].to_f64() - ms[j]);
+        }
+    }
 }
 
 /// Canonical `Σ dy·(x − m)` over two slices.
@@ -197,11 +221,11 @@ pub fn centred_dot<T: Scalar>(dy: &[T], x: &[T], m: f64) -> f64 {
     let mut xc = x.chunks_exact(LANES);
     for (d8, x8) in (&mut dc).zip(&mut xc) {
         for l in 0..LANES {
-            b[l] += d8[l].to_f64() * (x8[l].to_f64() - m);
+            b[l] = add_prod(b[l], d8[l].to_f64(), x8[l].to_f64() - m);
         }
     }
     for (l, (g, v)) in dc.remainder().iter().zip(xc.remainder()).enumerate() {
-        b[l] += g.to_f64() * (v.to_f64() - m);
+        b[l] = add_prod(b[l], g.to_f64(), v.to_f64() - m);
     }
     tree(&b)
 }
@@ -284,6 +308,8 @@ impl<'a, 'b, T: Scalar> ChannelPair<'a, 'b, T> {
             let ds = self.dy.sample_rows(n);
             for (o, k) in out.iter_mut().zip(cs) {
                 let g = ds[k].to_f64();
+                // `g·d + 0.0` is bitwise `add_prod(0.0, g, d)` (one rounding either way), without
+                // the FMA this function is not compiled for.
                 *o = [g + 0.0, g * (xs[k].to_f64() - m(k)) + 0.0];
             }
             return;
@@ -297,15 +323,7 @@ impl<'a, 'b, T: Scalar> ChannelPair<'a, 'b, T> {
             scratch.resize(2 * LANES * w, 0.0);
             if c > 0 {
                 let ms: Vec<f64> = cs.clone().map(&m).collect();
-                for (r, (xr, dr)) in xs.chunks_exact(c).zip(ds.chunks_exact(c)).enumerate() {
-                    let lane = &mut scratch[(r % LANES) * 2 * w..(r % LANES + 1) * 2 * w];
-                    let (la, lb) = lane.split_at_mut(w);
-                    for j in 0..w {
-                        let g = dr[cs.start + j].to_f64();
-                        la[j] += g;
-                        lb[j] += g * (xr[cs.start + j].to_f64() - ms[j]);
-                    }
-                }
+                pair_lanes_rows(xs, ds, c, cs.start, &ms, scratch);
             }
             for (j, o) in out.iter_mut().enumerate().take(w) {
                 let mut a = [0.0f64; LANES];

@@ -290,7 +290,7 @@ pub(crate) fn row_backward<T: Scalar>(
                 let d = v - m;
                 let g = w.map_or(g0, |w| w[j] * g0);
                 sg[l] += g;
-                sgd[l] += g * d;
+                sgd[l] = crate::reduce::add_prod(sgd[l], g, d);
                 if let Some(pw) = pw.as_mut() {
                     pw[j] += g0 * d * rs;
                 }
@@ -681,7 +681,7 @@ fn pass1_one<const W: bool, const PW: bool, const PB: bool>(
     let d = v - m;
     let g = if W { wj * g0 } else { g0 };
     *sg += g;
-    *sgd += g * d;
+    *sgd = crate::reduce::add_prod(*sgd, g, d);
     if PW {
         *pw += g0 * d * rs;
     }
