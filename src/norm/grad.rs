@@ -11,7 +11,8 @@
 //! ```
 //!
 //! The sums are canonical (see `reduce`): the pairs (dy, x) are visited in the logical order of
-//! the arrays, whatever their strides, value j going to lane j mod 8, so a strided input gives
+//! the arrays, whatever their strides, value j going to lane j mod 32 (Σ g·d with the fused
+//! step `reduce::add_prod`), so a strided input gives
 //! bitwise the result of its contiguous copy, and work is split by data only (never by thread),
 //! so the thread count never changes a bit. Writing dx as `rstd·(g − μ − d·k)` with `g`
 //! computed exactly as in the sum makes the one-element cases exact: layer norm over one value
