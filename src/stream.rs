@@ -208,13 +208,14 @@ mod x86 {
         use std::sync::OnceLock;
         static L: OnceLock<u8> = OnceLock::new();
         *L.get_or_init(|| {
-            if is_x86_feature_detected!("avx512f") {
+            let detected = if is_x86_feature_detected!("avx512f") {
                 2
             } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 1
             } else {
                 0
-            }
+            };
+            detected.min(super::simd_cap())
         })
     }
 
@@ -592,7 +593,22 @@ pub fn as_f32_mut<T: 'static>(s: &mut [T]) -> Option<&mut [f32]> {
     })
 }
 
-/// The vector instructions the x86 kernels may use: 2 AVX-512F, 1 AVX2 + FMA, 0 neither.
+/// `RSNORM_SIMD` (read once): `avx2` or `baseline` caps the hand-written x86 kernels of this
+/// module and of `reduce::sum_slice_add` at that level — how their AVX2 versions are tested on
+/// an AVX-512 machine (`tests/simd_cap.rs`), and a way out should one misbehave on some CPU.
+/// The compiler-generated kernels (`multiversion`) dispatch on the CPU alone; both give bitwise
+/// the same results.
+#[cfg(target_arch = "x86_64")]
+fn simd_cap() -> u8 {
+    match std::env::var("RSNORM_SIMD") {
+        Ok(v) if v.trim().eq_ignore_ascii_case("avx2") => 1,
+        Ok(v) if v.trim().eq_ignore_ascii_case("baseline") => 0,
+        _ => 2,
+    }
+}
+
+/// The vector instructions the x86 kernels may use: 2 AVX-512F, 1 AVX2 + FMA, 0 neither
+/// (capped by `RSNORM_SIMD`).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub fn simd_level() -> u8 {

@@ -2,6 +2,8 @@
 //! op, two-pass statistics over f64 copies of the values.
 #![allow(dead_code)]
 
+pub mod streaming;
+
 use ndarray::{Array, ArrayD, Axis, IxDyn};
 use rand::{Rng, SeedableRng};
 
