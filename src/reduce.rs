@@ -139,7 +139,9 @@ mod plain_sum {
         if let Some(v) = crate::stream::as_f32(s) {
             let mut last = [0.0f32; LANES];
             let (full, rem) = v.as_chunks::<LANES>();
-            crate::stream::load_tail(&mut last, rem);
+            if !rem.is_empty() {
+                crate::stream::load_tail(&mut last, rem);
+            }
             // SAFETY: the level says which instructions the CPU has.
             let last = (!rem.is_empty()).then_some(&last);
             return match level {
