@@ -75,6 +75,8 @@ WORKLOADS = {
     "fortran in (8,64,32,32)": ((8, 64, 32, 32), lambda m, x, y: m.instance_norm(_fortran(x))),
     "fortran bwd bn (4096,256)": ((4096, 256), lambda m, x, y: m.batch_norm_backward(
         _fortran(x), _fortran(x), None, None, None, None, True)),
+    "fortran bwd ln (4096,256)": ((4096, 256), lambda m, x, y: m.layer_norm_backward(
+        _fortran(x), _fortran(x), (256,), np.ones(256), np.zeros(256))),
     "bwd gn (16,256,32,32)": ((16, 256, 32, 32), lambda m, x, y: m.group_norm_backward(
         x, x, 32, _ones(256), _ones(256), 1e-5,
         _stats(m, "gn", x, lambda: m.group_norm(x, 32, _ones(256), _ones(256), 1e-5,

@@ -418,6 +418,7 @@ pub struct GradRows<'a, T> {
     v: ArrayView<'a, T, IxDyn>,
     lead: Vec<usize>,
     contiguous: Option<&'a [T]>,
+    transposed: Option<&'a [T]>,
     pub rows: usize,
     pub features: usize,
 }
@@ -441,10 +442,18 @@ impl<'a, T: Scalar> GradRows<'a, T> {
         let rows = lead.iter().product();
         let features = v.shape()[nd - k..].iter().product();
         let contiguous = v.to_slice();
+        // A 2-D Fortran-order array normalized over its last axis: the C-contiguous memory of
+        // its transpose (feature j of row r at j·rows + r).
+        let transposed = if nd == 2 && k == 1 && contiguous.is_none() {
+            v.clone().reversed_axes().to_slice()
+        } else {
+            None
+        };
         Self {
             v,
             lead,
             contiguous,
+            transposed,
             rows,
             features,
         }
@@ -452,6 +461,11 @@ impl<'a, T: Scalar> GradRows<'a, T> {
 
     pub fn lead(&self) -> &[usize] {
         &self.lead
+    }
+
+    /// A 2-D Fortran-order array as the C-contiguous memory of its transpose, if it is one.
+    pub fn transposed(&self) -> Option<&'a [T]> {
+        self.transposed
     }
 
     /// The whole array as one C-contiguous slice (rows of `features` values), if it is one.

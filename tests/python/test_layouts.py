@@ -206,6 +206,43 @@ def test_positive_and_negative_axis_agree(rng, op):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(300, 37), (7, 1000), (65, 64), (1, 5), (5, 1), (130, 2),
+                                   (3000, 24)])
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_fortran_two_dimensional_row_norm_backward(rng, op, shape, dtype):
+    # 2-D Fortran-order x and grad_y take the block path of the row backward (features of a
+    # block of rows read side by side from the transposed memory; (3000, 24) spans several
+    # tasks of parameter partials). Bitwise the contiguous result: dx, dweight, dbias, with the
+    # statistics recomputed or given, with and without parameters, on 1 and 2 threads; -0.0
+    # in grad_y must not leak a sign.
+    x = ref.make_input(rng, shape, dtype)
+    gy = rng.standard_normal(shape).astype(dtype)
+    gy[::3, ::2] = -0.0
+    f = shape[1]
+    w = np.linspace(0.5, 1.5, f).astype(dtype)
+    fwd = getattr(rn, op)
+    bwd = getattr(rn, op + "_backward")
+    params = [(w, w[::-1].copy()), (None, None), (w, None)] if op == "layer_norm" else [(w,), (None,)]
+    for p in params:
+        _, stats = fwd(np.ascontiguousarray(x), f, *p, return_stats=True)
+        for st in (None, stats):
+            want = bwd(np.ascontiguousarray(gy), np.ascontiguousarray(x), f, *p, stats=st)
+            for v, g in ((np.asfortranarray(x), np.asfortranarray(gy)),
+                         (np.ascontiguousarray(x.T).T, np.asfortranarray(gy))):
+                for threads in (1, 2):
+                    rn.set_num_threads(threads)
+                    try:
+                        got = bwd(g, v, f, *p, stats=st)
+                    finally:
+                        rn.set_num_threads(0)
+                    for a, e in zip(got, want):
+                        if e is None:
+                            assert a is None
+                        else:
+                            ref.assert_bitwise_equal(a, e, f"{op} backward {shape} {p is None}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(300, 37), (7, 1000), (65, 64), (1, 5), (5, 1), (130, 2)])
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 def test_fortran_two_dimensional_row_norms(rng, op, shape, dtype):
