@@ -37,34 +37,8 @@ pub fn layer_norm<T: Scalar>(
     let yp = shared_out(y);
     let f = rv.features as f64;
     if let Some(ts) = rv.transposed() {
-        // A 2-D Fortran-order input: the statistics of a block of rows side by side.
-        use crate::reduce::{add, sum_rows, sum_rows_sq_dev};
-        let parts = pool::map_tasks(rv.rows.div_ceil(TRANSPOSED_BLOCK), parallel, |t| {
-            let rows = t * TRANSPOSED_BLOCK..((t + 1) * TRANSPOSED_BLOCK).min(rv.rows);
-            let (mut scratch, mut sums) = (Vec::new(), vec![0.0f64; rows.len()]);
-            sum_rows(
-                ts,
-                rv.rows,
-                rows.clone(),
-                |a, v, _| add(a, v),
-                &mut scratch,
-                &mut sums,
-            );
-            let means: Vec<f64> = sums.iter().map(|&s| s / f).collect();
-            sum_rows_sq_dev(ts, rv.rows, rows.clone(), &means, &mut scratch, &mut sums);
-            let st: Vec<(f64, f64)> = means
-                .iter()
-                .zip(&sums)
-                .map(|(&m, &q)| (m, rstd(q / f, eps)))
-                .collect();
-            for (r, &(m, rs)) in rows.zip(&st) {
-                // SAFETY: row r belongs to this task only.
-                unsafe { rv.apply_row(r, &yp, m, rs, w, b) };
-            }
-            crate::stream::stream_fence(yp.stream);
-            st
-        });
-        let (mean, rstd) = parts.into_iter().flatten().unzip();
+        let parts = transposed_forward(ts, &rv, &yp, RowKind::Layer(eps), w, b, parallel);
+        let (mean, rstd) = parts.into_iter().unzip();
         return Ok(GroupStats { mean, rstd });
     }
     let per = rows_per_task(rv.features, std::mem::size_of::<T>());
@@ -365,6 +339,76 @@ pub(crate) fn row_backward<T: Scalar>(
 /// Features per group in [`transposed_rows`].
 const JG: usize = 8;
 
+/// The forward of a row op on a 2-D Fortran-order input (`xt`: its transpose's memory): per
+/// block of `TRANSPOSED_BLOCK` rows, the statistics side by side ([`transposed_stats`]) and
+/// the normalization feature by feature ([`transposed_apply`]). Returns (m, rs) per row.
+pub(crate) fn transposed_forward<T: Scalar>(
+    xt: &[T],
+    rv: &RowView<'_, T>,
+    yp: &crate::reduce::SharedMut<'_, T>,
+    kind: RowKind,
+    w: Option<&[f64]>,
+    b: Option<&[f64]>,
+    parallel: bool,
+) -> Vec<(f64, f64)> {
+    let (rows, f) = (rv.rows, rv.features);
+    let parts = pool::map_tasks(rows.div_ceil(TRANSPOSED_BLOCK), parallel, |t| {
+        let rr = t * TRANSPOSED_BLOCK..((t + 1) * TRANSPOSED_BLOCK).min(rows);
+        let st = transposed_stats(xt, rows, f, rr.clone(), kind, None);
+        let ys = yp.strides();
+        let y = (yp.as_mut_ptr(), [ys[0], ys[1]]);
+        // SAFETY: rows rr of y (elements (r, j) at r·s₀ + j·s₁) belong to this task only.
+        unsafe { transposed_apply(xt, rows, f, rr, &st, w, b, y) };
+        st
+    });
+    parts.concat()
+}
+
+/// y = affine(x, m_r, rs_r·w_j, b_j) over the rows `rr` of a 2-D Fortran-order x (`xt`: its
+/// transpose's memory), each feature's rows read contiguously; bitwise `RowView::apply_row`.
+/// (Row by row, each value read was a cache line of its own.)
+///
+/// # Safety
+/// `y` must address a 2-D array of x's shape whose rows `rr` the caller owns.
+#[allow(clippy::too_many_arguments)]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+unsafe fn transposed_apply<T: Scalar>(
+    xt: &[T],
+    rows: usize,
+    f: usize,
+    rr: std::ops::Range<usize>,
+    st: &[(f64, f64)],
+    w: Option<&[f64]>,
+    b: Option<&[f64]>,
+    (yp, [s0, s1]): (*mut T, [isize; 2]),
+) {
+    let mut out = [0.0f64; JG * TRANSPOSED_BLOCK];
+    let nb = rr.len().min(TRANSPOSED_BLOCK);
+    // JG features at a time, so that the stores of a row go to one cache line instead of
+    // one line per value.
+    for jg in (0..f).step_by(JG) {
+        let js = jg..(jg + JG).min(f);
+        for (q, j) in js.clone().enumerate() {
+            let xs = &xt[j * rows + rr.start..j * rows + rr.start + nb];
+            let bj = b.map_or(0.0, |b| b[j]);
+            let oq = &mut out[q * nb..(q + 1) * nb];
+            for ((o, &v), &(m, rs)) in oq.iter_mut().zip(xs).zip(st) {
+                let a = w.map_or(rs, |w| rs * w[j]);
+                // `reduce::affine` before its rounding to T (done in the stores below: rounding
+                // here made this loop 1.6× slower).
+                *o = (v.to_f64() - m).mul_add(a, bj);
+            }
+        }
+        for i in 0..nb {
+            let r = (rr.start + i) as isize;
+            for (q, j) in js.clone().enumerate() {
+                // SAFETY: (r, j) is an element of y in a row the caller owns.
+                unsafe { *yp.offset(r * s0 + j as isize * s1) = T::from_f64(out[q * nb + i]) };
+            }
+        }
+    }
+}
+
 /// The fixed arguments of [`transposed_rows`].
 struct TransposedArgs<'a, T> {
     rows: usize,
@@ -468,7 +512,7 @@ unsafe fn transposed_rows<T: Scalar>(
     let mut tw = vec![0.0f64; JG * B];
     let mut tb = vec![0.0f64; JG * B];
     let (mut ms, mut rss, mut mus, mut kks) = ([0.0f64; B], [0.0f64; B], [0.0f64; B], [0.0f64; B]);
-    let mut y = [0.0f64; B];
+    let mut y = [0.0f64; JG * B];
     let mut b0 = rr.start;
     while b0 < rr.end {
         let b1 = (b0 + B).min(rr.end);
@@ -516,19 +560,28 @@ unsafe fn transposed_rows<T: Scalar>(
             };
             kks[i] = rss[i] * rss[i] * tree(&lanes(&sgd)) / ff;
         }
-        for j in 0..f {
-            let xs = &xt[j * rows + b0..j * rows + b1];
-            let gs = &gt[j * rows + b0..j * rows + b1];
-            let wj = args.w.map_or(1.0, |w| w[j]);
-            for i in 0..nb {
-                let (g0, v) = (gs[i].to_f64(), xs[i].to_f64());
-                let g = if args.w.is_some() { wj * g0 } else { g0 };
-                y[i] = rss[i] * (g - mus[i] - (v - ms[i]) * kks[i]);
+        // JG features at a time, so that a row's stores go to one cache line (one value per
+        // line: 3× the time, measured on the forward's apply).
+        for jg in (0..f).step_by(JG) {
+            let js = jg..(jg + JG).min(f);
+            for (q, j) in js.clone().enumerate() {
+                let xs = &xt[j * rows + b0..j * rows + b1];
+                let gs = &gt[j * rows + b0..j * rows + b1];
+                let wj = args.w.map_or(1.0, |w| w[j]);
+                let yq = &mut y[q * nb..(q + 1) * nb];
+                for i in 0..nb {
+                    let (g0, v) = (gs[i].to_f64(), xs[i].to_f64());
+                    let g = if args.w.is_some() { wj * g0 } else { g0 };
+                    yq[i] = rss[i] * (g - mus[i] - (v - ms[i]) * kks[i]);
+                }
             }
-            for (i, &yi) in y[..nb].iter().enumerate() {
-                // SAFETY: (b0 + i, j) is an element of dx in a row this task owns (the
-                // caller's contract).
-                unsafe { *dp.offset((b0 + i) as isize * s0 + j as isize * s1) = T::from_f64(yi) };
+            for i in 0..nb {
+                let r = (b0 + i) as isize;
+                for (q, j) in js.clone().enumerate() {
+                    // SAFETY: (r, j) is an element of dx in a row this task owns (the caller's
+                    // contract).
+                    unsafe { *dp.offset(r * s0 + j as isize * s1) = T::from_f64(y[q * nb + i]) };
+                }
             }
         }
         b0 = b1;

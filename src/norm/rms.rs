@@ -34,30 +34,11 @@ pub fn rms_norm<T: Scalar>(
     let yp = shared_out(y);
     let f = rv.features as f64;
     if let Some(ts) = rv.transposed() {
-        // A 2-D Fortran-order input: the statistics of a block of rows side by side.
-        use super::layer::TRANSPOSED_BLOCK;
-        let parts = pool::map_tasks(rv.rows.div_ceil(TRANSPOSED_BLOCK), parallel, |t| {
-            let rows = t * TRANSPOSED_BLOCK..((t + 1) * TRANSPOSED_BLOCK).min(rv.rows);
-            let (mut scratch, mut sums) = (Vec::new(), vec![0.0f64; rows.len()]);
-            crate::reduce::sum_rows(
-                ts,
-                rv.rows,
-                rows.clone(),
-                |a, v, _| crate::reduce::add_sq(a, v),
-                &mut scratch,
-                &mut sums,
-            );
-            let st: Vec<f64> = sums.iter().map(|&q| rstd(q / f, eps)).collect();
-            for (r, &rs) in rows.zip(&st) {
-                // SAFETY: row r belongs to this task only.
-                unsafe { rv.apply_row(r, &yp, 0.0, rs, w, None) };
-            }
-            crate::stream::stream_fence(yp.stream);
-            st
-        });
+        let kind = super::layer::RowKind::Rms(eps);
+        let st = super::layer::transposed_forward(ts, &rv, &yp, kind, w, None, parallel);
         return Ok(GroupStats {
             mean: Vec::new(),
-            rstd: parts.into_iter().flatten().collect(),
+            rstd: st.into_iter().map(|(_, rs)| rs).collect(),
         });
     }
     let per = rows_per_task(rv.features, std::mem::size_of::<T>());
