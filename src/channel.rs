@@ -277,11 +277,20 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
         b: &[f64],
     ) {
         let mut n = ns.start;
-        if self.s == 1
-            && self.access == Access::Rows
-            && y.access == Access::Rows
-            && !y.shared.stream
-        {
+        let one_value_rows = self.s == 1 && self.access == Access::Rows && y.access == Access::Rows;
+        if one_value_rows && y.shared.stream {
+            let c = self.c;
+            // SAFETY: as in `apply_sample`: sample n of y is a contiguous run of c values,
+            // owned by the caller for n in ns, disjoint for distinct n.
+            let pairs = ns.clone().map(|n| {
+                let ys = unsafe { y.shared.block_mut(self.offset_in(&y.shared, n, 0), c) };
+                (self.sample_rows(n), ys)
+            });
+            if crate::stream::apply_rows_each(pairs, c, m, a, b) {
+                return;
+            }
+        }
+        if one_value_rows && !y.shared.stream {
             use reduce::ROW_BLOCK;
             let c = self.c;
             // SAFETY: as in `apply_sample`: sample n of y is a contiguous run of c values,

@@ -529,7 +529,7 @@ def test_errors():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(40, 12), (300, 37)])
+@pytest.mark.parametrize("shape", [(40, 12), (300, 37), (3000, 700)])
 def test_bitwise_two_dimensional_inputs(rng, dtype, shape):
     # (N, C): one value per plane, read as rows of C; compared with the channel-group paths of
     # Fortran-order and sliced copies (groups of 16 channels with a tail). Negative zeros in
@@ -552,6 +552,19 @@ def test_bitwise_two_dimensional_inputs(rng, dtype, shape):
         for a, b in zip(outs[0], other):
             for u, v in zip(a, b):
                 assert u.tobytes() == v.tobytes()
+    # (3000, 700): the contiguous path's per-thread channel chunks (700 is no multiple of 16)
+    # and row-block dx tasks, and a forward output of 8 MiB in float32 (streaming stores).
+    for threads in (1, 3):
+        rn.set_num_threads(threads)
+        try:
+            again = rn.batch_norm_backward(gy, x, None, None, w, w, True)
+            fwd = rn.batch_norm(x, None, None, w, w, training=True)
+            fwd_f = rn.batch_norm(layout(x, "fortran"), None, None, w, w, training=True)
+        finally:
+            rn.set_num_threads(0)
+        for u, v in zip(again, outs[0][0]):
+            assert u.tobytes() == v.tobytes()
+        assert fwd.tobytes() == np.ascontiguousarray(fwd_f).tobytes()
     # And the training dx against the float64 formula.
     x64, g64 = x.astype(np.float64), gy.astype(np.float64)
     d = x64 - x64.mean(axis=0)
