@@ -278,24 +278,18 @@ impl<'a, T: Scalar> ChannelView<'a, T> {
     ) {
         let mut n = ns.start;
         let one_value_rows = self.s == 1 && self.access == Access::Rows && y.access == Access::Rows;
+        let c = self.c;
+        // SAFETY (used only for one-value rows): as in `apply_sample`: sample n of y is a
+        // contiguous run of c values, owned by the caller for n in ns, disjoint for distinct n.
+        let y_of = |n: usize| unsafe { y.shared.block_mut(self.offset_in(&y.shared, n, 0), c) };
         if one_value_rows && y.shared.stream {
-            let c = self.c;
-            // SAFETY: as in `apply_sample`: sample n of y is a contiguous run of c values,
-            // owned by the caller for n in ns, disjoint for distinct n.
-            let pairs = ns.clone().map(|n| {
-                let ys = unsafe { y.shared.block_mut(self.offset_in(&y.shared, n, 0), c) };
-                (self.sample_rows(n), ys)
-            });
+            let pairs = ns.clone().map(|n| (self.sample_rows(n), y_of(n)));
             if crate::stream::apply_rows_each(pairs, c, m, a, b) {
                 return;
             }
         }
         if one_value_rows && !y.shared.stream {
             use reduce::ROW_BLOCK;
-            let c = self.c;
-            // SAFETY: as in `apply_sample`: sample n of y is a contiguous run of c values,
-            // owned by the caller for n in ns, disjoint for distinct n.
-            let y_of = |n: usize| unsafe { y.shared.block_mut(self.offset_in(&y.shared, n, 0), c) };
             while n + ROW_BLOCK <= ns.end {
                 let xs: [&[T]; ROW_BLOCK] = std::array::from_fn(|i| self.sample_rows(n + i));
                 let ys: [&mut [T]; ROW_BLOCK] = std::array::from_fn(|i| y_of(n + i));

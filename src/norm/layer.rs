@@ -384,8 +384,7 @@ unsafe fn transposed_apply<T: Scalar>(
 ) {
     let mut out = [0.0f64; JG * TRANSPOSED_BLOCK];
     let nb = rr.len().min(TRANSPOSED_BLOCK);
-    // JG features at a time, so that the stores of a row go to one cache line instead of
-    // one line per value.
+    // JG features at a time, stored by `store_tile`.
     for jg in (0..f).step_by(JG) {
         let js = jg..(jg + JG).min(f);
         for (q, j) in js.clone().enumerate() {
@@ -399,12 +398,30 @@ unsafe fn transposed_apply<T: Scalar>(
                 *o = (v.to_f64() - m).mul_add(a, bj);
             }
         }
-        for i in 0..nb {
-            let r = (rr.start + i) as isize;
-            for (q, j) in js.clone().enumerate() {
-                // SAFETY: (r, j) is an element of y in a row the caller owns.
-                unsafe { *yp.offset(r * s0 + j as isize * s1) = T::from_f64(out[q * nb + i]) };
-            }
+        // SAFETY: rows rr.start.. of y are the caller's (this function's contract).
+        unsafe { store_tile(&out, nb, rr.start, js, (yp, [s0, s1])) };
+    }
+}
+
+/// y[r0 + i, j] = out[q·nb + i] rounded to T, for the features `js` (q = j − js.start) and
+/// i < nb: row by row, so that a row's JG stores share one cache line (one line per value
+/// was 3× the time of a transposed apply).
+///
+/// # Safety
+/// Every addressed element must lie in y, in rows the caller owns.
+#[inline(always)]
+unsafe fn store_tile<T: Scalar>(
+    out: &[f64],
+    nb: usize,
+    r0: usize,
+    js: std::ops::Range<usize>,
+    (yp, [s0, s1]): (*mut T, [isize; 2]),
+) {
+    for i in 0..nb {
+        let r = (r0 + i) as isize;
+        for (q, j) in js.clone().enumerate() {
+            // SAFETY: the caller's contract.
+            unsafe { *yp.offset(r * s0 + j as isize * s1) = T::from_f64(out[q * nb + i]) };
         }
     }
 }
@@ -521,13 +538,19 @@ unsafe fn transposed_rows<T: Scalar>(
             (ms[i], rss[i]) = (m, rs);
         }
         let (ms, rss) = (&ms[..nb], &rss[..nb]);
+        // Feature j of the block's rows of x and grad_y (the transposes' memory).
+        let mem_rows = |j: usize| {
+            (
+                &xt[j * rows + b0..j * rows + b1],
+                &gt[j * rows + b0..j * rows + b1],
+            )
+        };
         sg.fill(0.0);
         sgd.fill(0.0);
         for jg in (0..f).step_by(JG) {
             let js = jg..(jg + JG).min(f);
             for (q, j) in js.clone().enumerate() {
-                let xs = &xt[j * rows + b0..j * rows + b1];
-                let gs = &gt[j * rows + b0..j * rows + b1];
+                let (xs, gs) = mem_rows(j);
                 let wj = args.w.map_or(1.0, |w| w[j]);
                 let l = j % LANES;
                 let lg = &mut sg[l * nb..(l + 1) * nb];
@@ -560,13 +583,11 @@ unsafe fn transposed_rows<T: Scalar>(
             };
             kks[i] = rss[i] * rss[i] * tree(&lanes(&sgd)) / ff;
         }
-        // JG features at a time, so that a row's stores go to one cache line (one value per
-        // line: 3× the time, measured on the forward's apply).
+        // JG features at a time, stored by `store_tile`.
         for jg in (0..f).step_by(JG) {
             let js = jg..(jg + JG).min(f);
             for (q, j) in js.clone().enumerate() {
-                let xs = &xt[j * rows + b0..j * rows + b1];
-                let gs = &gt[j * rows + b0..j * rows + b1];
+                let (xs, gs) = mem_rows(j);
                 let wj = args.w.map_or(1.0, |w| w[j]);
                 let yq = &mut y[q * nb..(q + 1) * nb];
                 for i in 0..nb {
@@ -575,14 +596,8 @@ unsafe fn transposed_rows<T: Scalar>(
                     yq[i] = rss[i] * (g - mus[i] - (v - ms[i]) * kks[i]);
                 }
             }
-            for i in 0..nb {
-                let r = (b0 + i) as isize;
-                for (q, j) in js.clone().enumerate() {
-                    // SAFETY: (r, j) is an element of dx in a row this task owns (the caller's
-                    // contract).
-                    unsafe { *dp.offset(r * s0 + j as isize * s1) = T::from_f64(y[q * nb + i]) };
-                }
-            }
+            // SAFETY: rows b0..b1 of dx are this task's (the caller's contract).
+            unsafe { store_tile(&y, nb, b0, js, (dp, [s0, s1])) };
         }
         b0 = b1;
     }
