@@ -24,10 +24,11 @@ python3 -c "import rsnorm, torch, rsnorm.gpu as g; print(rsnorm.__version__, tor
     2>&1 | tee "$OUT/info.txt" || exit 1
 
 b() { timeout "$1" python3 -m rsnorm.gpu.bench "${@:2}"; }
-b 150 --ops all --size-mib 64,256 --json "$OUT/gpu_f32.json" 2>&1 | tee "$OUT/bench_f32.txt"
+b 150 --ops all --size-mib ${SIZES:-256} --json "$OUT/gpu_f32.json" 2>&1 | tee "$OUT/bench_f32.txt"
 b 60 --ops bn,bn_eval,ln,rms,gn,in --layout nhwc --size-mib 256 --json "$OUT/gpu_nhwc.json" 2>&1 \
     | tee "$OUT/bench_nhwc.txt"
 b 60 --ops bn,ln,rms,gn --dtype float16 --size-mib 256 --json "$OUT/gpu_f16.json" 2>&1 \
     | tee "$OUT/bench_f16.txt"
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/python/test_gpu.py \
-    tests/python/test_gpu_backward.py 2>&1 | tail -40 | tee "$OUT/pytest_gpu.txt"
+timeout 200 python3 -m pytest -q -rf -p no:cacheprovider tests/python/test_gpu.py \
+    tests/python/test_gpu_backward.py >"$OUT/pytest_gpu.txt" 2>&1
+tail -5 "$OUT/pytest_gpu.txt"

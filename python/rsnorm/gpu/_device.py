@@ -135,7 +135,7 @@ def _request_adapter(wgpu):
             if want in text:
                 return a
         names = [dict(a.info).get("device", "?") for a in found]
-        raise RuntimeError(f"rsnorm.gpu: no adapter matches RSNORM_GPU_ADAPTER={want!r}; "
+        raise RuntimeError(f"rsnorm.gpu: no GPU adapter matches RSNORM_GPU_ADAPTER={want!r}; "
                            f"found {names}")
     try:
         adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")

@@ -131,6 +131,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             }
             let xh = dv * r;
             res = r * (g - tot.x / P.n - xh * (tot.y / P.n));
+            // A group of one value is constant in x: dx is exactly 0 (NaN for non-finite
+            // inputs). The general formula gives 0 only without contraction: NVIDIA's compiler
+            // fuses g = dy * w into g - sum / n, leaving the product's rounding error times rstd.
+            if (P.n == 1.0) {
+                res = select(0.0, nan_f32(), is_nonfinite(g) || is_nonfinite(xv) || is_nan(r));
+            }
         } else {
             let xh = xv * r;
             res = r * (g - xh * (tot.y / P.n));
