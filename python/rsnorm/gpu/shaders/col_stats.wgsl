@@ -62,16 +62,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         var amax = 0.0;
         var bad = false;
         let r1 = min(r0 + PER, r_end);
-        // Constant-index prefix of v (registers, see thread_part): v[i] holds row r0 + i.
-        for (var i = 0u; i < PER; i += 1u) {
-            let r = r0 + i;
-            if (r < r1) {
-                let val = f32(x[(n * P.R + r) * P.C + c - P.win_start]);
-                v[i] = val;
-                cnt = i + 1u;
-                bad = bad || is_nonfinite(val);
-                amax = max(amax, abs(val));
-            }
+        for (var r = r0; r < r1; r += 1u) {
+            let val = f32(x[(n * P.R + r) * P.C + c - P.win_start]);
+            v[cnt] = val;
+            cnt += 1u;
+            bad = bad || is_nonfinite(val);
+            amax = max(amax, abs(val));
         }
         acc = merge(acc, thread_part(&v, cnt, amax, bad));
     }

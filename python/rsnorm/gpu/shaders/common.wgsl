@@ -115,24 +115,18 @@ fn thread_part(v: ptr<function, array<f32, PER>>, cnt: u32, amax: f32, bad: bool
         let sc = -p.e;
         let kk = ldexp((*v)[0], sc);
         // Differences from the pivot are exact for clustered data; keep them, not the values.
-        // Loops over the constant PER with a mask, not over cnt: with constant indices the array
-        // lives in registers (a runtime index puts it in local memory on NVIDIA's compiler).
         var s = 0.0;
-        for (var i = 0u; i < PER; i += 1u) {
-            if (i < cnt) {
-                (*v)[i] = ldexp((*v)[i], sc) - kk;
-                s += (*v)[i];
-            }
+        for (var i = 0u; i < cnt; i += 1u) {
+            (*v)[i] = ldexp((*v)[i], sc) - kk;
+            s += (*v)[i];
         }
         let lo = s / f32(cnt);
         var sd = 0.0;
         var ss = 0.0;
-        for (var i = 0u; i < PER; i += 1u) {
-            if (i < cnt) {
-                let d = (*v)[i] - lo;
-                sd += d;
-                ss += d * d;
-            }
+        for (var i = 0u; i < cnt; i += 1u) {
+            let d = (*v)[i] - lo;
+            sd += d;
+            ss += d * d;
         }
         p.hi = kk;
         p.lo = lo;

@@ -86,18 +86,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         var amax = 0.0;
         var bad = false;
         let k1 = min((j + 1u) * WG * PER, P.len);
-        // Invocation t holds k = kb, kb + WG, ...: the valid ones are a prefix of v, indexed by
-        // the constant loop counter (registers, see thread_part).
-        let kb = j * WG * PER + t;
-        for (var i = 0u; i < PER; i += 1u) {
-            let k = kb + i * WG;
-            if (k < k1) {
-                let val = f32(x[index_of(base, k) - P.win_start]);
-                v[i] = val;
-                cnt = i + 1u;
-                bad = bad || is_nonfinite(val);
-                amax = max(amax, abs(val));
-            }
+        for (var k = j * WG * PER + t; k < k1; k += WG) {
+            let val = f32(x[index_of(base, k) - P.win_start]);
+            v[cnt] = val;
+            cnt += 1u;
+            bad = bad || is_nonfinite(val);
+            amax = max(amax, abs(val));
         }
         sh[t] = thread_part(&v, cnt, amax, bad);
         workgroupBarrier();

@@ -63,21 +63,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let r0 = k0 / P.run_len;
     let contiguous = k1 == k0 || (k1 - 1u) / P.run_len == r0;
     let cbase = base + r0 * P.run_stride - r0 * P.run_len;
-    // Constant-index prefix of v (registers, see thread_part): v[i] holds k = k0 + t + i * WG.
-    for (var i = 0u; i < PER; i += 1u) {
-        let k = k0 + t + i * WG;
-        if (k < k1) {
-            var idx = cbase + k;
-            if (!contiguous) {
-                let r = k / P.run_len;
-                idx = base + r * P.run_stride + (k - r * P.run_len);
-            }
-            let val = f32(x[idx]);
-            v[i] = val;
-            cnt = i + 1u;
-            bad = bad || is_nonfinite(val);
-            amax = max(amax, abs(val));
+    for (var k = k0 + t; k < k1; k += WG) {
+        var idx = cbase + k;
+        if (!contiguous) {
+            let r = k / P.run_len;
+            idx = base + r * P.run_stride + (k - r * P.run_len);
         }
+        let val = f32(x[idx]);
+        v[cnt] = val;
+        cnt += 1u;
+        bad = bad || is_nonfinite(val);
+        amax = max(amax, abs(val));
     }
 
     let p = thread_part(&v, cnt, amax, bad);
