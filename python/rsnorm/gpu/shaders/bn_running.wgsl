@@ -43,10 +43,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let m = P.momentum;
     if (P.convention == 0u) {
-        rm[c] = (1.0 - m) * rm[c] + m * mean;
-        rv[c] = (1.0 - m) * rv[c] + m * var_u;
+        rm[c] = fma(1.0 - m, rm[c], m * mean);
+        rv[c] = fma(1.0 - m, rv[c], m * var_u);
     } else {
-        rm[c] = m * rm[c] + (1.0 - m) * mean;
-        rv[c] = m * rv[c] + (1.0 - m) * var_b;
+        rm[c] = fma(m, rm[c], (1.0 - m) * mean);
+        rv[c] = fma(m, rv[c], (1.0 - m) * var_b);
     }
 }

@@ -2,6 +2,14 @@
 // (which defines `alias T` = f32 or f16 and `fn to_t(f32) -> T`) and then this file to each
 // shader source. No bindings here.
 //
+// Every product that feeds an addition is written as an explicit fma(). WGSL lets a compiler
+// contract a * b + c into one fused operation or not, and NVIDIA's Vulkan compiler decides per
+// pipeline: two shader variants computing the same formula (fused vs two-pass, per-thread
+// channel vs generic indexing) then differed in the last bit on an H200, breaking the bitwise
+// contract between paths. With the fusion spelled out there is nothing left to contract. WGSL
+// still lets fma() itself round twice (lavapipe does): what keeps paths bitwise equal is that
+// they all spell the same operations, which a device then evaluates the same way everywhere.
+//
 // Statistics are carried as `Part` = (count, exponent, mean = hi + lo, M2) of values scaled by
 // 2^-e, the shape of the CPU `Moments`. The mean is an unevaluated sum: hi is a data value (the
 // pivot) and lo the small offset of the mean from it, so x - mean is formed as (x - hi) - lo,
@@ -83,8 +91,8 @@ fn merge(a: Part, b: Part) -> Part {
     // mean_b - mean_a, with the pivots subtracted first (exact when they are close).
     let d = ((hb - ha) + lb) - la;
     r.hi = ha;
-    r.lo = la + d * (nb / n);
-    r.m2 = qa + qb + d * d * (na * (nb / n));
+    r.lo = fma(d, nb / n, la);
+    r.m2 = fma(d * d, na * (nb / n), qa + qb);
     return r;
 }
 
@@ -92,7 +100,7 @@ fn merge(a: Part, b: Part) -> Part {
 fn rsqrt_nr(v: f32) -> f32 {
     let r = inverseSqrt(v);
     if (v > 0.0 && !is_nonfinite(v)) {
-        return r * (1.5 - 0.5 * v * r * r);
+        return r * fma(-(0.5 * v * r), r, 1.5);
     }
     return r;
 }
@@ -126,7 +134,7 @@ fn thread_part(v: ptr<function, array<f32, PER>>, cnt: u32, amax: f32, bad: bool
         for (var i = 0u; i < cnt; i += 1u) {
             let d = (*v)[i] - lo;
             sd += d;
-            ss += d * d;
+            ss = fma(d, d, ss);
         }
         p.hi = kk;
         p.lo = lo;
@@ -157,7 +165,7 @@ fn finalize(acc: Part, eps: f32, mode: u32) -> GStat {
     let mean = acc.hi + acc.lo;
     var v = acc.m2 / n;
     if (mode == 1u) {
-        v = v + mean * mean;
+        v = fma(mean, mean, v);
     }
     gs.hi_s = acc.hi;
     gs.lo_s = acc.lo;
@@ -167,6 +175,20 @@ fn finalize(acc: Part, eps: f32, mode: u32) -> GStat {
     gs.mean = ldexp(mean, acc.e);
     gs.rstd = ldexp(gs.rstd_s, -acc.e);
     return gs;
+}
+
+// The per-channel affine of a normalized value, one rounding when both parameters are present.
+fn affine(v: f32, wv: f32, bv: f32, has_w: bool, has_b: bool) -> f32 {
+    if (has_w && has_b) {
+        return fma(v, wv, bv);
+    }
+    if (has_w) {
+        return v * wv;
+    }
+    if (has_b) {
+        return v + bv;
+    }
+    return v;
 }
 
 // The normalized value (before the affine) of x in a group: mode 0 centred, mode 1 scale only.

@@ -48,7 +48,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             if (VARIANT == 1u) {
                 f = abs(v);
             }
-            s += gamma[c * P.C + j] * f;
+            s = fma(gamma[c * P.C + j], f, s);
         }
         var m = s;
         if (VARIANT == 0u) {

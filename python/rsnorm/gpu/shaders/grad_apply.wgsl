@@ -75,7 +75,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         if (HAS_W == 1u) {
             wc = w[c];
         }
-        let g = f32(dy[li]) * wc;
+        let dyv = f32(dy[li]);
+        let g = dyv * wc;
         var res = g * r;
         if (MODE != 2u) {
             var s = sums[grp];
@@ -89,16 +90,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                     dv = dv - lo[grp];
                 }
                 let xh = dv * r;
-                res = r * (g - s.x / P.n - xh * (s.y / P.n));
-            // A group of one value is constant in x: dx is exactly 0 (NaN for non-finite
-            // inputs). The general formula gives 0 only without contraction: NVIDIA's compiler
-            // fuses g = dy * w into g - sum / n, leaving the product's rounding error times rstd.
+                res = r * fma(-xh, s.y / P.n, fma(dyv, wc, -(s.x / P.n)));
+                // A group of one value is constant in x: dx is exactly 0 (NaN for non-finite
+                // inputs). The fused formula leaves the rounding error of dy * w times rstd
+                // where fma is fused (NVIDIA; lavapipe rounds twice and gets 0 anyway).
                 if (P.n == 1.0) {
                     res = select(0.0, nan_f32(), is_nonfinite(g) || is_nonfinite(xv) || is_nan(r));
                 }
             } else {
                 let xh = xv * r;
-                res = r * (g - xh * (s.y / P.n));
+                res = r * fma(-xh, s.y / P.n, g);
             }
         }
         dx[li] = to_t(res);

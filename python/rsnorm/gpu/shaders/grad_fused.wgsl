@@ -16,7 +16,8 @@
 // Bitwise the same as sum_partial + sum_finalize (n_chunks < 8: chunks added left to right) +
 //   grad_apply: per chunk each invocation adds its elements k = t, t + WG, ... in order, the
 //   workgroup adds them in the same pairwise tree, then
-//   dx = rstd * (g - s.x / n - xhat * (s.y / n)) (CENTER == 1) or rstd * (g - xhat * (s.y / n)).
+//   dx = rstd * (g - s.x / n - xhat * (s.y / n)) (CENTER == 1) or rstd * (g - xhat * (s.y / n)),
+//   with the products fused explicitly (see common.wgsl).
 //   Group q = o * n_g + g at o * outer_stride + g * g_stride, k-th element at
 //   base + (k / run_len) * run_stride + k % run_len; channel of global element i: (i / I) % C.
 
@@ -89,10 +90,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             let i = index_of(base, k);
             let c = (i / P.I) % P.C;
             let xv = f32(x[i - P.win_start]);
-            var a = f32(dy[i - P.win_start]);
+            let dyv = f32(dy[i - P.win_start]);
+            var wv = 1.0;
             if (USE_W == 1u) {
-                a = a * w[c];
+                wv = w[c];
             }
+            let a = dyv * wv;
             var xh = xv * r;
             if (CENTER == 1u) {
                 var dv = xv - m;
@@ -101,7 +104,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 }
                 xh = dv * r;
             }
-            acc += vec2<f32>(a, a * xh);
+            acc = vec2<f32>(fma(dyv, wv, acc.x), fma(a, xh, acc.y));
         }
         sh[t] = acc;
         workgroupBarrier();
@@ -121,7 +124,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         if (USE_W == 1u) {
             wc = w[c];
         }
-        let g = f32(dy[i - P.win_start]) * wc;
+        let dyv = f32(dy[i - P.win_start]);
+        let g = dyv * wc;
         let xv = f32(x[i - P.win_start]);
         var res: f32;
         if (CENTER == 1u) {
@@ -130,16 +134,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 dv = dv - l;
             }
             let xh = dv * r;
-            res = r * (g - tot.x / P.n - xh * (tot.y / P.n));
+            res = r * fma(-xh, tot.y / P.n, fma(dyv, wc, -(tot.x / P.n)));
             // A group of one value is constant in x: dx is exactly 0 (NaN for non-finite
-            // inputs). The general formula gives 0 only without contraction: NVIDIA's compiler
-            // fuses g = dy * w into g - sum / n, leaving the product's rounding error times rstd.
+            // inputs). The fused formula leaves the rounding error of dy * w times rstd
+            // where fma is fused (NVIDIA; lavapipe rounds twice and gets 0 anyway).
             if (P.n == 1.0) {
                 res = select(0.0, nan_f32(), is_nonfinite(g) || is_nonfinite(xv) || is_nan(r));
             }
         } else {
             let xh = xv * r;
-            res = r * (g - xh * (tot.y / P.n));
+            res = r * fma(-xh, tot.y / P.n, g);
         }
         dx[i - P.win_start] = to_t(res);
     }

@@ -49,9 +49,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         for (var j = j0; j <= j1; j += 1u) {
             let v = f32(x[li + j * P.I - c * P.I]);
             nan_in_window = nan_in_window || ((bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u);
-            s += v * v;
+            s = fma(v, v, s);
         }
-        let base = P.k + P.alpha * s;
+        let base = fma(P.alpha, s, P.k);
         let xv = f32(x[li]);
         let r = xv * exp2(-P.beta * log2(base));
         y[li] = to_t(select(r, bitcast<f32>(0x7fc00000u), nan_in_window));

@@ -68,12 +68,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 grp = (i / P.a_stride) * P.G + grp;
             }
             yv = normalize_value(xv, gstat[grp], MODE);
+            var wv = 1.0;
             if (HAS_W == 1u) {
-                yv = yv * w[c];
+                wv = w[c];
             }
+            var bv = 0.0;
             if (HAS_B == 1u) {
-                yv = yv + b[c];
+                bv = b[c];
             }
+            yv = affine(yv, wv, bv, HAS_W == 1u, HAS_B == 1u);
         }
         if (HAS_TAU == 1u) {
             // max() is unspecified for NaN: keep a NaN explicitly.

@@ -94,12 +94,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         let i = index_of(base, k);
         let c = (i / P.I) % P.C;
         var yv = normalize_value(f32(x[i - P.win_start]), gs, MODE);
+        var wv = 1.0;
         if (HAS_W == 1u) {
-            yv = yv * w[c];
+            wv = w[c];
         }
+        var bv = 0.0;
         if (HAS_B == 1u) {
-            yv = yv + b[c];
+            bv = b[c];
         }
+        yv = affine(yv, wv, bv, HAS_W == 1u, HAS_B == 1u);
         if (HAS_TAU == 1u) {
             yv = select(max(yv, tau[c]), yv, is_nan(yv));
         }

@@ -87,10 +87,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             grp = (i / P.a_stride) * P.G + grp;
         }
         let xv = f32(x[i - P.win_start]);
-        var a = f32(dy[i - P.win_start]);
+        let dyv = f32(dy[i - P.win_start]);
+        var wv = 1.0;
         if (USE_W == 1u) {
-            a = a * w[c];
+            wv = w[c];
         }
+        let a = dyv * wv;
         var xh = xv * rstd[grp];
         if (CENTER == 1u) {
             var dv = xv - mean[grp];
@@ -99,7 +101,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             }
             xh = dv * rstd[grp];
         }
-        acc += vec2<f32>(a, a * xh);
+        acc = vec2<f32>(fma(dyv, wv, acc.x), fma(a, xh, acc.y));
     }
     sh[t] = acc;
     workgroupBarrier();
