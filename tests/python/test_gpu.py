@@ -842,6 +842,28 @@ def test_random_shapes_and_axes(seed):
 # ----------------------------------------------------------------------------- device loss (last)
 
 
+def test_device_arrays_in_reference_cycles_recycle_live_buffers(rng):
+    # A device array caught in a reference cycle (e.g. by an exception's traceback) is freed by
+    # the cyclic GC together with whatever it references. Its buffer must go back to the pool
+    # alive: it once went back released, and the next op of that size bound a NULL buffer
+    # (a TypeError, or an abort inside wgpu-native).
+    import gc
+
+    x = randn(rng, 64, 48)
+
+    class Holder:
+        pass
+
+    for _ in range(3 * _device._POOL_PER_SIZE):
+        h = Holder()
+        h.a = gpu.asarray(x)
+        h.me = h
+        del h
+    gc.collect()
+    for _ in range(2 * _device._POOL_PER_SIZE):
+        close(gpu.layer_norm(gpu.asarray(x), 48).numpy(), ref.layer_norm(x, 1)[0])
+
+
 def test_no_adapter_and_lost_device_recovery(rng, monkeypatch):
     x = randn(rng, 3, 4)
     old = gpu.asarray(x)
@@ -850,7 +872,7 @@ def test_no_adapter_and_lost_device_recovery(rng, monkeypatch):
     _device.mark_lost()
     monkeypatch.setattr(wgpu.gpu, "request_adapter_sync", lambda **kw: None)
     # RSNORM_GPU_ADAPTER (set when benchmarking a named card) picks through enumerate instead.
-    monkeypatch.setattr(wgpu.gpu, "enumerate_adapters_sync", lambda: [])
+    monkeypatch.setattr(wgpu.gpu, "enumerate_adapters_sync", list)
     assert not gpu.is_available()
     with pytest.raises(RuntimeError, match="no GPU adapter"):
         gpu.layer_norm(x, 4)

@@ -16,6 +16,7 @@ import math
 import os
 import struct
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -299,28 +300,30 @@ class Block:
         self.buffer = buffer
         self.gen = gen
         self.size = size
+        # A weakref finalizer, not __del__: the finalizer holds the buffer, so the buffer can
+        # never be garbage together with its Block. With __del__, a Block caught in a reference
+        # cycle (an exception's traceback holding an op's frame) was collected in the same pass
+        # as its buffer: wgpu-py's finalizer released the buffer while ours put it back into
+        # the pool, and a later op bound the released (NULL) handle, which wgpu-native answers
+        # with an abort of the whole process ("invalid bind group entry").
+        fin = weakref.finalize(self, _recycle, buffer, gen, size)
+        # At interpreter shutdown there is nothing to recycle into (the driver frees it all).
+        fin.atexit = False
 
-    def __del__(self):
-        # At interpreter shutdown the module globals may already be gone: then there is
-        # nothing to recycle into, and the driver frees everything anyway.
-        with contextlib.suppress(Exception):
-            _release(self)
 
-
-def _release(block: Block) -> None:
+def _recycle(buf, gen: int, size: int) -> None:
     global _pool_bytes
-    buf = block.buffer
-    if buf is None or os.getpid() != _pid:
+    if os.getpid() != _pid:
         return
-    block.buffer = None
     with _lock:
-        if (_ctx is not None and not _lost and block.gen == _ctx.generation
-                and _pool_bytes + block.size <= _POOL_CAP
-                and len(_pool.get(block.size, ())) < _POOL_PER_SIZE):
-            _pool.setdefault(block.size, []).append(buf)
-            _pool_bytes += block.size
+        if (_ctx is not None and not _lost and gen == _ctx.generation
+                and _pool_bytes + size <= _POOL_CAP
+                and len(_pool.get(size, ())) < _POOL_PER_SIZE):
+            _pool.setdefault(size, []).append(buf)
+            _pool_bytes += size
             return
-        buf.destroy()
+        with contextlib.suppress(Exception):
+            buf.destroy()
 
 
 def alloc(ctx: Context, nbytes: int) -> Block:
