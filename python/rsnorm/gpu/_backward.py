@@ -145,10 +145,11 @@ def _rowwise_backward(grad_y, x, normalized_shape, weight, bias, eps, stats, rms
                                  not rms, grads_shape=(F,), lo=lo)
         dx = data.like()
         if use_fused(red):
-            grad_fused_pass(enc, data, dy, dx, red, gmap, mean, rstd, wb, not rms, F, lo=lo)
+            grad_fused_pass(enc, data, dy, dx, red, gmap, mean, rstd, wb, not rms, F, eps, lo=lo)
         else:
             sums, _, _ = sum_pass(enc, data, dy, red, gmap, mean, rstd, wb, not rms, lo=lo)
-            grad_apply_pass(enc, data, dy, dx, gmap, mean, rstd, sums, wb, int(rms), F, lo=lo)
+            grad_apply_pass(enc, data, dy, dx, gmap, mean, rstd, sums, wb, int(rms), F, eps,
+                            lo=lo)
         enc.submit()
         return _result(ctx, host, dx, gw, gb, weight, bias, ns)
 
@@ -210,10 +211,10 @@ def group_norm_backward(grad_y, x, num_groups, weight=None, bias=None, eps=1e-5,
         dx = data.like()
         n = S1 * (C // G) * I
         if use_fused(red):
-            grad_fused_pass(enc, data, dy, dx, red, gmap, mean, rstd, wb, True, n, lo=lo)
+            grad_fused_pass(enc, data, dy, dx, red, gmap, mean, rstd, wb, True, n, eps, lo=lo)
         else:
             sums, _, _ = sum_pass(enc, data, dy, red, gmap, mean, rstd, wb, True, lo=lo)
-            grad_apply_pass(enc, data, dy, dx, gmap, mean, rstd, sums, wb, 0, n, lo=lo)
+            grad_apply_pass(enc, data, dy, dx, gmap, mean, rstd, sums, wb, 0, n, eps, lo=lo)
         enc.submit()
         return _result(ctx, host, dx, gw, gb, weight, bias, (C,))
 
@@ -277,7 +278,7 @@ def batch_norm_backward(grad_y, x, running_mean=None, running_var=None, weight=N
                                 True, grads_shape=(C,), lo=lo)
         dx = data.like()
         grad_apply_pass(enc, data, dy, dx, gmap, mean, rstd, sums, wb, 0 if batch_stats else 2,
-                        O * I, w_on_sums=True, lo=lo)
+                        O * I, eps, w_on_sums=True, lo=lo)
         enc.submit()
         return _result(ctx, host, dx, gw, gb, weight, bias, (C,))
 

@@ -600,7 +600,7 @@ def use_fused(red: Reduction) -> bool:
 
 
 def grad_fused_pass(enc, data: Data, dy: Data, dx: GPUArray, red: Reduction, gmap: GroupMap,
-                    mean, rstd, w, center: bool, n: int, lo=None):
+                    mean, rstd, w, center: bool, n: int, eps: float, lo=None):
     """dx of layer/RMS/group norm in one kernel per group (bitwise equal to sum_pass +
     grad_apply_pass)."""
     ctx = data.ctx
@@ -614,7 +614,7 @@ def grad_fused_pass(enc, data: Data, dy: Data, dx: GPUArray, red: Reduction, gma
             (red.n_g, "u"), (red.outer_stride, "u"), (red.g_stride, "u"), (red.run_len, "u"),
             (red.run_stride, "u"), (red.length, "u"), (q0, "u"), (q1 - q0, "u"),
             (off // isz, "u"), (gmap.I, "u"), (gmap.C, "u"), (red.n_chunks, "u"),
-            (float(n), "f"), (0, "u"), (0, "u"), (0, "u"),
+            (float(n), "f"), (eps, "f"), (0, "u"), (0, "u"),
         ])
         enc.dispatch("grad_fused", data.storage, consts, params,
                      [(data.buffer, off, size), (dy.buffer, off, size), (dx._buffer, off, size),
@@ -623,12 +623,12 @@ def grad_fused_pass(enc, data: Data, dy: Data, dx: GPUArray, red: Reduction, gma
 
 
 def grad_apply_pass(enc, data: Data, dy: Data, dx: GPUArray, gmap: GroupMap, mean, rstd, sums,
-                    w, mode: int, n: int, w_on_sums: bool = False, lo=None):
+                    w, mode: int, n: int, eps: float, w_on_sums: bool = False, lo=None):
     ctx = data.ctx
     d = ctx.dummy
     for first, count, ws, off, size in _device.element_windows(ctx, data.size, data.itemsize):
         params = pack([(first, "u"), (count, "u"), (ws, "u"), *gmap.fields(), (float(n), "f"),
-                       (0, "u"), (0, "u")])
+                       (eps, "f"), (0, "u")])
         nwg, fixed = apply_grid(ctx, count, gmap)
         consts = {"WG": APPLY_WG, "MODE": mode, "HAS_W": int(w is not None), "FIXED_C": fixed,
                   "W_ON_SUMS": int(w_on_sums), "HAS_LO": int(lo is not None)}
