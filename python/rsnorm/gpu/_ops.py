@@ -110,6 +110,21 @@ def _empty_result(x, host, stats_shape, return_stats, rstd_only=False, out=None)
     return (y, st) if return_stats else y
 
 
+def _empty_with_running_stats(x, out, running_mean, running_var, eps, stats_shape):
+    """Empty NumPy input normalized with running statistics (batch norm eval, instance norm
+    with ``use_input_stats=False``): the statistics are the running ones, as the CPU op reports
+    them, broadcast to ``stats_shape`` (float32, like every GPU op's statistics)."""
+
+    def _np(a):
+        return a if isinstance(a, np.ndarray) else a.numpy()
+
+    y = out if out is not None else np.empty(x.shape, x.dtype)
+    mean = _np(running_mean).astype(np.float32)
+    rstd = (1.0 / np.sqrt(_np(running_var).astype(np.float64) + eps)).astype(np.float32)
+    return y, make_stats(np.ascontiguousarray(np.broadcast_to(mean, stats_shape)),
+                         np.ascontiguousarray(np.broadcast_to(rstd, stats_shape)))
+
+
 def _empty_like(x, host, out):
     if out is not None:
         return out
@@ -191,15 +206,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     check_out(out, x, host)
     if x.size == 0:
         if return_stats and host and has_running and not training:
-            # Eval normalizes with the running statistics even on an empty batch: report
-            # them, as the CPU op does (float32 statistics, like every GPU op).
-            def _np(a):
-                return a if isinstance(a, np.ndarray) else a.numpy()
-
-            y = out if out is not None else np.empty(x.shape, x.dtype)
-            mean = _np(running_mean).astype(np.float32)
-            rstd = (1.0 / np.sqrt(_np(running_var).astype(np.float64) + eps)).astype(np.float32)
-            return y, make_stats(mean, rstd)
+            return _empty_with_running_stats(x, out, running_mean, running_var, eps, (C,))
         return _empty_result(x, host, (C,), return_stats, out=out)
     batch_stats = bool(training) or not has_running
     ctx = _device.context()
@@ -412,6 +419,8 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         )
     check_out(out, x, host)
     if x.size == 0:
+        if return_stats and host and not use_input_stats:
+            return _empty_with_running_stats(x, out, running_mean, running_var, eps, (N, C))
         return _empty_result(x, host, (N, C), return_stats, out=out)
     ctx = _device.context()
 

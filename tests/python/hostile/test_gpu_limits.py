@@ -234,6 +234,33 @@ def test_gpu_frn_negative_eps_is_value_error_as_on_cpu():
         gpu.filter_response_norm(_x((2, 8, 4)), eps=-1e-5)
 
 
+def test_gpu_instance_norm_running_stats_of_empty_input_match_cpu():
+    # Long GPU fuzz run, session 5: with use_input_stats=False an empty input still reports the
+    # running statistics (broadcast to (N, C)) on the CPU; the GPU returned NaN.
+    x = np.zeros((2, 2, 0), F16)
+    kw = {"use_input_stats": False, "running_mean": np.array([-0.4, -1.5], F32),
+          "running_var": np.array([1.5, 0.8]), "return_stats": True}
+    want = rn.instance_norm(x, **kw)[1]
+    got = gpu.instance_norm(x, **kw)[1]
+    np.testing.assert_allclose(got.mean, want.mean, rtol=1e-7)
+    np.testing.assert_allclose(got.rstd, want.rstd, rtol=1e-6)
+
+
+@pytest.mark.parametrize("x0,eps", [(-0.15707089, 1e-5), (1.0, 1e-7), (3e3, 1e-2)])
+def test_gpu_rms_norm_backward_of_one_value(x0, eps):
+    # Long GPU fuzz run, session 5: over one value dx = dy * eps * rstd^3, which the general
+    # formula forms as rstd * dy * (1 - xhat^2), xhat^2 within a few ulp of 1 (1.7 % off).
+    # Both dx kernels (fused, sums + apply).
+    x = np.array([[x0], [-x0 / 3]], F32)
+    dy = np.array([[2.999], [-0.5]], F32)
+    want = rn.rms_norm_backward(dy, x, (1,), eps=eps).x
+    fused = gpu.rms_norm_backward(dy, x, (1,), eps=eps).x
+    with _device._limits(fused_chunks=0):
+        two_pass = gpu.rms_norm_backward(dy, x, (1,), eps=eps).x
+    np.testing.assert_array_equal(fused, two_pass)
+    np.testing.assert_allclose(fused, want, rtol=1e-4)
+
+
 # Found by the long GPU fuzz run (RSNORM_FUZZ=long), still open ------------------------------
 def test_gpu_eval_stats_of_empty_batch_match_cpu():
     x = np.zeros((0, 2, 1), F32)

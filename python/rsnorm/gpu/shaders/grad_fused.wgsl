@@ -153,6 +153,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         } else {
             let xh = xv * r;
             res = r * fma(-xh, tot.y / P.n, g);
+            // One value: 1 - xhat^2 = eps r^2 cancels in float32 when eps << x^2 (1.7 % off
+            // in the long fuzz run); dx = g eps r^3 is its closed form.
+            if (P.n == 1.0) {
+                res = select(g * P.eps * r * r * r, nan_f32(),
+                             is_nonfinite(g) || is_nonfinite(xv) || is_nan(r));
+            }
         }
         dx[i - P.win_start] = to_t(res);
     }
