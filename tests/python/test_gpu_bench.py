@@ -31,6 +31,23 @@ def test_bench_smoke(tmp_path, capsys):
     assert "GB/s" in text and "smoke test" in text
 
 
+def test_bench_reduction_workgroup_sweep(tmp_path, capsys):
+    # --red-wg times each op again with the reduction workgroup size forced (checked against the
+    # reference under each), and leaves the default afterwards.
+    path = tmp_path / "sweep.json"
+    rc = bench.main(["--smoke", "--ops", "ln,gn_bwd", "--no-torch", "--red-wg", "64,128",
+                     "--json", str(path)])
+    assert rc == 0
+    rows = json.loads(path.read_text())
+    assert [(r["op"], r["red_wg"]) for r in rows] == [
+        ("ln", None), ("ln", 64), ("ln", 128), ("gn_bwd", None), ("gn_bwd", 64), ("gn_bwd", 128)]
+    assert all(r["max_err_over_tol"] is None or r["max_err_over_tol"] <= 1.0 for r in rows)
+    assert "ln@64" in capsys.readouterr().out
+    assert "red_wg" not in gpu._device._overrides
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--red-wg", "48"])
+
+
 def test_bench_rejects_unknown_op():
     with pytest.raises(SystemExit):
         bench.main(["--ops", "nope"])

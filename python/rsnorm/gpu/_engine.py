@@ -58,7 +58,11 @@ class Reduction:
     def wg(self) -> int:
         """Invocations per reduction workgroup: 64 for groups up to 1024 elements (so short rows
         keep every invocation busy), else 256. A function of the group length only, like the
-        whole reduction order."""
+        whole reduction order. ``_device._limits(red_wg=...)`` forces one (the GPU benchmark's
+        ``--red-wg`` sweep; results then differ in the last bits from the default)."""
+        forced = _device._overrides.get("red_wg")
+        if forced:
+            return int(forced)
         return 64 if self.length <= 64 * PER else 256
 
     @property

@@ -345,8 +345,12 @@ def _torch_bench(op, x, dy, p, kw, repeats, dev="cuda"):
 
 
 def run(ops, sizes_mib, dtype="float32", layout="nchw", repeats=10, warmup=2, torch=True,
-        check=True, out=print):
-    """Benchmark ``ops`` at each size; returns a list of result dicts (also printed)."""
+        check=True, out=print, red_wgs=None):
+    """Benchmark ``ops`` at each size; returns a list of result dicts (also printed).
+
+    ``red_wgs``: also time each op with the reduction workgroup size forced to each of these
+    (rows ``op@wg``; PyTorch is timed once per op): a sweep to learn how the statistics
+    kernels' speed depends on occupancy and tree depth on a given card."""
     from rsnorm import gpu
 
     from . import _device, asarray, info
@@ -367,86 +371,97 @@ def run(ops, sizes_mib, dtype="float32", layout="nchw", repeats=10, warmup=2, to
     for size in sizes_mib:
         isz = np.dtype(dtype).itemsize
         elems = int(size * 2**20 // isz)
-        for op in ops:
-            shape, kw = _shapes(op, elems, layout)
-            x = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
-            dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype) if op.endswith(
-                "_bwd") else None
-            C = shape[-1] if kw.get("axis") == -1 else shape[1]
-            if op in ("ln", "rms", "ln_bwd", "rms_bwd"):
-                C = shape[-1]
-            p = _params(rng, C)
-            err = None
-            if check:
-                xs = x[:2] if x.shape[0] > 2 else x
-                want = _reference(op, xs, None, p, kw)
-                if want is not None:
-                    got = _gpu_call(gpu, op, xs, None, p, kw)
-                    tol = 2e-3 if dtype == "float16" else 1e-4
-                    err = float(np.max(np.abs(got - want) / (tol + tol * np.abs(want))))
-                    if not err <= 1.0:
-                        raise AssertionError(f"{op}: GPU result differs from the reference "
-                                             f"({err:.3g} x tolerance)")
-            xd = asarray(x)
-            dyd = asarray(dy) if dy is not None else None
-            pd = {k: (asarray(v) if isinstance(v, np.ndarray) and v.dtype == np.float32 else v)
-                  for k, v in p.items()}
-            if op.endswith("_bwd"):
-                pd["stats"] = _forward_stats(gpu, op, xd, pd, kw)
-            for _ in range(warmup):
-                _gpu_call(gpu, op, xd, dyd, pd, kw)
-            wait()
-            walls, kernels = [], []
-            for _ in range(repeats):
-                if timing is not None:
-                    timing.n = 0
-                    _device._timing = timing
-                t0 = time.perf_counter()
-                _gpu_call(gpu, op, xd, dyd, pd, kw)
-                wait()
-                walls.append(time.perf_counter() - t0)
-                _device._timing = None
-                if timing is not None:
-                    kernels.append(timing.read_ns() * 1e-9)
-            rt = []
-            for _ in range(max(1, min(repeats, 3))):
-                t0 = time.perf_counter()
-                _gpu_call(gpu, op, x, dy, p, kw)
-                rt.append(time.perf_counter() - t0)
-            nbytes = x.nbytes
-            moved = _bytes(op, nbytes, C)
-            wall = statistics.median(walls)
-            kern = statistics.median(kernels) if kernels else None
-            tbest = kern if kern else wall
-            copy = _copy_time(ctx, xd, repeats, wait, timing)
-            gbps = moved / tbest / 1e9
-            row = {
-                "op": op, "shape": list(shape), "dtype": dtype, "layout": layout,
-                "kernel_ms": kern * 1e3 if kern else None, "wall_ms": wall * 1e3,
-                "wall_spread_ms": (max(walls) - min(walls)) * 1e3,
-                "numpy_roundtrip_ms": statistics.median(rt) * 1e3,
-                "bytes_min": moved, "gbps": gbps,
-                "copy_gbps": 2 * nbytes / copy / 1e9,
-                "pct_of_copy": 100.0 * gbps / (2 * nbytes / copy / 1e9),
-                "pct_of_nominal": 100.0 * gbps / nominal if nominal else None,
-                "max_err_over_tol": err, "device": inf["adapter"], "fallback": fallback,
-            }
-            if torch and not fallback:
-                try:
-                    tb = _torch_bench(op, x, dy, p, kw, repeats)
-                except Exception as exc:  # noqa: BLE001 - a torch limitation must not stop the run
-                    tb = None
-                    row["torch_error"] = f"{type(exc).__name__}: {exc}"[:200]
-                if tb is not None:
-                    tms, tcopy = tb
-                    row["torch_ms"] = tms
-                    row["torch_gbps"] = moved / (tms * 1e-3) / 1e9
-                    row["torch_copy_gbps"] = 2 * nbytes / (tcopy * 1e-3) / 1e9
-                    row["ratio_vs_torch"] = (tbest * 1e3) / tms
+        for op, wg in [(o, w) for o in ops for w in [None, *(red_wgs or [])]]:
+            with _device._limits(**({"red_wg": wg} if wg else {})):
+                row = _run_one(gpu, asarray, ctx, wait, timing, inf, nominal, fallback, rng,
+                               op, wg, elems, dtype, layout, repeats, warmup,
+                               torch and wg is None, check)
             results.append(row)
-            xd = dyd = pd = None
     _print_table(results, out)
     return results
+
+
+def _run_one(gpu, asarray, ctx, wait, timing, inf, nominal, fallback, rng, op, wg, elems,
+             dtype, layout, repeats, warmup, torch, check):
+    from . import _device
+
+    shape, kw = _shapes(op, elems, layout)
+    x = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+    dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype) if op.endswith(
+        "_bwd") else None
+    C = shape[-1] if kw.get("axis") == -1 else shape[1]
+    if op in ("ln", "rms", "ln_bwd", "rms_bwd"):
+        C = shape[-1]
+    p = _params(rng, C)
+    err = None
+    if check:
+        xs = x[:2] if x.shape[0] > 2 else x
+        want = _reference(op, xs, None, p, kw)
+        if want is not None:
+            got = _gpu_call(gpu, op, xs, None, p, kw)
+            tol = 2e-3 if dtype == "float16" else 1e-4
+            err = float(np.max(np.abs(got - want) / (tol + tol * np.abs(want))))
+            if not err <= 1.0:
+                raise AssertionError(f"{op}: GPU result differs from the reference "
+                                     f"({err:.3g} x tolerance)")
+    xd = asarray(x)
+    dyd = asarray(dy) if dy is not None else None
+    pd = {k: (asarray(v) if isinstance(v, np.ndarray) and v.dtype == np.float32 else v)
+          for k, v in p.items()}
+    if op.endswith("_bwd"):
+        pd["stats"] = _forward_stats(gpu, op, xd, pd, kw)
+    for _ in range(warmup):
+        _gpu_call(gpu, op, xd, dyd, pd, kw)
+    wait()
+    walls, kernels = [], []
+    for _ in range(repeats):
+        if timing is not None:
+            timing.n = 0
+            _device._timing = timing
+        t0 = time.perf_counter()
+        _gpu_call(gpu, op, xd, dyd, pd, kw)
+        wait()
+        walls.append(time.perf_counter() - t0)
+        _device._timing = None
+        if timing is not None:
+            kernels.append(timing.read_ns() * 1e-9)
+    rt = []
+    for _ in range(max(1, min(repeats, 3))):
+        t0 = time.perf_counter()
+        _gpu_call(gpu, op, x, dy, p, kw)
+        rt.append(time.perf_counter() - t0)
+    nbytes = x.nbytes
+    moved = _bytes(op, nbytes, C)
+    wall = statistics.median(walls)
+    kern = statistics.median(kernels) if kernels else None
+    tbest = kern if kern else wall
+    copy = _copy_time(ctx, xd, repeats, wait, timing)
+    gbps = moved / tbest / 1e9
+    row = {
+        "op": op, "shape": list(shape), "dtype": dtype, "layout": layout,
+        "kernel_ms": kern * 1e3 if kern else None, "wall_ms": wall * 1e3,
+        "wall_spread_ms": (max(walls) - min(walls)) * 1e3,
+        "numpy_roundtrip_ms": statistics.median(rt) * 1e3,
+        "bytes_min": moved, "gbps": gbps,
+        "copy_gbps": 2 * nbytes / copy / 1e9,
+        "pct_of_copy": 100.0 * gbps / (2 * nbytes / copy / 1e9),
+        "pct_of_nominal": 100.0 * gbps / nominal if nominal else None,
+        "max_err_over_tol": err, "device": inf["adapter"], "fallback": fallback,
+    }
+    if torch and not fallback:
+        try:
+            tb = _torch_bench(op, x, dy, p, kw, repeats)
+        except Exception as exc:  # noqa: BLE001 - a torch limitation must not stop the run
+            tb = None
+            row["torch_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        if tb is not None:
+            tms, tcopy = tb
+            row["torch_ms"] = tms
+            row["torch_gbps"] = moved / (tms * 1e-3) / 1e9
+            row["torch_copy_gbps"] = 2 * nbytes / (tcopy * 1e-3) / 1e9
+            row["ratio_vs_torch"] = (tbest * 1e3) / tms
+    row["red_wg"] = wg
+    return row
 
 
 def _fmt(v, f="{:.3f}"):
@@ -454,11 +469,12 @@ def _fmt(v, f="{:.3f}"):
 
 
 def _print_table(rows, out):
-    hdr = (f"{'op':<8} {'shape':<22} {'dtype':<8} {'kernel ms':>10} {'wall ms':>9} "
+    hdr = (f"{'op':<10} {'shape':<22} {'dtype':<8} {'kernel ms':>10} {'wall ms':>9} "
            f"{'numpy ms':>9} {'GB/s':>8} {'%copy':>6} {'%HBM':>6} {'torch ms':>9} {'x torch':>8}")
     out(hdr)
     for r in rows:
-        out(f"{r['op']:<8} {'x'.join(map(str, r['shape'])):<22} {r['dtype']:<8} "
+        name = f"{r['op']}@{r['red_wg']}" if r.get("red_wg") else r["op"]
+        out(f"{name:<10} {'x'.join(map(str, r['shape'])):<22} {r['dtype']:<8} "
             f"{_fmt(r['kernel_ms']):>10} {_fmt(r['wall_ms']):>9} "
             f"{_fmt(r['numpy_roundtrip_ms']):>9} {_fmt(r['gbps'], '{:.1f}'):>8} "
             f"{_fmt(r['pct_of_copy'], '{:.0f}'):>6} {_fmt(r['pct_of_nominal'], '{:.0f}'):>6} "
@@ -479,6 +495,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--json", help="write the results to this file")
+    ap.add_argument("--red-wg", default="",
+                    help="comma-separated reduction workgroup sizes (32, 64, 128, 256) to time "
+                         "each op with as well (rows op@wg), e.g. 64,128")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes and 2 repeats (a functional check, e.g. on lavapipe)")
     args = ap.parse_args(argv)
@@ -487,6 +506,9 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown ops {bad}; choose from {OPS}")
     sizes = [float(s) for s in args.size_mib.split(",")]
+    red_wgs = [int(v) for v in args.red_wg.split(",") if v.strip()]
+    if any(v not in (32, 64, 128, 256) for v in red_wgs):
+        ap.error(f"--red-wg takes 32, 64, 128 or 256, got {red_wgs}")
     repeats, warmup = args.repeats, args.warmup
     if args.smoke:
         sizes, repeats, warmup = [0.25], 2, 1
@@ -499,7 +521,7 @@ def main(argv=None) -> int:
             print("rsnorm bench --backend gpu: no GPU adapter found", file=sys.stderr)
             return 2
         rows = run(ops, sizes, args.dtype, args.layout, repeats, warmup,
-                   torch=not args.no_torch, check=not args.no_check)
+                   torch=not args.no_torch, check=not args.no_check, red_wgs=red_wgs)
     except AssertionError as exc:
         print(f"rsnorm bench --backend gpu: {exc}", file=sys.stderr)
         return 1
