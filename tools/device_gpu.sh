@@ -24,11 +24,14 @@ python3 -c "import rsnorm, torch, rsnorm.gpu as g; print(rsnorm.__version__, tor
     2>&1 | tee "$OUT/info.txt" || exit 1
 
 b() { timeout "$1" python3 -m rsnorm.gpu.bench "${@:2}"; }
-b 150 --ops all --size-mib ${SIZES:-256} --json "$OUT/gpu_f32.json" 2>&1 | tee "$OUT/bench_f32.txt"
-b 60 --ops bn,bn_eval,ln,rms,gn,in --layout nhwc --size-mib 256 --json "$OUT/gpu_nhwc.json" 2>&1 \
+b 100 --ops all --size-mib ${SIZES:-256} --json "$OUT/gpu_f32.json" 2>&1 | tee "$OUT/bench_f32.txt"
+b 45 --ops bn,bn_eval,ln,rms,gn,in --layout nhwc --size-mib 256 --json "$OUT/gpu_nhwc.json" 2>&1 \
     | tee "$OUT/bench_nhwc.txt"
-b 60 --ops bn,ln,rms,gn --dtype float16 --size-mib 256 --json "$OUT/gpu_f16.json" 2>&1 \
+b 45 --ops bn,ln,rms,gn --dtype float16 --size-mib 256 --json "$OUT/gpu_f16.json" 2>&1 \
     | tee "$OUT/bench_f16.txt"
-timeout 200 python3 -m pytest -q -rf -p no:cacheprovider tests/python/test_gpu.py \
+# How the statistics kernels depend on the reduction workgroup size (occupancy vs tree depth).
+b 60 --ops ln,rms,bn,gn,ln_bwd --red-wg 64,128 --no-torch --json "$OUT/gpu_sweep.json" 2>&1 \
+    | tee "$OUT/bench_sweep.txt"
+timeout 100 python3 -m pytest -q -rf -p no:cacheprovider tests/python/test_gpu.py \
     tests/python/test_gpu_backward.py >"$OUT/pytest_gpu.txt" 2>&1
 tail -5 "$OUT/pytest_gpu.txt"
