@@ -33,5 +33,5 @@ b 45 --ops bn,ln,rms,gn --dtype float16 --size-mib 256 --json "$OUT/gpu_f16.json
 b 60 --ops ln,rms,bn,gn,ln_bwd --red-wg 64,128 --no-torch --json "$OUT/gpu_sweep.json" 2>&1 \
     | tee "$OUT/bench_sweep.txt"
 timeout 100 python3 -m pytest -q -rf -p no:cacheprovider tests/python/test_gpu.py \
-    tests/python/test_gpu_backward.py >"$OUT/pytest_gpu.txt" 2>&1
+    tests/python/test_gpu_backward.py tests/python/hostile/test_gpu_limits.py >"$OUT/pytest_gpu.txt" 2>&1
 tail -5 "$OUT/pytest_gpu.txt"
