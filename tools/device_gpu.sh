@@ -29,8 +29,9 @@ b 45 --ops bn,bn_eval,ln,rms,gn,in --layout nhwc --size-mib 256 --json "$OUT/gpu
     | tee "$OUT/bench_nhwc.txt"
 b 45 --ops bn,ln,rms,gn --dtype float16 --size-mib 256 --json "$OUT/gpu_f16.json" 2>&1 \
     | tee "$OUT/bench_f16.txt"
-# How the statistics kernels depend on the reduction workgroup size (occupancy vs tree depth).
-b 60 --ops ln,rms,bn,gn,ln_bwd --red-wg 64,128 --no-torch --json "$OUT/gpu_sweep.json" 2>&1 \
+# How the statistics kernels depend on the reduction workgroup size (occupancy vs tree depth)
+# and on re-reading x for the apply (keep_x: the fused kernel keeps it in registers).
+b 60 --ops ln,rms,in,bn,gn,ln_bwd --red-wg 64,128 --keep-x --no-torch --json "$OUT/gpu_sweep.json" 2>&1 \
     | tee "$OUT/bench_sweep.txt"
 timeout 100 python3 -m pytest -q -rf -p no:cacheprovider tests/python/test_gpu.py \
     tests/python/test_gpu_backward.py tests/python/hostile/test_gpu_limits.py >"$OUT/pytest_gpu.txt" 2>&1

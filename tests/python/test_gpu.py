@@ -842,6 +842,28 @@ def test_random_shapes_and_axes(seed):
 # ----------------------------------------------------------------------------- device loss (last)
 
 
+@pytest.mark.parametrize("shape,op", [((64, 4096), "ln"), ((33, 1000), "rms"), ((5, 3000), "ln"),
+                                      ((4, 8, 32, 32), "in"), ((4, 8, 16, 16), "gn"),
+                                      ((3, 8, 20, 20), "frn")])
+def test_fused_kernel_keeping_x_in_registers_gives_the_same_bits(rng, shape, op):
+    # The benchmark's keep_x variant (values of one-chunk groups kept for the apply) changes
+    # where x is read from, never the arithmetic.
+    x = randn(rng, *shape, loc=3.0)
+    C = shape[1]
+    w = rng.standard_normal(C).astype(np.float32)
+    calls = {
+        "ln": lambda: gpu.layer_norm(x, shape[-1], np.tile(w[:1], shape[-1]), None),
+        "rms": lambda: gpu.rms_norm(x, shape[-1]),
+        "in": lambda: gpu.instance_norm(x, weight=w, bias=w),
+        "gn": lambda: gpu.group_norm(x, 4, w, w),
+        "frn": lambda: gpu.filter_response_norm(x, w, w, w),
+    }
+    want = calls[op]()
+    with _device._limits(keep_x=1):
+        got = calls[op]()
+    np.testing.assert_array_equal(got, want)
+
+
 def test_device_arrays_in_reference_cycles_recycle_live_buffers(rng):
     # A device array caught in a reference cycle (e.g. by an exception's traceback) is freed by
     # the cyclic GC together with whatever it references. Its buffer must go back to the pool

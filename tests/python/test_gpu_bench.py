@@ -36,14 +36,16 @@ def test_bench_reduction_workgroup_sweep(tmp_path, capsys):
     # reference under each), and leaves the default afterwards.
     path = tmp_path / "sweep.json"
     rc = bench.main(["--smoke", "--ops", "ln,gn_bwd", "--no-torch", "--red-wg", "64,128",
-                     "--json", str(path)])
+                     "--keep-x", "--json", str(path)])
     assert rc == 0
     rows = json.loads(path.read_text())
-    assert [(r["op"], r["red_wg"]) for r in rows] == [
-        ("ln", None), ("ln", 64), ("ln", 128), ("gn_bwd", None), ("gn_bwd", 64), ("gn_bwd", 128)]
+    assert [(r["op"], r["variant"]) for r in rows] == [
+        (op, v) for op in ("ln", "gn_bwd") for v in (None, "64", "128", "keep_x")]
+    assert [r["red_wg"] for r in rows[:4]] == [None, 64, 128, None]
     assert all(r["max_err_over_tol"] is None or r["max_err_over_tol"] <= 1.0 for r in rows)
-    assert "ln@64" in capsys.readouterr().out
-    assert "red_wg" not in gpu._device._overrides
+    text = capsys.readouterr().out
+    assert "ln@64" in text and "ln@keep_x" in text
+    assert not gpu._device._overrides
     with pytest.raises(SystemExit):
         bench.main(["--smoke", "--red-wg", "48"])
 

@@ -483,6 +483,8 @@ def fused_pass(enc, data: Data, y: GPUArray, red: Reduction, gmap: GroupMap, mod
               "HAS_B": int(b is not None), "HAS_TAU": int(tau is not None)}
     if small:
         consts["TREE_WG"] = red.wg
+    elif _device._overrides.get("keep_x"):
+        consts["KEEP_X"] = 1
     for q0, q1, _, _, lo, hi in plan_blocks(ctx, red, isz):
         off, size = _window(ctx, lo, hi, isz)
         params = pack([

@@ -345,12 +345,13 @@ def _torch_bench(op, x, dy, p, kw, repeats, dev="cuda"):
 
 
 def run(ops, sizes_mib, dtype="float32", layout="nchw", repeats=10, warmup=2, torch=True,
-        check=True, out=print, red_wgs=None):
+        check=True, out=print, red_wgs=None, variants=None):
     """Benchmark ``ops`` at each size; returns a list of result dicts (also printed).
 
     ``red_wgs``: also time each op with the reduction workgroup size forced to each of these
     (rows ``op@wg``; PyTorch is timed once per op): a sweep to learn how the statistics
-    kernels' speed depends on occupancy and tree depth on a given card."""
+    kernels' speed depends on occupancy and tree depth on a given card. ``variants``: more
+    ``(label, overrides)`` pairs timed the same way, e.g. ``("keep_x", {"keep_x": 1})``."""
     from rsnorm import gpu
 
     from . import _device, asarray, info
@@ -371,18 +372,22 @@ def run(ops, sizes_mib, dtype="float32", layout="nchw", repeats=10, warmup=2, to
     for size in sizes_mib:
         isz = np.dtype(dtype).itemsize
         elems = int(size * 2**20 // isz)
-        for op, wg in [(o, w) for o in ops for w in [None, *(red_wgs or [])]]:
-            with _device._limits(**({"red_wg": wg} if wg else {})):
+        runs = [(None, {}), *((str(w), {"red_wg": w}) for w in red_wgs or []),
+                *(variants or [])]
+        for op, (label, over) in [(o, v) for o in ops for v in runs]:
+            with _device._limits(**over):
                 row = _run_one(gpu, asarray, ctx, wait, timing, inf, nominal, fallback, rng,
-                               op, wg, elems, dtype, layout, repeats, warmup,
-                               torch and wg is None, check)
+                               op, elems, dtype, layout, repeats, warmup,
+                               torch and label is None, check)
+            row["variant"] = label
+            row["red_wg"] = over.get("red_wg")
             results.append(row)
     _print_table(results, out)
     return results
 
 
-def _run_one(gpu, asarray, ctx, wait, timing, inf, nominal, fallback, rng, op, wg, elems,
-             dtype, layout, repeats, warmup, torch, check):
+def _run_one(gpu, asarray, ctx, wait, timing, inf, nominal, fallback, rng, op, elems, dtype,
+             layout, repeats, warmup, torch, check):
     from . import _device
 
     shape, kw = _shapes(op, elems, layout)
@@ -460,7 +465,6 @@ def _run_one(gpu, asarray, ctx, wait, timing, inf, nominal, fallback, rng, op, w
             row["torch_gbps"] = moved / (tms * 1e-3) / 1e9
             row["torch_copy_gbps"] = 2 * nbytes / (tcopy * 1e-3) / 1e9
             row["ratio_vs_torch"] = (tbest * 1e3) / tms
-    row["red_wg"] = wg
     return row
 
 
@@ -473,7 +477,7 @@ def _print_table(rows, out):
            f"{'numpy ms':>9} {'GB/s':>8} {'%copy':>6} {'%HBM':>6} {'torch ms':>9} {'x torch':>8}")
     out(hdr)
     for r in rows:
-        name = f"{r['op']}@{r['red_wg']}" if r.get("red_wg") else r["op"]
+        name = f"{r['op']}@{r['variant']}" if r.get("variant") else r["op"]
         out(f"{name:<10} {'x'.join(map(str, r['shape'])):<22} {r['dtype']:<8} "
             f"{_fmt(r['kernel_ms']):>10} {_fmt(r['wall_ms']):>9} "
             f"{_fmt(r['numpy_roundtrip_ms']):>9} {_fmt(r['gbps'], '{:.1f}'):>8} "
@@ -498,6 +502,9 @@ def main(argv=None) -> int:
     ap.add_argument("--red-wg", default="",
                     help="comma-separated reduction workgroup sizes (32, 64, 128, 256) to time "
                          "each op with as well (rows op@wg), e.g. 64,128")
+    ap.add_argument("--keep-x", action="store_true",
+                    help="also time each op with the fused kernel keeping x in registers for "
+                         "the apply (rows op@keep_x)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes and 2 repeats (a functional check, e.g. on lavapipe)")
     args = ap.parse_args(argv)
@@ -521,7 +528,8 @@ def main(argv=None) -> int:
             print("rsnorm bench --backend gpu: no GPU adapter found", file=sys.stderr)
             return 2
         rows = run(ops, sizes, args.dtype, args.layout, repeats, warmup,
-                   torch=not args.no_torch, check=not args.no_check, red_wgs=red_wgs)
+                   torch=not args.no_torch, check=not args.no_check, red_wgs=red_wgs,
+                   variants=[("keep_x", {"keep_x": 1})] if args.keep_x else None)
     except AssertionError as exc:
         print(f"rsnorm bench --backend gpu: {exc}", file=sys.stderr)
         return 1

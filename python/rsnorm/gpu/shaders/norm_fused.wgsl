@@ -27,6 +27,9 @@ override MODE: u32 = 0u;
 override HAS_W: u32 = 0u;
 override HAS_B: u32 = 0u;
 override HAS_TAU: u32 = 0u;
+// 1: a one-chunk group keeps its values in registers for the apply instead of re-reading x
+// (an experiment for the GPU benchmark's --variant keep_x=1; same bits either way).
+override KEEP_X: u32 = 0u;
 
 struct Params {
     n_g: u32,
@@ -80,6 +83,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let base = o * P.outer_stride + g * P.g_stride;
 
     var acc: Part;
+    let keep = KEEP_X == 1u && P.n_chunks == 1u;
+    var xs: array<f32, PER>;
     for (var j = 0u; j < P.n_chunks; j += 1u) {
         var v: array<f32, PER>;
         var cnt = 0u;
@@ -92,6 +97,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             cnt += 1u;
             bad = bad || is_nonfinite(val);
             amax = max(amax, abs(val));
+        }
+        if (keep) {
+            xs = v;
         }
         sh[t] = thread_part(&v, cnt, amax, bad);
         workgroupBarrier();
@@ -120,25 +128,40 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
     // Layer/RMS norm rows: the affine index is k itself.
     let c_is_k = P.I == 1u && P.C == P.len && P.run_len >= P.len;
-    for (var k = t; k < P.len; k += WG) {
-        let i = index_of(base, k);
-        var c = k;
-        if (!c_is_k) {
-            c = (i / P.I) % P.C;
+    if (keep) {
+        // Invocation t held k = t + m * WG in xs[m] (the load loop's order).
+        for (var m = 0u; m < PER; m += 1u) {
+            let k = t + m * WG;
+            if (k < P.len) {
+                store_y(base, k, xs[m], gs, c_is_k);
+            }
         }
-        var yv = normalize_value(f32(x[i - P.win_start]), gs, MODE);
-        var wv = 1.0;
-        if (HAS_W == 1u) {
-            wv = w[c];
-        }
-        var bv = 0.0;
-        if (HAS_B == 1u) {
-            bv = b[c];
-        }
-        yv = affine(yv, wv, bv, HAS_W == 1u, HAS_B == 1u);
-        if (HAS_TAU == 1u) {
-            yv = select(max(yv, tau[c]), yv, is_nan(yv));
-        }
-        y[i - P.win_start] = to_t(yv);
+        return;
     }
+    for (var k = t; k < P.len; k += WG) {
+        store_y(base, k, f32(x[index_of(base, k) - P.win_start]), gs, c_is_k);
+    }
+}
+
+// y of the k-th element of the group at base, whose value is xv.
+fn store_y(base: u32, k: u32, xv: f32, gs: GStat, c_is_k: bool) {
+    let i = index_of(base, k);
+    var c = k;
+    if (!c_is_k) {
+        c = (i / P.I) % P.C;
+    }
+    var yv = normalize_value(xv, gs, MODE);
+    var wv = 1.0;
+    if (HAS_W == 1u) {
+        wv = w[c];
+    }
+    var bv = 0.0;
+    if (HAS_B == 1u) {
+        bv = b[c];
+    }
+    yv = affine(yv, wv, bv, HAS_W == 1u, HAS_B == 1u);
+    if (HAS_TAU == 1u) {
+        yv = select(max(yv, tau[c]), yv, is_nan(yv));
+    }
+    y[i - P.win_start] = to_t(yv);
 }
