@@ -177,26 +177,27 @@ fn finalize(acc: Part, eps: f32, mode: u32) -> GStat {
     return gs;
 }
 
-// The per-channel affine of a normalized value, one rounding when both parameters are present.
-fn affine(v: f32, wv: f32, bv: f32, has_w: bool, has_b: bool) -> f32 {
+// The normalized value of x in its group followed by the per-channel affine (weight wv and bias
+// bv where has_w / has_b): mode 0 centred, mode 1 scale only. A zero deviation stays exactly 0
+// (so y is exactly the bias) even when rstd is infinite (constant group with eps = 0). With a
+// bias alone, d * rstd + b is one explicit fma: spelled as a product and a sum, a compiler may
+// contract it in one pipeline and not in another (see the top of this file).
+fn normalize_affine(xv: f32, gs: GStat, mode: u32, wv: f32, bv: f32, has_w: bool,
+                    has_b: bool) -> f32 {
+    var d = ldexp(xv, -gs.e);
+    if (mode == 0u) {
+        d = (d - gs.hi_s) - gs.lo_s;
+    }
+    let zero = d == 0.0 && !is_nan(gs.rstd_s);
+    if (has_b && !has_w) {
+        return select(fma(d, gs.rstd_s, bv), bv, zero);
+    }
+    let v = select(d * gs.rstd_s, 0.0, zero);
     if (has_w && has_b) {
         return fma(v, wv, bv);
     }
     if (has_w) {
         return v * wv;
     }
-    if (has_b) {
-        return v + bv;
-    }
     return v;
-}
-
-// The normalized value (before the affine) of x in a group: mode 0 centred, mode 1 scale only.
-// A zero deviation stays exactly 0 even when rstd is infinite (constant group with eps = 0).
-fn normalize_value(xv: f32, gs: GStat, mode: u32) -> f32 {
-    var d = ldexp(xv, -gs.e);
-    if (mode == 0u) {
-        d = (d - gs.hi_s) - gs.lo_s;
-    }
-    return select(d * gs.rstd_s, 0.0, d == 0.0 && !is_nan(gs.rstd_s));
 }

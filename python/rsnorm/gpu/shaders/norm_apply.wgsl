@@ -67,7 +67,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             if (P.group_mode == 1u && FIXED_C == 0u) {
                 grp = (i / P.a_stride) * P.G + grp;
             }
-            yv = normalize_value(xv, gstat[grp], MODE);
             var wv = 1.0;
             if (HAS_W == 1u) {
                 wv = w[c];
@@ -76,7 +75,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             if (HAS_B == 1u) {
                 bv = b[c];
             }
-            yv = affine(yv, wv, bv, HAS_W == 1u, HAS_B == 1u);
+            yv = normalize_affine(xv, gstat[grp], MODE, wv, bv, HAS_W == 1u, HAS_B == 1u);
         }
         if (HAS_TAU == 1u) {
             // max() is unspecified for NaN: keep a NaN explicitly.

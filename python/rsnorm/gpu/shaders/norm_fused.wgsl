@@ -19,7 +19,7 @@
 //   base + (k / run_len) * run_stride + k % run_len) are taken chunk by chunk (WG * PER elements,
 //   invocation t holding k = t, t + WG, ...), each chunk goes through thread_part and the same
 //   pairwise tree, the chunk partials are merged left to right, then finalize and
-//   normalize_value. Channel of global element i: (i / I) % C, for the per-channel affine.
+//   normalize_affine. Channel of global element i: (i / I) % C, for the per-channel affine.
 //   MODE 0 centred, MODE 1 mean square (RMS, FRN).
 
 override WG: u32 = 256u;
@@ -150,7 +150,6 @@ fn store_y(base: u32, k: u32, xv: f32, gs: GStat, c_is_k: bool) {
     if (!c_is_k) {
         c = (i / P.I) % P.C;
     }
-    var yv = normalize_value(xv, gs, MODE);
     var wv = 1.0;
     if (HAS_W == 1u) {
         wv = w[c];
@@ -159,7 +158,7 @@ fn store_y(base: u32, k: u32, xv: f32, gs: GStat, c_is_k: bool) {
     if (HAS_B == 1u) {
         bv = b[c];
     }
-    yv = affine(yv, wv, bv, HAS_W == 1u, HAS_B == 1u);
+    var yv = normalize_affine(xv, gs, MODE, wv, bv, HAS_W == 1u, HAS_B == 1u);
     if (HAS_TAU == 1u) {
         yv = select(max(yv, tau[c]), yv, is_nan(yv));
     }

@@ -93,7 +93,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     for (var k = 0u; k < len; k += 1u) {
         let i = index_of(base, k);
         let c = (i / P.I) % P.C;
-        var yv = normalize_value(f32(x[i - P.win_start]), gs, MODE);
         var wv = 1.0;
         if (HAS_W == 1u) {
             wv = w[c];
@@ -102,7 +101,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         if (HAS_B == 1u) {
             bv = b[c];
         }
-        yv = affine(yv, wv, bv, HAS_W == 1u, HAS_B == 1u);
+        var yv = normalize_affine(f32(x[i - P.win_start]), gs, MODE, wv, bv, HAS_W == 1u,
+                                  HAS_B == 1u);
         if (HAS_TAU == 1u) {
             yv = select(max(yv, tau[c]), yv, is_nan(yv));
         }
