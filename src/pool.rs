@@ -270,7 +270,7 @@ pub fn worth_parallel(bytes: usize) -> bool {
 }
 
 /// Below this many input bytes a parallel call is shared with the calling thread
-/// ([`run_shared`]); above it the pool runs it while the caller sleeps (`install`). Measured on
+/// (`run_shared`); above it the pool runs it while the caller sleeps (`install`). Measured on
 /// 2 vCPUs, one process per build: sharing took batch norm (256, 1024) from 85 to 70 µs and the
 /// eval calls of 1-2 MiB 10-15 % down, but made 12-25 MiB calls (instance norm (32,64,56,56),
 /// 2048 tasks) 5-20 % slower, where two pool workers scaled better than caller + one worker.
