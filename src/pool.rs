@@ -112,7 +112,7 @@ where
 {
     if parallel && tasks > 1 && num_threads() > 1 {
         if let Some(p) = pool() {
-            if shared_call() {
+            if shared_call(tasks) {
                 run_shared(&p, tasks, &f);
             } else {
                 p.install(|| (0..tasks).into_par_iter().for_each(&f));
@@ -284,8 +284,9 @@ thread_local! {
     static CALL_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
 }
 
-fn shared_call() -> bool {
-    CALL_BYTES.with(|c| c.get()) < SHARED_MAX_BYTES
+/// Whether a call of `tasks` tasks is shared with the caller (the ranges pack two u32 bounds).
+fn shared_call(tasks: usize) -> bool {
+    CALL_BYTES.with(|c| c.get()) < SHARED_MAX_BYTES && u32::try_from(tasks).is_ok()
 }
 
 /// Like [`for_each_task`], collecting `f(i)` in task order.
@@ -296,7 +297,7 @@ where
 {
     if parallel && tasks > 1 && num_threads() > 1 {
         if let Some(p) = pool() {
-            if !shared_call() {
+            if !shared_call(tasks) {
                 return p.install(|| (0..tasks).into_par_iter().map(&f).collect());
             }
             // Each task fills its own slot; the slots are read after every task has finished.
