@@ -134,31 +134,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 dv = dv - l;
             }
             let xh = dv * r;
-            res = r * fma(-xh, tot.y / P.n, fma(dyv, wc, -(tot.x / P.n)));
-            // A group of one value is constant in x: dx is exactly 0 (NaN for non-finite
-            // inputs). The fused formula leaves the rounding error of dy * w times rstd
-            // where fma is fused (NVIDIA; lavapipe rounds twice and gets 0 anyway).
-            if (P.n == 1.0) {
-                res = select(0.0, nan_f32(), is_nonfinite(g) || is_nonfinite(xv) || is_nan(r));
-            }
-            // Two values: d1 = -d2, and the terms cancel to r (g1 - g2) / 2 * eps r^2, about
-            // eps / var of their size: float32 lost every digit for tiny variances (x ~ 1e-3,
-            // eps = 1e-12: 20 % off). The closed form (g1 - g2 = 2 g1 - sum) keeps them.
-            if (P.n == 2.0) {
-                let gd = fma(2.0, g, -tot.x) * 0.5;
-                res = select(gd * P.eps * r * r * r, nan_f32(),
-                             is_nonfinite(tot.x) || is_nonfinite(tot.y) || is_nonfinite(xv)
-                             || is_nan(r));
-            }
+            res = dx_centred(dyv, wc, xh, xv, r, tot, P.n, P.eps);
         } else {
             let xh = xv * r;
-            res = r * fma(-xh, tot.y / P.n, g);
-            // One value: 1 - xhat^2 = eps r^2 cancels in float32 when eps << x^2 (1.7 % off
-            // in the long fuzz run); dx = g eps r^3 is its closed form.
-            if (P.n == 1.0) {
-                res = select(g * P.eps * r * r * r, nan_f32(),
-                             is_nonfinite(g) || is_nonfinite(xv) || is_nan(r));
-            }
+            res = dx_mean_square(g, xh, xv, r, tot, P.n, P.eps);
         }
         dx[i - P.win_start] = to_t(res);
     }
