@@ -9,12 +9,14 @@
 //! * Small problems never touch the pool: waking a worker costs 20-35 µs on this class of VM,
 //!   more than the whole work below `PARALLEL_MIN_BYTES`.
 //! * Mid-size calls (below `SHARED_MAX_BYTES`) are shared with the calling thread, which starts
-//!   at once instead of sleeping until the pool is done (`run_shared`); larger ones go to the
-//!   pool (`install`), which scaled better there. Either way each task runs exactly once and
-//!   writes its own memory, so results do not depend on the schedule.
+//!   at once instead of sleeping until the pool is done (`run_shared`), and with helper threads
+//!   that stay awake for `SPIN` after each call (`hot`), so back-to-back calls do not pay a
+//!   wake-up at either end; larger ones go to the pool (`install`), which scaled better there.
+//!   Either way each task runs exactly once and writes its own memory, so results do not
+//!   depend on the schedule.
 
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 
 /// Below this many bytes of input a kernel runs on the calling thread. About 512 KiB: the
@@ -123,11 +125,12 @@ where
     (0..tasks).for_each(f);
 }
 
-/// One parallel call shared by the calling thread and helper jobs on the pool. The caller never
-/// waits for a helper that has not started: on this class of 2-vCPU VM a sleeping worker takes
-/// 20-35 µs to wake, and with `install` (the caller blocked until the pool had finished) a
-/// ~1 MiB call on two threads was slower than on one. Here the caller starts at once and a late
-/// helper finds its share done.
+/// One parallel call shared by the calling thread and helpers. The caller never waits for a
+/// helper that has not started: on this class of 2-vCPU VM a sleeping thread takes 20-35 µs to
+/// wake, and with `install` (the caller blocked until the pool had finished) a ~1 MiB call on
+/// two threads was slower than on one. Here the caller starts at once and a late helper finds
+/// its share done. Helpers come from `hot` (awake between calls) and, when those are busy, from
+/// the rayon pool.
 ///
 /// The tasks are split into one contiguous range per participant, each walked from its front by
 /// its owner (each thread's memory stream stays sequential, as with rayon's halving); a
@@ -136,10 +139,14 @@ where
 struct SharedCall {
     /// Per participant: `lo << 32 | hi`, the tasks `lo..hi` not yet claimed.
     ranges: Vec<Range>,
-    /// (closed, running helpers): a helper may touch `body` only after registering while the
-    /// call is open, and the caller returns only once it is closed and no helper runs.
-    state: Mutex<(bool, usize)>,
-    idle: Condvar,
+    /// Set by the caller once no task is left to claim. A helper may touch `body` only after
+    /// registering in `running` while the call is open, and the caller returns only once the
+    /// call is closed and `running` is 0 (both sequentially consistent: either the helper sees
+    /// `closed`, or the caller sees it running).
+    closed: AtomicBool,
+    running: AtomicUsize,
+    /// Where the caller sleeps if the last helper is still busy after `SPIN`.
+    idle: (Mutex<()>, Condvar),
     body: *const (dyn Fn(usize) + Sync + 'static),
     panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
@@ -185,7 +192,7 @@ impl SharedCall {
         for k in 0..n {
             let r = (me + k) % n;
             while let Some(i) = self.claim(r, r == me) {
-                // SAFETY: see `state`: the caller is still inside `run_shared`.
+                // SAFETY: see `closed`: the caller is still inside `run_shared`.
                 unsafe { (*self.body)(i) };
             }
         }
@@ -198,23 +205,60 @@ impl SharedCall {
     }
 
     fn help(&self, me: usize) {
-        {
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if st.0 {
-                return;
+        self.running.fetch_add(1, Ordering::SeqCst);
+        if !self.closed.load(Ordering::SeqCst) {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.work(me)));
+            if let Err(p) = r {
+                self.stop();
+                *self.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
             }
-            st.1 += 1;
         }
-        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.work(me))) {
-            self.stop();
-            *self.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
-        }
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.1 -= 1;
-        if st.1 == 0 {
-            self.idle.notify_all();
+        if self.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // Under the lock: the caller checks `running` under it before sleeping.
+            let _guard = self.idle.0.lock().unwrap_or_else(|e| e.into_inner());
+            self.idle.1.notify_all();
         }
     }
+
+    /// Closes the call and waits until no helper runs: spinning first (the last helper is
+    /// finishing a task, usually within microseconds; sleeping would add a 20-35 µs wake-up
+    /// to the call), then on the condition variable.
+    fn close_and_wait(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        let done = || self.running.load(Ordering::SeqCst) == 0;
+        if spin_until(done) {
+            return;
+        }
+        let mut guard = self.idle.0.lock().unwrap_or_else(|e| e.into_inner());
+        while !done() {
+            guard = self.idle.1.wait(guard).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// How long a thread polls before it sleeps: a hot helper for the next call, a caller for the
+/// last helper of its call. Long enough to bridge the Python-side gap between consecutive ops
+/// (a few µs to tens of µs), short enough that an idle program gives the core back within a
+/// fraction of a scheduler tick. OpenMP runtimes and OpenBLAS spin the same way, and longer.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// Polls `cond` for up to `SPIN`; true when it held. Yields the vCPU between rounds of polls, so
+/// a thread that shares it (the caller itself, after a migration) runs instead of waiting for
+/// the scheduler tick.
+fn spin_until(cond: impl Fn() -> bool) -> bool {
+    /// Polls between clock reads (a `pause` is ~20-60 cycles).
+    const POLLS: u32 = 128;
+    let start = std::time::Instant::now();
+    while start.elapsed() < SPIN {
+        for _ in 0..POLLS {
+            if cond() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        std::thread::yield_now();
+    }
+    cond()
 }
 
 fn run_shared(pool: &rayon::ThreadPool, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
@@ -235,25 +279,24 @@ fn run_shared(pool: &rayon::ThreadPool, tasks: usize, f: &(dyn Fn(usize) + Sync)
                 )))
             })
             .collect(),
-        state: Mutex::new((false, 0)),
-        idle: Condvar::new(),
+        closed: AtomicBool::new(false),
+        running: AtomicUsize::new(0),
+        idle: (Mutex::new(()), Condvar::new()),
         body,
         panic: Mutex::new(None),
     });
     for me in 1..parts {
         let c = Arc::clone(&call);
-        pool.spawn(move || c.help(me));
+        // A hot helper starts within a microsecond; a sleeping rayon worker takes 20-35 µs.
+        if let Err(c) = hot::post(me - 1, c, me) {
+            pool.spawn(move || c.help(me));
+        }
     }
     let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call.work(0)));
     if mine.is_err() {
         call.stop();
     }
-    let mut st = call.state.lock().unwrap_or_else(|e| e.into_inner());
-    st.0 = true;
-    while st.1 > 0 {
-        st = call.idle.wait(st).unwrap_or_else(|e| e.into_inner());
-    }
-    drop(st);
+    call.close_and_wait();
     if let Err(p) = mine {
         std::panic::resume_unwind(p);
     }
@@ -316,4 +359,119 @@ where
         }
     }
     (0..tasks).map(f).collect()
+}
+
+/// Helper threads for shared calls that stay awake for a while after each call.
+///
+/// A rayon worker goes to sleep within microseconds of running out of work, and waking it on
+/// this class of 2-vCPU VM takes 20-35 µs (the idle vCPU has halted): in a ~70 µs call such as
+/// batch norm (256, 1024) it arrived after the caller had done most of the work, so two
+/// threads ran no faster than one. PyTorch's OpenMP workers, like OpenBLAS's, spin for a while
+/// after each region and join the next one at once. These helpers do the same for a bounded
+/// time, `SPIN`, yielding the vCPU between polls, then park until a call is posted. Measured
+/// with the caller's spin at the end of a call (`close_and_wait`), one process per build, 2
+/// threads, medians of 400 calls: layer norm (1024, 1024) 44-51 → 25.5 µs; batch norm eval
+/// (8, 256, 14, 14) 22-50 (bimodal) → 21-24 µs; batch norm train (256, 1024) with `out=`
+/// 43-59 → 43-44 µs.
+///
+/// Each helper has one slot. A caller claims a free slot (compare-and-swap), puts its call in
+/// and wakes the helper; a slot that is busy (another thread's call, or a nested call from
+/// inside a task) is not waited for: the caller gives that share to the rayon pool instead.
+mod hot {
+    use super::{spin_until, SharedCall, FORK_GENERATION};
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    const FREE: u8 = 0;
+    const CLAIMED: u8 = 1;
+    const POSTED: u8 = 2;
+    const BUSY: u8 = 3;
+
+    struct Slot {
+        /// FREE → CLAIMED (a caller) → POSTED (the caller) → BUSY (the helper) → FREE.
+        state: AtomicU8,
+        job: Mutex<Option<(Arc<SharedCall>, usize)>>,
+    }
+
+    struct Helpers {
+        generation: usize,
+        slots: Vec<(Arc<Slot>, std::thread::Thread)>,
+    }
+
+    static HELPERS: Mutex<Option<Helpers>> = Mutex::new(None);
+
+    /// Hands `call` (participant `me`) to hot helper `index`, started on first use. Gives the
+    /// call back when that helper is busy or cannot be started.
+    pub(super) fn post(
+        index: usize,
+        call: Arc<SharedCall>,
+        me: usize,
+    ) -> Result<(), Arc<SharedCall>> {
+        let Some((slot, thread)) = helper(index) else {
+            return Err(call);
+        };
+        if slot
+            .state
+            .compare_exchange(FREE, CLAIMED, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return Err(call);
+        }
+        *slot.job.lock().unwrap_or_else(|e| e.into_inner()) = Some((call, me));
+        slot.state.store(POSTED, Ordering::Release);
+        // A single atomic swap unless the helper is parked (then one futex wake).
+        thread.unpark();
+        Ok(())
+    }
+
+    fn helper(index: usize) -> Option<(Arc<Slot>, std::thread::Thread)> {
+        let generation = FORK_GENERATION.load(Ordering::SeqCst);
+        let mut guard = HELPERS.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.as_ref().is_none_or(|h| h.generation != generation) {
+            // After a fork the old helpers do not exist in this process; their slots leak.
+            *guard = Some(Helpers {
+                generation,
+                slots: Vec::new(),
+            });
+        }
+        let helpers = guard.as_mut().expect("set above");
+        while helpers.slots.len() <= index {
+            let slot = Arc::new(Slot {
+                state: AtomicU8::new(FREE),
+                job: Mutex::new(None),
+            });
+            let mine = Arc::clone(&slot);
+            let handle = std::thread::Builder::new()
+                .name(format!("rsnorm-hot-{}", helpers.slots.len()))
+                .spawn(move || serve(&mine))
+                .ok()?;
+            helpers.slots.push((slot, handle.thread().clone()));
+        }
+        let (slot, thread) = &helpers.slots[index];
+        Some((Arc::clone(slot), thread.clone()))
+    }
+
+    fn serve(slot: &Slot) {
+        loop {
+            wait_posted(slot);
+            slot.state.store(BUSY, Ordering::Relaxed);
+            let job = slot.job.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some((call, me)) = job {
+                // `help` catches panics of the tasks and hands them to the caller.
+                call.help(me);
+            }
+            slot.state.store(FREE, Ordering::Release);
+        }
+    }
+
+    fn wait_posted(slot: &Slot) {
+        let posted = || slot.state.load(Ordering::Acquire) == POSTED;
+        if spin_until(posted) {
+            return;
+        }
+        while !posted() {
+            // `unpark` before `park` leaves a token, so a post is never missed.
+            std::thread::park();
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! The task pool's two schedules (shared with the caller for small calls, the pool alone for
 //! large ones): every task runs exactly once, `map_tasks` keeps task order, nested calls and
-//! panics in any participant behave. One test function: the thread count is process-global.
+//! panics in any participant behave, also with callers on several threads at once. One test
+//! function: the thread count is process-global.
 
 use rsnorm::pool;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,6 +48,19 @@ fn schedules_run_every_task_once_in_order_nest_and_propagate_panics() {
                 assert!(r.is_err(), "threads {threads}, bytes {bytes}, bad {bad}");
                 run_all(bytes, 100);
             }
+            // Callers on several threads at once: the hot helpers are busy with one call while
+            // the others post theirs, which then go to the rayon pool or run on the caller.
+            std::thread::scope(|s| {
+                for _ in 0..3 {
+                    s.spawn(|| {
+                        for tasks in [2, 5, 64] {
+                            for _ in 0..50 {
+                                run_all(bytes, tasks);
+                            }
+                        }
+                    });
+                }
+            });
         }
     }
     pool::set_num_threads(0);
