@@ -10,7 +10,7 @@
 //!   more than the whole work below `PARALLEL_MIN_BYTES`.
 //! * Mid-size calls (below `SHARED_MAX_BYTES`) are shared with the calling thread, which starts
 //!   at once instead of sleeping until the pool is done (`run_shared`), and with helper threads
-//!   that stay awake for `SPIN` after each call (`hot`), so back-to-back calls do not pay a
+//!   that stay awake for 200 µs (`RSNORM_SPIN_US`) after each call (`hot`), so back-to-back calls do not pay a
 //!   wake-up at either end; larger ones go to the pool (`install`), which scaled better there.
 //!   Either way each task runs exactly once and writes its own memory, so results do not
 //!   depend on the schedule.
@@ -145,7 +145,7 @@ struct SharedCall {
     /// `closed`, or the caller sees it running).
     closed: AtomicBool,
     running: AtomicUsize,
-    /// Where the caller sleeps if the last helper is still busy after `SPIN`.
+    /// Where the caller sleeps if the last helper is still busy after the spin.
     idle: (Mutex<()>, Condvar),
     body: *const (dyn Fn(usize) + Sync + 'static),
     panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
@@ -240,16 +240,29 @@ impl SharedCall {
 /// last helper of its call. Long enough to bridge the Python-side gap between consecutive ops
 /// (a few µs to tens of µs), short enough that an idle program gives the core back within a
 /// fraction of a scheduler tick. OpenMP runtimes and OpenBLAS spin the same way, and longer.
-const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+/// `RSNORM_SPIN_US` (read once) sets it; `0` never spins (for machines shared with other
+/// busy processes, at the cost of a wake-up at both ends of every mid-size call).
+pub const SPIN_US_DEFAULT: u64 = 200;
 
-/// Polls `cond` for up to `SPIN`; true when it held. Yields the vCPU between rounds of polls, so
+fn spin() -> std::time::Duration {
+    static SPIN: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| {
+        let us = std::env::var("RSNORM_SPIN_US")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(SPIN_US_DEFAULT);
+        std::time::Duration::from_micros(us)
+    })
+}
+
+/// Polls `cond` for up to [`spin`]; true when it held. Yields the vCPU between rounds of polls, so
 /// a thread that shares it (the caller itself, after a migration) runs instead of waiting for
 /// the scheduler tick.
 fn spin_until(cond: impl Fn() -> bool) -> bool {
     /// Polls between clock reads (a `pause` is ~20-60 cycles).
     const POLLS: u32 = 128;
-    let start = std::time::Instant::now();
-    while start.elapsed() < SPIN {
+    let (start, budget) = (std::time::Instant::now(), spin());
+    while start.elapsed() < budget {
         for _ in 0..POLLS {
             if cond() {
                 return true;
@@ -368,7 +381,7 @@ where
 /// batch norm (256, 1024) it arrived after the caller had done most of the work, so two
 /// threads ran no faster than one. PyTorch's OpenMP workers, like OpenBLAS's, spin for a while
 /// after each region and join the next one at once. These helpers do the same for a bounded
-/// time, `SPIN`, yielding the vCPU between polls, then park until a call is posted. Measured
+/// time ([`spin`]), yielding the vCPU between polls, then park until a call is posted. Measured
 /// with the caller's spin at the end of a call (`close_and_wait`), one process per build, 2
 /// threads, medians of 400 calls: layer norm (1024, 1024) 44-51 → 25.5 µs; batch norm eval
 /// (8, 256, 14, 14) 22-50 (bimodal) → 21-24 µs; batch norm train (256, 1024) with `out=`
