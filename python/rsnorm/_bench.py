@@ -922,6 +922,14 @@ def _ratios(res: dict) -> None:
             res[key]["peer"] = min(fast)  # vs the faster of PyTorch and onnxruntime
 
 
+def _copy_scaling(r: dict) -> float | None:
+    """How much faster the copy of this workload's input ran on N threads than on one: the
+    memory system's own scaling, the ceiling of a memory-bound op's."""
+    c = r.get("copy", {})
+    one, many = c.get("single_median_s"), c.get("threaded_median_s")
+    return one / many if one and many else None
+
+
 def summarize(results: Sequence[dict]) -> dict[str, Any]:
     def med(values):
         v = [x for x in values if x is not None]
@@ -939,6 +947,9 @@ def summarize(results: Sequence[dict]) -> dict[str, Any]:
     if scal:
         summ["thread_scaling.median"] = med(scal)
         summ["thread_scaling.min"] = float(min(scal))
+        copy = [_copy_scaling(r) for r in results if "thread_scaling" in r]
+        if any(v is not None for v in copy):
+            summ["copy_scaling.median"] = med(copy)
     pct = [r["impls"]["rsnorm"]["pct_copy"] for r in results if "rsnorm" in r["impls"]]
     if pct:
         summ["rsnorm.pct_copy.median"] = med(pct)
@@ -995,7 +1006,7 @@ def print_results(results: Sequence[dict], summary: dict, header: str, verbose: 
              "vs onnxruntime", "vs peer", "vs peer (out=)"]
     with_scaling = any("thread_scaling" in r for r in results)
     if with_scaling:
-        cols2.append("N threads vs 1")
+        cols2 += ["N threads vs 1", "copy: N vs 1"]
     rows2 = []
     for r in results:
         if "rsnorm" not in r["impls"]:
@@ -1006,7 +1017,8 @@ def print_results(results: Sequence[dict], summary: dict, header: str, verbose: 
                       "-" if o is None else f"{o['pct_copy']:.0f}",
                       *(_x_ratio(r["ratios"].get(p)) for p in (*PEERS, "peer")),
                       _x_ratio(r["ratios_out"].get("peer")),
-                      *([_x_ratio(r.get("thread_scaling"))] if with_scaling else [])])
+                      *([_x_ratio(r.get("thread_scaling")), _x_ratio(_copy_scaling(r))]
+                        if with_scaling else [])])
     print_table("ratios (peer time / rsnorm time; > 1 means rsnorm is faster; peer = the faster "
                 "of torch and onnxruntime)", cols2, rows2)
     parts = []
@@ -1015,6 +1027,7 @@ def print_results(results: Sequence[dict], summary: dict, header: str, verbose: 
                        ("ratios_out.peer.median", "median vs peer (out=)"),
                        ("ratios.numpy.median", "median vs numpy"),
                        ("thread_scaling.median", "median thread scaling"),
+                       ("copy_scaling.median", "a copy's"),
                        ("rsnorm.pct_copy.median", "median % of copy")):
         if key in summary:
             v = summary[key]
