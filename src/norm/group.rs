@@ -66,6 +66,9 @@ pub(crate) fn grouped<T: Scalar>(
                 acc + reduce::sum_slice_add(cv.plane_slice(n, k))
             });
             let m = total / count;
+            if t + 1 < cv.n * groups {
+                prefetch_group(cv, (t + 1) / groups, (t + 1) % groups, cpg);
+            }
             let m2 = cs.clone().fold(0.0, |acc, k| {
                 acc + reduce::sum_slice(cv.plane_slice(n, k), |a, v| reduce::add_sq_dev(a, v, m))
             });
@@ -434,4 +437,31 @@ fn check_groups(
     check_channel_param("weight", weight.map(|w| w.len()), c, shape)?;
     check_channel_param("bias", bias.map(|w| w.len()), c, shape)?;
     Ok(g)
+}
+
+/// Starts reading the first 32 KiB of group (n, g) into L1 while this task's second and third
+/// passes run from it. The groups of consecutive tasks are neighbours in memory, but the
+/// hardware prefetcher idles while those passes hit in L1, so each task's first pass started
+/// cold. Measured, one process per setting, medians of 30 calls: instance norm
+/// (32,64,56,56) 1.88-2.07 → 1.34-1.46 ms on one thread, 1.01-1.14 → 0.90-0.99 ms on two;
+/// group norm (16,256,32,32) 0.94-1.19 → 0.88-0.98 ms on one thread, the same on two; (8,512,
+/// 64,64) unchanged. Groups under 8 KiB are left to the hardware: no gain showed there
+/// (group norm (64,256,14,14), 6 KiB groups: the same within noise), and under 4 KiB
+/// `channel_plane_moments` measured the hints costing more than they saved. Prefetching more
+/// than 32 KiB evicted the current group from L1 (group norm (8,512,64,64): 1.2× the time).
+fn prefetch_group<T: Scalar>(cv: &ChannelView<'_, T>, n: usize, g: usize, cpg: usize) {
+    const AHEAD: usize = 32 * 1024;
+    if cpg * cv.s * std::mem::size_of::<T>() < 8 * 1024 {
+        return;
+    }
+    let mut left = AHEAD;
+    for k in g * cpg..(g + 1) * cpg {
+        let plane = cv.plane_slice(n, k);
+        let len = std::mem::size_of_val(plane).min(left);
+        crate::stream::prefetch_bytes(plane.as_ptr().cast(), len);
+        left -= len;
+        if left == 0 {
+            break;
+        }
+    }
 }
