@@ -10,8 +10,9 @@
 //!   more than the whole work below `PARALLEL_MIN_BYTES`.
 //! * Mid-size calls (below `SHARED_MAX_BYTES`) are shared with the calling thread, which starts
 //!   at once instead of sleeping until the pool is done (`run_shared`), and with helper threads
-//!   that stay awake for 200 µs (`RSNORM_SPIN_US`) after each call (`hot`), so back-to-back calls do not pay a
-//!   wake-up at either end; larger ones go to the pool (`install`), which scaled better there.
+//!   that stay awake for 200 µs (`RSNORM_SPIN_US`) after each call (`hot`), so back-to-back
+//!   calls do not pay a wake-up at either end; larger ones go to the pool (`install`), which
+//!   scaled better there.
 //!   Either way each task runs exactly once and writes its own memory, so results do not
 //!   depend on the schedule.
 
